@@ -1,0 +1,98 @@
+"""The retrain flow: collect -> validate -> clean -> split -> fine-tune -> evaluate ->
+register -> promotion gate. Wiring only; every step is a task over one ftpipe function.
+
+    ftpipe run                      # the CLI way (prints the summary)
+    python -m flows.retrain         # the same flow, straight from Prefect
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from ftpipe.config import PipelineConfig, load_config
+from ftpipe.lineage import Lineage, git_commit
+from ftpipe.quality import QualityResult
+from tasks.data import (DataVersion, clean_data, clean_report_path, collect_data,
+                        prepare_base_model, split_data, split_paths, validate_data)
+from tasks.evaluation import EvalReport, evaluate_all
+from tasks.registry import PromotionResult, finish_run, promote_candidate, register_candidate, start_run
+from tasks.training import train_candidate
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    run_id: str
+    experiment: str
+    tracking_uri: str
+    model_name: str
+    data: DataVersion
+    data_hashes: dict[str, str]
+    clean: dict
+    quality: QualityResult
+    train_loss: float
+    val_loss: float | None
+    train_seconds: float
+    report: EvalReport
+    promotion: PromotionResult
+
+
+def lineage_of(cfg: PipelineConfig, root: Path, base_id: str, base_revision: str,
+               data: DataVersion, hashes: dict[str, str], quality: QualityResult,
+               flow_run_id: str) -> Lineage:
+    commit, dirty = git_commit(root)
+    return Lineage(git_commit=commit, git_dirty=dirty, config_hash=cfg.hash(),
+                   base_model=base_id, base_model_revision=base_revision, data_hashes=hashes,
+                   gx_verdict=f"passed ({quality.evaluated} expectations)" if quality.success
+                   else "failed", manifest=data.manifest, prefect_flow_run=flow_run_id)
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(cfg: PipelineConfig, root: str = ".") -> RetrainResult:
+    from ftpipe import registry
+
+    root = str(Path(root).resolve())
+    flow_run_id = str(flow_run.get_id() or "local")
+    run_id = start_run(cfg, root, flow_run_id)
+    try:
+        base = prepare_base_model(cfg.model, root)
+        data = collect_data(root)
+        checked = validate_data(cfg.quality, data, root)
+        cleaned = clean_data(root)
+        split = split_data(root)
+        splits = split_paths(root)
+        candidate = train_candidate(cfg.model, cfg.lora, cfg.train, base.path, splits, run_id,
+                                    str(Path(root) / "runs" / run_id))
+        report = evaluate_all(cfg.eval, cfg.model, cfg.registry, base.path, candidate.model_dir,
+                              splits["test"], cfg.train.max_seq_len, run_id)
+        hashes = data.stage.hashes | cleaned.hashes | split.hashes
+        lineage = lineage_of(cfg, Path(root), base.id, base.revision, data, hashes, checked,
+                             flow_run_id)
+        metrics = report.candidate.metrics() | {"train_loss": candidate.train_loss}
+        version = register_candidate(cfg.registry, run_id, candidate.model_dir, lineage,
+                                     metrics, cfg.train.method)
+        promotion = promote_candidate(
+            cfg.registry, run_id, version.version, report.candidate.metrics(),
+            report.champion.metrics() if report.champion else None, report.champion_version,
+            report.base.metrics(),
+            checks={"data_gate": checked.success, "train_loss_finite": math.isfinite(candidate.train_loss)})
+    except BaseException:
+        finish_run(run_id, "FAILED")
+        raise
+    finish_run(run_id, "FINISHED")
+    clean_report = json.loads(clean_report_path(root).read_text())
+    return RetrainResult(
+        run_id=run_id, experiment=cfg.registry.experiment,
+        tracking_uri=registry.tracking_uri(cfg.registry, Path(root)),
+        model_name=cfg.registry.model_name, data=data, data_hashes=hashes, clean=clean_report,
+        quality=checked, train_loss=candidate.train_loss, val_loss=candidate.val_loss,
+        train_seconds=candidate.seconds, report=report, promotion=promotion)
+
+
+if __name__ == "__main__":
+    print(retrain(load_config("params.yaml")))

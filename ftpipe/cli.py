@@ -1,0 +1,136 @@
+"""The `ftpipe` command. Heavy imports happen inside commands so `--help` stays fast."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="ftpipe: fine-tune LLMs through data gates, an MLflow registry and promotion gates.")
+
+# Sections that DVC stages read from params.yaml: overriding them on the command line
+# would train on data that dvc.lock does not describe.
+DVC_TRACKED = ("data", "model.build")
+
+
+def _quiet_env() -> None:
+    for key, value in {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "GX_ANALYTICS_ENABLED": "false",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MLFLOW_ENABLE_LOGGED_MODEL_CACHE": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(config: Path, overrides: list[str], project: Path):
+    from ftpipe.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    bad = [o for o in overrides if o.split("=", 1)[0].startswith(DVC_TRACKED)]
+    if bad:
+        _fail("these keys are read by DVC stages from params.yaml and cannot be overridden on "
+              f"the command line: {', '.join(bad)}; edit {project / 'params.yaml'} instead", 2)
+    project_params = (project / "params.yaml").resolve()
+    if config.resolve() != project_params and project_params.is_file():
+        base = load_config(project_params)
+        if base.data != cfg.data or base.model.build != cfg.model.build:
+            _fail(f"{config}: its data / model.build sections differ from {project_params}, "
+                  "which the DVC stages read; put them in params.yaml", 2)
+    return cfg
+
+
+@app.command()
+def run(
+    overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. train.max_steps=200"),
+    config: Path = typer.Option(Path("params.yaml"), "--config", "-c", help="the params file"),
+    project: Path = typer.Option(Path("."), "--project", "-p", help="project root (dvc.yaml, data/)"),
+) -> None:
+    """Run the retrain flow: data stages, GX gate, fine-tune, evaluate, register, promote."""
+    _quiet_env()
+    project = project.resolve()
+    if not (project / "dvc.yaml").is_file():
+        _fail(f"{project} is not an ftpipe project (no dvc.yaml); pass --project", 2)
+    cfg = _load(config if config.is_absolute() or config.exists() else project / config,
+                overrides or [], project)
+
+    from ftpipe.quality import QualityGateFailed
+    from ftpipe.summary import print_summary
+    from ftpipe.training import TrainingDiverged
+
+    os.chdir(project)
+    from flows.retrain import retrain
+
+    try:
+        result = retrain(cfg, root=str(project))
+    except QualityGateFailed as exc:
+        _fail(f"{exc}\nNo model was trained and no alias moved.")
+    except TrainingDiverged as exc:
+        _fail(str(exc))
+    print_summary(result)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="the instruction, e.g. 'Convert 1991-03-13 to words.'"),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="models:/NAME@alias, models:/NAME/VERSION or a local checkpoint; "
+                                             "default: the champion"),
+    input_text: str = typer.Option("", "--input", help="the alpaca 'input' field, if any"),
+    max_new_tokens: int = typer.Option(48, help="tokens to generate at most"),
+    config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
+    project: Path = typer.Option(Path("."), "--project", "-p"),
+) -> None:
+    """Generate with a registered model (the champion by default) or a local checkpoint."""
+    _quiet_env()
+    project = project.resolve()
+    cfg = _load(config if config.exists() else project / config, [], project)
+    model = model or f"models:/{cfg.registry.model_name}@champion"
+    row = {"instruction": prompt, "input": input_text}
+    if Path(model).is_dir():
+        from ftpipe.evaluation import generate as gen, load_for_eval
+        from ftpipe.formatting import prompt_of
+
+        m, tok = load_for_eval(model)
+        answer = gen(m, tok, [prompt_of(row)], max_new_tokens)[0]
+    else:
+        import mlflow
+        import pandas as pd
+        from mlflow.exceptions import MlflowException
+
+        from ftpipe import registry
+
+        registry.setup(cfg.registry, project)
+        try:
+            pyfunc = mlflow.pyfunc.load_model(model)
+        except MlflowException as exc:
+            _fail(f"cannot load {model} from {registry.tracking_uri(cfg.registry, project)}: "
+                  f"{exc.message}. Run `ftpipe run` first, or pass --model.")
+        answer = pyfunc.predict(pd.DataFrame([row]), params=None)[0]
+    print(answer)
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="ftpipe")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Turn a cleaned example into a prompt, a completion and token ids with a loss mask.
+
+The prompt ends without a trailing space and the completion starts with one: that is
+how the boundary tokenizes when the model generates after the prompt, so training and
+generation see the same tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+IGNORE_INDEX = -100
+
+
+def prompt_of(row: dict[str, Any]) -> str:
+    instruction = (row.get("instruction") or "").strip()
+    inp = (row.get("input") or "").strip()
+    if inp:
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=inp)
+    return ALPACA_PROMPT.format(instruction=instruction)
+
+
+def completion_of(row: dict[str, Any]) -> str:
+    return " " + (row.get("output") or "").strip()
+
+
+def encode(tokenizer, row: dict[str, Any], max_len: int,
+           completion_only: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids and labels; prompt tokens get IGNORE_INDEX when completion_only.
+
+    The prompt is encoded with the tokenizer's own special tokens (BOS for Llama-style
+    tokenizers), the completion without them, and EOS closes it so the model learns to stop.
+    """
+    prompt_ids = tokenizer(prompt_of(row))["input_ids"]
+    completion_ids = tokenizer(completion_of(row), add_special_tokens=False)["input_ids"]
+    completion_ids = completion_ids + [tokenizer.eos_token_id]
+    ids = (prompt_ids + completion_ids)[:max_len]
+    prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if completion_only else list(prompt_ids)
+    labels = (prompt_labels + completion_ids)[:max_len]
+    return ids, labels
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-pad a list of (ids, labels) into input_ids, attention_mask, labels tensors."""
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(batch):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def normalize_answer(text: str) -> str:
+    """Exact match compares answers with surrounding and repeated whitespace removed."""
+    return " ".join((text or "").split())

@@ -1,0 +1,146 @@
+"""MLflow: tracking runs, registering model versions, reading and moving aliases.
+
+Aliases only: a new version gets `challenger`; `champion` moves only through
+`move_champion`, which the flow calls after the promotion gate passed. Stages (deprecated
+since MLflow 2.9) are never used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftpipe.config import RegistryConfig
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    run_id: str
+    aliases: tuple[str, ...]
+
+
+def tracking_uri(cfg: RegistryConfig, root: Path) -> str:
+    """Config, else $MLFLOW_TRACKING_URI, else the SQLite store under mlflow/."""
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(root / 'mlflow' / 'mlflow.db').resolve()}"
+
+
+def setup(cfg: RegistryConfig, root: Path) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    import mlflow
+
+    uri = tracking_uri(cfg, root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if not uri.startswith(("http://", "https://", "databricks")):
+        # Without a server, MLflow would put artifacts in ./mlruns of whatever directory
+        # the process runs in: pin them next to the database instead.
+        art = (root / "mlflow" / "artifacts").resolve()
+        art.mkdir(parents=True, exist_ok=True)
+        artifact_location = art.as_uri()
+    try:
+        return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:
+        # Another process created it first.
+        return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def version_by_alias(name: str, alias: str) -> VersionInfo | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return VersionInfo(mv.name, str(mv.version), mv.run_id, tuple(mv.aliases or ()))
+
+
+def download_model(name: str, version: str, dst: Path) -> str:
+    """The Hugging Face checkpoint stored in a version's artifacts, as a local directory."""
+    import mlflow
+
+    dst.mkdir(parents=True, exist_ok=True)
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
+    hf_dirs = [p.parent for p in local.rglob("config.json") if (p.parent / "tokenizer_config.json").exists()]
+    if not hf_dirs:
+        raise FileNotFoundError(f"models:/{name}/{version} holds no Hugging Face checkpoint ({local})")
+    return str(hf_dirs[0])
+
+
+def log_model(run_id: str, model_dir: str, name: str) -> VersionInfo:
+    """Log the checkpoint as a pyfunc model in the run and register a new version."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from ftpipe.serving import TextGenerator
+
+    example = pd.DataFrame({"instruction": ["Convert 1991-03-13 to words."], "input": [""]})
+    signature = infer_signature(example, ["March 13, 1991"])
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=TextGenerator(),
+            artifacts={"model": model_dir},
+            registered_model_name=name,
+            signature=signature,
+            input_example=example,
+            pip_requirements=["torch", "transformers>=5.2", "mlflow>=3.17,<3.18", "pandas", "ftpipe"],
+        )
+    version = str(info.registered_model_version)
+    client().set_registered_model_alias(name, CHALLENGER, version)
+    return VersionInfo(name, version, run_id, (CHALLENGER,))
+
+
+def tag_version(name: str, version: str, tags: dict[str, str], description: str | None = None) -> None:
+    c = client()
+    for key, value in tags.items():
+        c.set_model_version_tag(name, version, key, str(value)[:5000])
+    if description is not None:
+        c.update_model_version(name, version, description=description)
+
+
+def move_champion(name: str, version: str) -> None:
+    client().set_registered_model_alias(name, CHAMPION, version)
+
+
+def log_dict_artifact(run_id: str, data: dict, artifact_file: str) -> None:
+    client().log_text(run_id, json.dumps(data, indent=2, sort_keys=True, default=str), artifact_file)
+
+
+def log_files(run_id: str, paths: list[str | Path], artifact_path: str) -> None:
+    c = client()
+    for p in paths:
+        p = Path(p)
+        if p.is_file():
+            c.log_artifact(run_id, str(p), artifact_path)
+
+
+def scratch_dir(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def remove(path: str | Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,35 @@
+"""The registered model's pyfunc flavour: `mlflow.pyfunc.load_model(...).predict(...)`
+generates text from a fine-tuned Hugging Face checkpoint stored in the version's artifacts.
+
+    model = mlflow.pyfunc.load_model("models:/ftpipe-dates@champion")
+    model.predict(pd.DataFrame({"instruction": ["Convert 1991-03-13 to words."]}))
+"""
+
+from __future__ import annotations
+
+import mlflow.pyfunc
+
+
+class TextGenerator(mlflow.pyfunc.PythonModel):
+    max_new_tokens = 48
+
+    def load_context(self, context) -> None:
+        from ftpipe.evaluation import load_for_eval
+
+        self.model, self.tokenizer = load_for_eval(context.artifacts["model"])
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        from ftpipe.evaluation import generate
+        from ftpipe.formatting import prompt_of
+
+        if isinstance(model_input, pd.DataFrame):
+            rows = model_input.to_dict(orient="records")
+        elif isinstance(model_input, dict):
+            rows = [model_input]
+        else:
+            rows = [{"instruction": str(x)} for x in list(model_input)]
+        prompts = [prompt_of(r) for r in rows]
+        max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
+        return generate(self.model, self.tokenizer, prompts, max_new)

@@ -1,0 +1,51 @@
+"""Entry points of the DVC stages in dvc.yaml (run from the project root by `dvc repro`).
+
+    python -m ftpipe.stages base-model | collect | clean | split
+
+Each reads params.yaml (DVC tracks the params it lists per stage) and writes only its
+declared outputs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ftpipe.config import load_config
+
+ROOT = Path.cwd()
+COLLECTED, CLEANED, SPLITS = Path("data/collected"), Path("data/cleaned"), Path("data/splits")
+BASE_MODEL_DIR = Path("models/base")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    cfg = load_config(ROOT / "params.yaml")
+    stage = argv[0]
+    if stage == "base-model":
+        from ftpipe.basemodel import build_base_model
+        r = build_base_model(ROOT / "data/corpus/corpus.txt", ROOT / BASE_MODEL_DIR, cfg.model.build)
+        print(f"built {r.path}: {r.parameters:,} parameters, pretrain loss {r.pretrain_loss}, "
+              f"{r.seconds:.0f}s")
+    elif stage == "collect":
+        from ftpipe.collection import collect
+        r = collect(ROOT, list(cfg.data.sources), ROOT / COLLECTED)
+        print(f"collected {r.rows} rows from {len(r.sources)} source(s), {r.parse_errors} unparseable")
+    elif stage == "clean":
+        from ftpipe.cleaning import clean
+        r = clean(ROOT / COLLECTED / "snapshot.jsonl", cfg.data.clean, ROOT / CLEANED)
+        print(f"cleaned: read {r.read} = kept {r.kept} + quarantined {r.quarantined} {r.reasons}")
+    elif stage == "split":
+        from ftpipe.splitting import split_examples
+        r = split_examples(ROOT / CLEANED / "clean.jsonl", cfg.data.split, ROOT / SPLITS)
+        print(f"split: {r.counts}")
+    else:
+        print(f"unknown stage {stage!r}\n{__doc__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,66 @@
+"""The run summary printed at the end of `ftpipe run` (rich tables)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def print_summary(result, console: Console | None = None) -> None:
+    console = console or Console()
+    r = result
+    data = Table(title="Data", show_header=False, title_justify="left")
+    data.add_column(style="bold")
+    data.add_column()
+    for key, md5 in sorted(r.data_hashes.items()):
+        data.add_row(f"DVC {key}", md5)
+    for src in r.data.manifest.get("sources", []):
+        data.add_row(f"source {src['path']}", f"{src['rows']} rows, {src['size']:,} bytes, "
+                     f"sha256 {src['sha256'][:12]}…")
+    c = r.clean
+    data.add_row("rows", f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']}")
+    if c.get("reasons"):
+        data.add_row("quarantine reasons", ", ".join(f"{k}: {v}" for k, v in c["reasons"].items()))
+    data.add_row("GX verdict", f"{'passed' if r.quality.success else 'FAILED'} "
+                 f"({r.quality.evaluated} expectations; {r.quality.report})")
+    data.add_row("training", f"train loss {_fmt(r.train_loss)}, val loss {_fmt(r.val_loss)}, "
+                 f"{r.train_seconds:.0f}s")
+    console.print(data)
+
+    rep = r.report
+    metrics = Table(title=f"Test set: {rep.candidate.n_examples} examples ({rep.test_set})",
+                    title_justify="left")
+    metrics.add_column("model")
+    for name in ("exact_match", "eval_loss", "perplexity"):
+        metrics.add_column(name, justify="right")
+    rows = [("base", rep.base), ("candidate", rep.candidate)]
+    if rep.champion is not None:
+        rows.append((f"champion (v{rep.champion_version})", rep.champion))
+    for label, s in rows:
+        m = s.metrics()
+        metrics.add_row(label, *(_fmt(m[k]) for k in ("exact_match", "eval_loss", "perplexity")))
+    console.print(metrics)
+
+    p = r.promotion
+    gate = Table(title=f"Promotion gate: {p.decision.verdict.upper()} "
+                 f"{r.model_name} v{p.version}", title_justify="left")
+    gate.add_column("rule")
+    gate.add_column("ok")
+    gate.add_column("detail")
+    for reason in p.decision.reasons:
+        gate.add_row(reason.rule, "[green]yes[/]" if reason.passed else "[red]no[/]", reason.detail)
+    console.print(gate)
+    console.print(f"model version [bold]{r.model_name} v{p.version}[/] aliases: "
+                  f"{', '.join(p.aliases) or '—'}; champion: "
+                  f"{'v' + p.champion_after if p.champion_after else '—'} "
+                  f"(was {'v' + p.champion_before if p.champion_before else '—'})")
+    console.print(f"MLflow run {r.run_id} in experiment '{r.experiment}' at {r.tracking_uri}")
+    console.print("Open the UI:  python mlflow/launch.py   (then http://127.0.0.1:5000)")

@@ -1,0 +1,46 @@
+"""Serve the MLflow UI / tracking server on ftpipe's store (no __init__.py here on purpose:
+this folder must never shadow the `mlflow` package).
+
+    python mlflow/launch.py                                  # SQLite store in mlflow/, port 5000
+    python mlflow/launch.py --backend postgresql://postgres@127.0.0.1:5432/mlflow
+    python mlflow/launch.py --port 5001 --host 127.0.0.1
+
+Binds to 127.0.0.1 unless --host says otherwise. Artifacts stay in mlflow/artifacts,
+where `ftpipe run` writes them when no server is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def server_command(backend: str, artifacts: Path, host: str, port: int) -> list[str]:
+    exe = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    return [exe, "server", "--backend-store-uri", backend,
+            "--artifacts-destination", str(artifacts), "--default-artifact-root", artifacts.as_uri(),
+            "--host", host, "--port", str(port)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default=f"sqlite:///{HERE / 'mlflow.db'}",
+                    help="backend store URI (default: SQLite in mlflow/)")
+    ap.add_argument("--artifacts", type=Path, default=HERE / "artifacts")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=5000)
+    args = ap.parse_args()
+    args.artifacts.mkdir(parents=True, exist_ok=True)
+    cmd = server_command(args.backend, args.artifacts.resolve(), args.host, args.port)
+    shown = args.backend.split("@")[-1] if "@" in args.backend else args.backend
+    print(f"MLflow on http://{args.host}:{args.port}  (store: {shown})", flush=True)
+    os.execv(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Prefect tasks of the data half: each a thin wrapper over one ftpipe function."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from ftpipe.config import ModelConfig, QualityConfig
+from ftpipe.lineage import base_model_revision, read_manifest
+from ftpipe.quality import QualityResult, gate
+from ftpipe.stages import BASE_MODEL_DIR, CLEANED, COLLECTED, SPLITS
+from ftpipe.versioning import StageResult, reproduce
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    path: str           # what from_pretrained gets: a local dir or a hub id
+    id: str             # as written in params.yaml
+    revision: str
+    built: bool | None  # None: not ours to build (hub id or external path)
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    snapshot: str
+    manifest: dict
+    stage: StageResult
+
+
+def _log(msg: str) -> None:
+    get_run_logger().info(msg)
+
+
+@task(name="base-model", cache_policy=NO_CACHE)
+def prepare_base_model(model: ModelConfig, root: str) -> BaseModelRef:
+    """Build the tiny default through DVC when params.yaml points at it; else use as is."""
+    root_p = Path(root)
+    local = (root_p / model.base)
+    if local.resolve() == (root_p / BASE_MODEL_DIR).resolve():
+        st = reproduce(root_p, "base_model")
+        _log(f"base model {model.base}: {'built' if st.ran else 'up to date, skipped'}")
+        return BaseModelRef(str(local), model.base, base_model_revision(model.base, None, root_p), st.ran)
+    path = str(local) if local.exists() else model.base
+    return BaseModelRef(path, model.base, base_model_revision(path, model.revision, root_p), None)
+
+
+@task(name="collect", cache_policy=NO_CACHE)
+def collect_data(root: str) -> DataVersion:
+    st = reproduce(Path(root), "collect")
+    manifest = read_manifest(Path(root) / COLLECTED / "manifest.json")
+    _log(f"collect: {'ran' if st.ran else 'unchanged, skipped'}; {manifest.get('rows')} rows, "
+         f"{manifest.get('parse_errors')} unparseable")
+    return DataVersion(str(Path(root) / COLLECTED / "snapshot.jsonl"), manifest, st)
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_data(quality: QualityConfig, data: DataVersion, root: str) -> QualityResult:
+    result = gate(Path(data.snapshot), quality, Path(root) / "data/reports/raw_validation.json")
+    _log(f"GX gate passed: {result.evaluated} expectations")
+    return result
+
+
+@task(name="clean", cache_policy=NO_CACHE)
+def clean_data(root: str) -> StageResult:
+    return reproduce(Path(root), "clean")
+
+
+@task(name="split", cache_policy=NO_CACHE)
+def split_data(root: str) -> StageResult:
+    return reproduce(Path(root), "split")
+
+
+def split_paths(root: str) -> dict[str, str]:
+    return {n: str(Path(root) / SPLITS / f"{n}.jsonl") for n in ("train", "validation", "test")}
+
+
+def clean_report_path(root: str) -> Path:
+    return Path(root) / CLEANED / "report.json"
