@@ -27,6 +27,8 @@ def _quiet_env() -> None:
         "TOKENIZERS_PARALLELISM": "false",
         "MLFLOW_ENABLE_LOGGED_MODEL_CACHE": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }.items():
         os.environ.setdefault(key, value)
 

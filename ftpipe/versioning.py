@@ -27,7 +27,12 @@ def reproduce(root: Path, stage: str) -> StageResult:
     bindir = str(Path(sys.executable).parent)
     if not os.environ.get("PATH", "").startswith(bindir + os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    import logging
+
     from dvc.repo import Repo
+
+    # DVC prints its own progress; don't let it echo a second time through the root logger.
+    logging.getLogger("dvc").propagate = False
 
     with Repo(str(root)) as repo:
         ran = repo.reproduce(stage)
