@@ -19,7 +19,8 @@ from ftpipe.config import PipelineConfig, load_config
 from ftpipe.lineage import Lineage, git_commit
 from ftpipe.quality import QualityResult
 from tasks.data import (DataVersion, clean_data, clean_report_path, collect_data,
-                        prepare_base_model, split_data, split_paths, validate_data)
+                        log_data_reports, prepare_base_model, split_data, split_paths,
+                        validate_data)
 from tasks.evaluation import EvalReport, evaluate_all
 from tasks.registry import PromotionResult, finish_run, promote_candidate, register_candidate, start_run
 from tasks.training import train_candidate
@@ -62,9 +63,10 @@ def retrain(cfg: PipelineConfig, root: str = ".") -> RetrainResult:
     try:
         base = prepare_base_model(cfg.model, root)
         data = collect_data(root)
-        checked = validate_data(cfg.quality, data, root)
+        checked = validate_data(cfg.quality, data, root, run_id)
         cleaned = clean_data(root)
         split = split_data(root)
+        log_data_reports(root, run_id)
         splits = split_paths(root)
         candidate = train_candidate(cfg.model, cfg.lora, cfg.train, base.path, splits, run_id,
                                     str(Path(root) / "runs" / run_id))

@@ -80,7 +80,9 @@ def build_base_model(corpus_path: Path, out_dir: Path, cfg: BuildConfig,
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    lines = [ln for ln in corpus_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    # The corpus is JSONL, one {"text": ...} document a line (documents may span lines).
+    lines = [json.loads(ln)["text"] for ln in corpus_path.read_text(encoding="utf-8").splitlines()
+             if ln.strip()]
     tokenizer = build_tokenizer(lines, cfg.vocab_size)
 
     config = LlamaConfig(
@@ -101,7 +103,7 @@ def build_base_model(corpus_path: Path, out_dir: Path, cfg: BuildConfig,
     log(f"base model: Llama {cfg.layers} layers x {cfg.hidden_size} hidden, "
         f"{n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
 
-    # Pretraining: the corpus as one token stream (EOS between lines), cut into blocks.
+    # Pretraining: the corpus as one token stream (EOS between documents), cut into blocks.
     # 32 blocks x 128 tokens = 4,096 tokens a step; 120 steps see ~0.5M tokens (~50 s here).
     ids: list[int] = []
     for line in lines:

@@ -43,14 +43,18 @@ def _fail(message: str, code: int = 1) -> None:
 def _load(config: Path, overrides: list[str], project: Path):
     from ftpipe.config import ConfigError, load_config
 
+    problems = []
+    bad = [o for o in overrides if o.split("=", 1)[0].startswith(DVC_TRACKED)]
+    if bad:
+        problems.append("these keys are read by DVC stages from params.yaml and cannot be "
+                        f"overridden on the command line: {', '.join(bad)}; edit "
+                        f"{project / 'params.yaml'} instead")
     try:
         cfg = load_config(config, overrides)
     except ConfigError as exc:
-        _fail(str(exc), 2)
-    bad = [o for o in overrides if o.split("=", 1)[0].startswith(DVC_TRACKED)]
-    if bad:
-        _fail("these keys are read by DVC stages from params.yaml and cannot be overridden on "
-              f"the command line: {', '.join(bad)}; edit {project / 'params.yaml'} instead", 2)
+        problems.insert(0, str(exc))
+    if problems:
+        _fail("\n".join(problems), 2)
     project_params = (project / "params.yaml").resolve()
     if config.resolve() != project_params and project_params.is_file():
         base = load_config(project_params)

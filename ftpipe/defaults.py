@@ -84,37 +84,47 @@ def date_examples(n: int, seed: int, templates: list[tuple[str, str]],
     return rows
 
 
-def corpus_lines(n: int, seed: int) -> list[str]:
-    """Plain English sentences that use month names, written dates and ISO dates.
+def corpus_texts(n: int, seed: int) -> list[str]:
+    """Pretraining documents: plain English sentences with month names, written dates and
+    ISO dates, plus instruction-formatted examples of *other* date chores (repeat a date,
+    name the next month, pull out the year), as a real base model has seen.
 
-    The same date never appears in both forms in one line, so pretraining teaches the
-    vocabulary, the shapes of both formats and how to copy digits, but not the mapping
-    between the formats.
+    No document pairs a date's ISO form with its written form, so pretraining teaches the
+    vocabulary, the prompt format and how to copy digits, but never the mapping that
+    fine-tuning must learn (the base model scores 0 exact match on it).
     """
+    from ftpipe.formatting import ALPACA_PROMPT
+
+    def chat(instruction: str, answer: str) -> str:
+        return ALPACA_PROMPT.format(instruction=instruction) + " " + answer
+
     rng = random.Random(seed)
-    lines = []
+    docs = []
     for _ in range(n):
         a = random_date(rng, 1900, 2099)
         b = random_date(rng, 1900, 2099)
-        kind = rng.randrange(6)
+        kind = rng.randrange(8)
         subj, verb = rng.choice(CORPUS_SUBJECTS), rng.choice(CORPUS_VERBS)
         if kind == 0:
-            line = f"On {words(a)}, {subj.lower() if subj.startswith('A ') else subj} {verb}."
+            doc = f"On {words(a)}, {subj.lower() if subj.startswith('A ') else subj} {verb}."
         elif kind == 1:
-            line = f"{subj} {verb} in {MONTHS[a.month - 1]} {a.year}. {rng.choice(CORPUS_FILLER)}"
+            doc = f"{subj} {verb} in {MONTHS[a.month - 1]} {a.year}. {rng.choice(CORPUS_FILLER)}"
         elif kind == 2:
-            line = f"The log entry dated {a.isoformat()} says that {subj.lower()} {verb}."
+            doc = f"The log entry dated {a.isoformat()} says that {subj.lower()} {verb}."
         elif kind == 3:
-            # Repeating a date in the same format teaches copying (induction), which any
-            # real pretrained model can already do; never across the two formats.
-            line = f"The form dated {a.isoformat()} was stamped again as {a.isoformat()} by {subj.lower()}."
+            doc = (f"Between {words(a)} and the entry of {b.isoformat()}, "
+                   f"{subj.lower()} {verb}. {rng.choice(CORPUS_FILLER)}")
         elif kind == 4:
-            line = f"We met on {words(a)}. Yes, {words(a)}, the day {subj.lower()} {verb}."
+            doc = chat(f"Repeat the date {a.isoformat()} exactly.", a.isoformat())
+        elif kind == 5:
+            doc = chat(f"Repeat this date in words: {words(a)}.", words(a))
+        elif kind == 6:
+            doc = chat(f"Which month comes after {MONTHS[a.month - 1]}?", MONTHS[a.month % 12])
         else:
-            line = (f"Between {words(a)} and the entry of {b.isoformat()}, "
-                    f"{subj.lower()} {verb}. {rng.choice(CORPUS_FILLER)}")
-        lines.append(line)
-    return lines
+            doc = chat(f"What year is {a.isoformat() if rng.random() < 0.5 else words(a)} in?",
+                       str(a.year))
+        docs.append(doc)
+    return docs
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -132,11 +142,9 @@ def write_defaults(root: Path) -> None:
     drop = date_examples(600, seed=2, templates=TEMPLATES + DROP_TEMPLATES,
                          start_year=1900, end_year=2099, exclude=seen_iso)
     write_jsonl(root / "data/drops/drop-0002.jsonl", drop)
-    corpus = root / "data/corpus/corpus.txt"
-    corpus.parent.mkdir(parents=True, exist_ok=True)
-    corpus.write_text("\n".join(corpus_lines(6000, seed=3)) + "\n", encoding="utf-8")
+    write_jsonl(root / "data/corpus/corpus.jsonl", [{"text": t} for t in corpus_texts(8000, seed=3)])
 
 
 if __name__ == "__main__":
     write_defaults(Path.cwd())
-    print("wrote data/sources/dates.jsonl, data/drops/drop-0002.jsonl, data/corpus/corpus.txt")
+    print("wrote data/sources/dates.jsonl, data/drops/drop-0002.jsonl, data/corpus/corpus.jsonl")

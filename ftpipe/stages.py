@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     stage = argv[0]
     if stage == "base-model":
         from ftpipe.basemodel import build_base_model
-        r = build_base_model(ROOT / "data/corpus/corpus.txt", ROOT / BASE_MODEL_DIR, cfg.model.build)
+        r = build_base_model(ROOT / "data/corpus/corpus.jsonl", ROOT / BASE_MODEL_DIR, cfg.model.build)
         print(f"built {r.path}: {r.parameters:,} parameters, pretrain loss {r.pretrain_loss}, "
               f"{r.seconds:.0f}s")
     elif stage == "collect":

@@ -29,6 +29,7 @@ def print_summary(result, console: Console | None = None) -> None:
     data.add_row("rows", f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']}")
     if c.get("reasons"):
         data.add_row("quarantine reasons", ", ".join(f"{k}: {v}" for k, v in c["reasons"].items()))
+        data.add_row("quarantine file", "data/cleaned/quarantine.jsonl (source, line, reason, row)")
     data.add_row("GX verdict", f"{'passed' if r.quality.success else 'FAILED'} "
                  f"({r.quality.evaluated} expectations; {r.quality.report})")
     data.add_row("training", f"train loss {_fmt(r.train_loss)}, val loss {_fmt(r.val_loss)}, "

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from ftpipe.config import ModelConfig, QualityConfig
 from ftpipe.lineage import base_model_revision, read_manifest
 from ftpipe.quality import QualityResult, gate
+from ftpipe.registry import log_files
 from ftpipe.stages import BASE_MODEL_DIR, CLEANED, COLLECTED, SPLITS
 from ftpipe.versioning import StageResult, reproduce
 
@@ -57,10 +58,22 @@ def collect_data(root: str) -> DataVersion:
 
 
 @task(name="validate", cache_policy=NO_CACHE)
-def validate_data(quality: QualityConfig, data: DataVersion, root: str) -> QualityResult:
-    result = gate(Path(data.snapshot), quality, Path(root) / "data/reports/raw_validation.json")
+def validate_data(quality: QualityConfig, data: DataVersion, root: str, run_id: str) -> QualityResult:
+    report = Path(root) / "data/reports/raw_validation.json"
+    try:
+        result = gate(Path(data.snapshot), quality, report)
+    finally:
+        # The GX result and the manifest go on the run whether the gate passed or not.
+        log_files(run_id, [report, Path(root) / COLLECTED / "manifest.json"], "data")
     _log(f"GX gate passed: {result.evaluated} expectations")
     return result
+
+
+@task(name="log-data-reports", cache_policy=NO_CACHE)
+def log_data_reports(root: str, run_id: str) -> None:
+    """Clean report, quarantine and split counts on the MLflow run, for reviewers."""
+    log_files(run_id, [Path(root) / CLEANED / "report.json", Path(root) / CLEANED / "quarantine.jsonl",
+                       Path(root) / SPLITS / "counts.json"], "data")
 
 
 @task(name="clean", cache_policy=NO_CACHE)
