@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ftpipe-installed
 
-.PHONY: install run test clean-store
+.PHONY: install run test ui clean-store
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+ui: $(STAMP)
+	$(PY) mlflow/launch.py
 
 clean-store:
 	rm -rf mlflow/mlflow.db mlflow/artifacts runs

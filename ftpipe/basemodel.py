@@ -107,7 +107,8 @@ def build_base_model(corpus_path: Path, out_dir: Path, cfg: BuildConfig,
     # 32 blocks x 128 tokens = 4,096 tokens a step; 120 steps see ~0.5M tokens (~50 s here).
     ids: list[int] = []
     for line in lines:
-        ids.extend(tokenizer(line, add_special_tokens=False)["input_ids"])
+        # BOS + text + EOS per document: fine-tuning and generation prompts start with BOS too.
+        ids.extend(tokenizer(line)["input_ids"])
         ids.append(tokenizer.eos_token_id)
     data = torch.tensor(ids, dtype=torch.long)
     n_blocks = len(data) // cfg.block_size

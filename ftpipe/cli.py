@@ -130,7 +130,7 @@ def generate(
         except MlflowException as exc:
             _fail(f"cannot load {model} from {registry.tracking_uri(cfg.registry, project)}: "
                   f"{exc.message}. Run `ftpipe run` first, or pass --model.")
-        answer = pyfunc.predict(pd.DataFrame([row]), params=None)[0]
+        answer = pyfunc.predict(pd.DataFrame([row]), params={"max_new_tokens": max_new_tokens})[0]
     print(answer)
 
 

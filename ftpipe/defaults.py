@@ -135,7 +135,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_defaults(root: Path) -> None:
-    main = date_examples(2400, seed=1, templates=TEMPLATES, start_year=1900, end_year=2099)
+    main = date_examples(3000, seed=1, templates=TEMPLATES, start_year=1900, end_year=2099)
     write_jsonl(root / "data/sources/dates.jsonl", main)
     used = {r["output"] for r in main}
     seen_iso = {dt.datetime.strptime(o, "%B %d, %Y").date().isoformat() for o in used}

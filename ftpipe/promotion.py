@@ -65,6 +65,9 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None,
         ok = bool(checks.get("data_gate"))
         reasons.append(RuleResult("data_gate", ok, "data quality gate passed" if ok
                                   else "data quality gate did not pass"))
+    for name, ok in sorted(checks.items()):
+        if name != "data_gate":
+            reasons.append(RuleResult(f"check:{name}", bool(ok), f"{name}: {'ok' if ok else 'FAILED'}"))
 
     for metric, limit in sorted(policy.thresholds.items()):
         value = candidate.get(metric)

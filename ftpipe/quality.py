@@ -40,6 +40,9 @@ def raw_expectations(cfg: QualityConfig):
         gxe.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows),
         gxe.ExpectColumnToExist(column="instruction"),
         gxe.ExpectColumnToExist(column="output"),
+        # Unusable rows of any kind (unparseable, no instruction, no output) counted together:
+        # the limit is on their sum, not on each column separately.
+        gxe.ExpectColumnValuesToBeNull(column="_unusable", mostly=mostly),
         # Parse failures: `_error` is set on rows that were not valid JSON objects.
         gxe.ExpectColumnValuesToBeNull(column="_error", mostly=mostly),
         gxe.ExpectColumnValuesToNotBeNull(column="instruction", mostly=mostly),
@@ -69,6 +72,13 @@ def validate_snapshot(snapshot: Path, cfg: QualityConfig, report_path: Path) -> 
     df = pd.read_json(snapshot, lines=True, dtype=False) if snapshot.stat().st_size else pd.DataFrame()
     if "_error" not in df.columns:
         df["_error"] = None  # no parse errors at all: the column is simply absent
+    if len(df):
+        missing = df["_error"].notna()
+        for col in ("instruction", "output"):
+            missing |= df[col].isna() if col in df.columns else True
+        df["_unusable"] = missing.map(lambda bad: "unusable" if bad else None)
+    else:
+        df["_unusable"] = None
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     ctx = gx.get_context(mode="ephemeral")

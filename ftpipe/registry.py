@@ -93,22 +93,36 @@ def log_model(run_id: str, model_dir: str, name: str) -> VersionInfo:
     """Log the checkpoint as a pyfunc model in the run and register a new version."""
     import mlflow
     import pandas as pd
-    from mlflow.models import infer_signature
 
-    from ftpipe.serving import TextGenerator
+    import warnings
+
+
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     example = pd.DataFrame({"instruction": ["Convert 1991-03-13 to words."], "input": [""]})
-    signature = infer_signature(example, ["March 13, 1991"])
-    with mlflow.start_run(run_id=run_id):
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "instruction"), ColSpec("string", "input", required=False)]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", 48)]))
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # The signature is given explicitly; MLflow's hint about type hints does not apply.
+        warnings.filterwarnings("ignore", message=".*type hints.*")
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=TextGenerator(),
+            # Models from code: the version stores this file, not a pickle of an object.
+            python_model=str(Path(__file__).with_name("serving_model.py")),
             artifacts={"model": model_dir},
             registered_model_name=name,
             signature=signature,
             input_example=example,
-            pip_requirements=["torch", "transformers>=5.2", "mlflow>=3.17,<3.18", "pandas", "ftpipe"],
+            # ftpipe's own code travels with the model, so serving needs only these.
+            code_paths=[str(Path(__file__).parent)],
+            pip_requirements=["torch>=2.4", "transformers>=5.2,<6", "mlflow>=3.17,<3.18", "pandas",
+                              "safetensors", "accelerate"],
         )
+    # Leaving start_run() ended the run; it is still in progress until the flow says otherwise.
+    client().update_run(run_id, status="RUNNING")
     version = str(info.registered_model_version)
     client().set_registered_model_alias(name, CHALLENGER, version)
     return VersionInfo(name, version, run_id, (CHALLENGER,))

@@ -162,6 +162,8 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if adapter:
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
+        import warnings
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft 0.21 on transformers 5
         model = get_peft_model(model, PeftLoraConfig(
             r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
             target_modules=lora_cfg.target_modules, use_dora=lora_cfg.use_dora,

@@ -1,9 +1,10 @@
 """Serve the MLflow UI / tracking server on ftpipe's store (no __init__.py here on purpose:
 this folder must never shadow the `mlflow` package).
 
-    python mlflow/launch.py                                  # SQLite store in mlflow/, port 5000
-    python mlflow/launch.py --backend postgresql://postgres@127.0.0.1:5432/mlflow
-    python mlflow/launch.py --port 5001 --host 127.0.0.1
+    make ui                                                  # the same as the next line
+    .venv/bin/python mlflow/launch.py                        # SQLite store in mlflow/, port 5000
+    .venv/bin/python mlflow/launch.py --backend postgresql://postgres@127.0.0.1:5432/mlflow
+    .venv/bin/python mlflow/launch.py --port 5001 --host 127.0.0.1
 
 Binds to 127.0.0.1 unless --host says otherwise. Artifacts stay in mlflow/artifacts,
 where `ftpipe run` writes them when no server is running.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,8 +21,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def server_command(backend: str, artifacts: Path, host: str, port: int) -> list[str]:
-    exe = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    return [exe, "server", "--backend-store-uri", backend,
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
             "--artifacts-destination", str(artifacts), "--default-artifact-root", artifacts.as_uri(),
             "--host", host, "--port", str(port)]
 
@@ -35,6 +34,11 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=5000)
     args = ap.parse_args()
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        sys.exit(f"mlflow is not installed for {sys.executable}: run `make install`, then "
+                 "`.venv/bin/python mlflow/launch.py`")
     args.artifacts.mkdir(parents=True, exist_ok=True)
     cmd = server_command(args.backend, args.artifacts.resolve(), args.host, args.port)
     shown = args.backend.split("@")[-1] if "@" in args.backend else args.backend

@@ -78,12 +78,16 @@ def log_data_reports(root: str, run_id: str) -> None:
 
 @task(name="clean", cache_policy=NO_CACHE)
 def clean_data(root: str) -> StageResult:
-    return reproduce(Path(root), "clean")
+    st = reproduce(Path(root), "clean")
+    _log(f"clean: {'ran' if st.ran else 'unchanged, skipped'}")
+    return st
 
 
 @task(name="split", cache_policy=NO_CACHE)
 def split_data(root: str) -> StageResult:
-    return reproduce(Path(root), "split")
+    st = reproduce(Path(root), "split")
+    _log(f"split: {'ran' if st.ran else 'unchanged, skipped'}")
+    return st
 
 
 def split_paths(root: str) -> dict[str, str]:

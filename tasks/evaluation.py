@@ -49,9 +49,8 @@ def evaluate_all(cfg: EvalConfig, model: ModelConfig, reg: RegistryConfig, base_
         logger.info(f"{label}: exact match {scores.exact_match:.3f}, eval loss "
                     f"{scores.eval_loss:.4f} on {scores.n_examples} test examples")
     import mlflow
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_table({k: [p[k] for p in candidate.predictions] for k in
-                          ("prompt", "expected", "prediction", "correct")},
-                         artifact_file="eval/candidate_predictions.json")
+    mlflow.log_table({k: [p[k] for p in candidate.predictions] for k in
+                      ("prompt", "expected", "prediction", "correct")},
+                     artifact_file="eval/candidate_predictions.json", run_id=run_id)
     return EvalReport(str(Path(test_path)), base, candidate, champion,
                       champ.version if champ else None)

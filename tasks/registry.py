@@ -36,7 +36,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-@task(name="start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(name="start-run", cache_policy=NO_CACHE)
 def start_run(cfg: PipelineConfig, root: str, flow_run_id: str) -> str:
     """One MLflow run per flow run; the whole config is logged once, here."""
     exp_id = registry.setup(cfg.registry, Path(root))

@@ -37,6 +37,8 @@ def test_cross_field_rules():
         parse_config(apply_overrides(MIN, ["train.method=qlora"]))
     with pytest.raises(ConfigError, match="full cannot train a quantized"):
         parse_config(apply_overrides(MIN, ["train.method=full", "model.quantization=nf4"]))
+    with pytest.raises(ConfigError, match="lora with a quantized base is qlora"):
+        parse_config(apply_overrides(MIN, ["model.quantization=int8"]))
     assert parse_config(apply_overrides(MIN, ["train.method=qlora", "model.quantization=nf4"]))
 
 

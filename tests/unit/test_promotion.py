@@ -60,3 +60,10 @@ def test_missing_threshold_metric_refuses():
     policy = PromotionConfig(thresholds={"rouge_l": 0.3})
     d = decide({"exact_match": 0.9}, None, None, policy, OK)
     assert not d.promote and "not measured" in rules(d)["threshold:rouge_l"].detail
+
+
+def test_every_check_becomes_a_rule():
+    d = decide({"exact_match": 0.9}, None, None, POLICY,
+               {"data_gate": True, "train_loss_finite": False})
+    assert not d.promote
+    assert rules(d)["check:train_loss_finite"].detail == "train_loss_finite: FAILED"

@@ -1,0 +1,52 @@
+"""Each training method runs on CPU on a tiny model and exports a checkpoint that
+`from_pretrained` loads without peft; a diverging run stops with a clear error."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ftpipe.basemodel import build_base_model
+from ftpipe.config import BuildConfig, LoraConfig, ModelConfig, TrainConfig
+from ftpipe.training import TrainingDiverged, fine_tune
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    build_base_model(REPO / "data/corpus/corpus.jsonl", d / "base",
+                     BuildConfig(vocab_size=320, hidden_size=64, layers=2, heads=2,
+                                 intermediate_size=128, pretrain_steps=0), log=lambda m: None)
+    rows = [json.loads(line) for line in (REPO / "data/sources/dates.jsonl").read_text().splitlines()[:64]]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:48]))
+    (d / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[48:]))
+    return d
+
+
+@pytest.mark.parametrize("method,quant", [("full", "none"), ("lora", "none"), ("qlora", "nf4")])
+def test_method_trains_and_exports(tiny, tmp_path, method, quant):
+    from transformers import AutoModelForCausalLM
+
+    res = fine_tune(ModelConfig(base=str(tiny / "base"), quantization=quant),
+                    LoraConfig(r=4, alpha=8),
+                    TrainConfig(method=method, max_steps=3, batch_size=8, log_every=1, warmup_steps=1),
+                    tiny / "train.jsonl", tiny / "val.jsonl", tmp_path / "out", log=lambda m: None)
+    assert res.steps == 3 and len(res.loss_history) == 3 and res.val_loss is not None
+    assert res.tokens > 0
+    model = AutoModelForCausalLM.from_pretrained(res.model_dir)  # merged: no peft needed
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    if method == "full":
+        assert res.adapter_dir is None
+    else:
+        assert (Path(res.adapter_dir) / "adapter_model.safetensors").is_file()
+
+
+def test_exploding_loss_stops_the_run(tiny, tmp_path):
+    with pytest.raises(TrainingDiverged, match="training stopped at step 1: loss .* above train.max_loss"):
+        fine_tune(ModelConfig(base=str(tiny / "base")), LoraConfig(r=4),
+                  TrainConfig(max_steps=3, batch_size=8, max_loss=0.01),
+                  tiny / "train.jsonl", None, tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out" / "model").exists()
