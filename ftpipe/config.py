@@ -92,10 +92,10 @@ class LoraConfig(_Section):
 
 class TrainConfig(_Section):
     method: Literal["full", "lora", "qlora"] = "lora"
-    max_steps: int = Field(800, ge=1)
+    max_steps: int = Field(1200, ge=1)
     batch_size: int = Field(32, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(40, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)

@@ -6,8 +6,9 @@ machine:
     python -c "from ftpipe.training import fine_tune; ..."
 
 Defaults for the embedded task (params.yaml):
-    32 examples a step x ~30 tokens = ~1,000 tokens/step; 800 steps ~ 13 epochs of 1,900
-    training rows; LoRA r=16 on all linear layers, lr 1e-3 with 40 warm-up steps.
+    32 examples a step x ~44 tokens = ~1,400 tokens/step; 1,200 steps ~ 16 epochs of 2,400
+    training rows; LoRA r=16 on all linear layers, lr 2e-3 with 40 warm-up steps, cosine
+    decay to 10%. On 2 CPU cores: ~9,000 tokens/s, ~3 minutes.
 """
 
 from __future__ import annotations
