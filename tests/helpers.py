@@ -29,7 +29,7 @@ TINY = {
     "model.build": {"seed": 0, "vocab_size": 320, "hidden_size": 64, "layers": 2, "heads": 2,
                     "intermediate_size": 128, "block_size": 64, "pretrain_steps": 30,
                     "pretrain_batch_size": 16, "pretrain_lr": 0.003},
-    "train": {"method": "lora", "max_steps": 80, "batch_size": 16, "lr": 0.01,
+    "train": {"method": "lora", "max_steps": 120, "batch_size": 16, "lr": 0.01,
               "warmup_steps": 5, "log_every": 20},
     "eval": {"batch_size": 64, "max_new_tokens": 12, "max_examples": 64},
     "registry.promotion": {"primary_metric": "eval_loss", "min_improvement": 0.0,
