@@ -19,8 +19,8 @@ from ftpipe.config import PipelineConfig, load_config
 from ftpipe.lineage import Lineage, git_commit
 from ftpipe.quality import QualityResult
 from tasks.data import (DataVersion, clean_data, clean_report_path, collect_data,
-                        log_data_reports, prepare_base_model, split_data, split_paths,
-                        validate_data)
+                        fetch_sql_sources, log_data_reports, prepare_base_model, push_data,
+                        split_data, split_paths, validate_cleaned_data, validate_data)
 from tasks.evaluation import EvalReport, evaluate_all
 from tasks.registry import PromotionResult, finish_run, promote_candidate, register_candidate, start_run
 from tasks.training import train_candidate
@@ -36,6 +36,9 @@ class RetrainResult:
     data_hashes: dict[str, str]
     clean: dict
     quality: QualityResult
+    cleaned_quality: QualityResult
+    split_counts: dict
+    pushed: str | None
     train_loss: float
     val_loss: float | None
     train_seconds: float
@@ -44,13 +47,12 @@ class RetrainResult:
 
 
 def lineage_of(cfg: PipelineConfig, root: Path, base_id: str, base_revision: str,
-               data: DataVersion, hashes: dict[str, str], quality: QualityResult,
+               data: DataVersion, hashes: dict[str, str], quality: str,
                flow_run_id: str) -> Lineage:
     commit, dirty = git_commit(root)
     return Lineage(git_commit=commit, git_dirty=dirty, config_hash=cfg.hash(),
                    base_model=base_id, base_model_revision=base_revision, data_hashes=hashes,
-                   gx_verdict=f"passed ({quality.evaluated} expectations)" if quality.success
-                   else "failed", manifest=data.manifest, prefect_flow_run=flow_run_id)
+                   gx_verdict=quality, manifest=data.manifest, prefect_flow_run=flow_run_id)
 
 
 @flow(name="retrain", log_prints=True)
@@ -62,18 +64,24 @@ def retrain(cfg: PipelineConfig, root: str = ".") -> RetrainResult:
     run_id = start_run(cfg, root, flow_run_id)
     try:
         base = prepare_base_model(cfg.model, root)
+        fetch_sql_sources(cfg.data, root)
         data = collect_data(root)
         checked = validate_data(cfg.quality, data, root, run_id)
         cleaned = clean_data(root)
         split = split_data(root)
         log_data_reports(root, run_id)
+        checked_clean = validate_cleaned_data(cfg.quality, cfg.data, root, run_id)
+        pushed = push_data(cfg.data, root, ["collect", "clean", "split"]
+                           + (["base_model"] if base.built is not None else []))
         splits = split_paths(root)
         candidate = train_candidate(cfg.model, cfg.lora, cfg.train, base.path, splits, run_id,
                                     str(Path(root) / "runs" / run_id))
         report = evaluate_all(cfg.eval, cfg.model, cfg.registry, base.path, candidate.model_dir,
                               splits["test"], cfg.train.max_seq_len, run_id)
         hashes = data.stage.hashes | cleaned.hashes | split.hashes
-        lineage = lineage_of(cfg, Path(root), base.id, base.revision, data, hashes, checked,
+        verdict = (f"passed (raw_snapshot {checked.evaluated} + cleaned {checked_clean.evaluated} "
+                   "expectations)")
+        lineage = lineage_of(cfg, Path(root), base.id, base.revision, data, hashes, verdict,
                              flow_run_id)
         metrics = report.candidate.metrics() | {"train_loss": candidate.train_loss}
         version = register_candidate(cfg.registry, run_id, candidate.model_dir, lineage,
@@ -82,7 +90,7 @@ def retrain(cfg: PipelineConfig, root: str = ".") -> RetrainResult:
             cfg.registry, run_id, version.version, report.candidate.metrics(),
             report.champion.metrics() if report.champion else None, report.champion_version,
             report.base.metrics(),
-            checks={"data_gate": checked.success, "train_loss_finite": math.isfinite(candidate.train_loss)})
+            checks={"data_gate": checked.success and checked_clean.success, "train_loss_finite": math.isfinite(candidate.train_loss)})
     except BaseException:
         finish_run(run_id, "FAILED")
         raise
@@ -92,7 +100,9 @@ def retrain(cfg: PipelineConfig, root: str = ".") -> RetrainResult:
         run_id=run_id, experiment=cfg.registry.experiment,
         tracking_uri=registry.tracking_uri(cfg.registry, Path(root)),
         model_name=cfg.registry.model_name, data=data, data_hashes=hashes, clean=clean_report,
-        quality=checked, train_loss=candidate.train_loss, val_loss=candidate.val_loss,
+        quality=checked, cleaned_quality=checked_clean,
+        split_counts=json.loads((Path(root) / "data/splits/counts.json").read_text()),
+        pushed=pushed.remote if pushed else None, train_loss=candidate.train_loss, val_loss=candidate.val_loss,
         train_seconds=candidate.seconds, report=report, promotion=promotion)
 
 

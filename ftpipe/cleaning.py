@@ -1,22 +1,31 @@
-"""Clean: normalise text, drop what cannot train, deduplicate — and quarantine every
-rejected row with its source, line and reason. Counts always reconcile:
+"""Clean: normalise text, scrub or drop PII, enforce token limits, deduplicate exactly and
+approximately — and quarantine every rejected row with its source, line and reason.
+Counts always reconcile, overall and per source:
 
-    rows read = rows kept + rows quarantined   (overall and per source)
+    rows read = rows kept + rows quarantined
+
+The snapshot streams through in chunks: workers (one per core) do the per-row work
+(normalise, PII, render + tokenize, MinHash) and the parent keeps only the dedup index and
+writes rows out in input order, so the output is deterministic and memory stays flat.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ftpipe.config import CleanConfig
+from ftpipe.records import REQUIRED, prompt_key, response_of, texts_of
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_SPACES = re.compile(r"[ \t]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
+_TRAILING = re.compile(r"[ \t]+\n")
+_BLANKS = re.compile(r"\n{3,}")
 
 
 @dataclass(frozen=True)
@@ -28,73 +37,227 @@ class CleanResult:
     quarantined: int
     reasons: dict[str, int]
     per_source: dict[str, dict[str, int]]
+    pii: dict[str, int]
 
 
-def normalize_text(text: str) -> str:
-    """NFC, no control characters, single spaces, trimmed lines and ends."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+def normalize_text(text: str, form: str = "NFC") -> str:
+    """Unicode form, no control characters, LF newlines, no trailing spaces, at most one
+    blank line in a row, trimmed ends. Inner spacing (code indentation) is kept."""
+    text = unicodedata.normalize(form, text).replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", text)
-    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
-    return "\n".join(lines).strip()
+    text = _TRAILING.sub("\n", text)
+    return _BLANKS.sub("\n\n", text).strip()
 
 
-def reject_reason(row: dict, cfg: CleanConfig) -> str | None:
+def _normalize_row(row: dict, form: str) -> None:
+    if row.get("_format") == "chat" and isinstance(row.get("messages"), list):
+        for m in row["messages"]:
+            m["content"] = normalize_text(m["content"], form)
+        return
+    for name in ("instruction", "input", "output", "prompt", "completion"):
+        if isinstance(row.get(name), str):
+            row[name] = normalize_text(row[name], form)
+
+
+def _structure_problem(row: dict, cfg: CleanConfig) -> tuple[str, str] | None:
+    """(category, reason) when the row cannot train at all, else None."""
     if row.get("_error"):
-        return row["_error"]
-    for name in ("instruction", "output"):
+        cat = "wrong type" if row["_error"].startswith(("field ", "messages[")) else "unparseable"
+        return cat, row["_error"]
+    fmt = row.get("_format")
+    for name in REQUIRED.get(fmt, ()):
         if row.get(name) is None:
-            return f"missing field {name!r}"
-    if not row["instruction"]:
-        return "empty instruction"
-    if len(row["output"]) < cfg.min_output_chars:
-        return "empty output"
-    length = len(row["instruction"]) + len(row.get("input") or "") + len(row["output"])
-    if length > cfg.max_chars:
-        return f"too long: {length} characters > data.clean.max_chars={cfg.max_chars}"
+            return "missing field", f"missing field {name!r} (null or absent)"
+    if fmt == "chat":
+        msgs = row["messages"]
+        if not msgs:
+            return "empty", "empty conversation"
+        if msgs[-1]["role"] != "assistant":
+            return "bad chat", "the conversation does not end with an assistant turn"
+        if not any(m["role"] == "user" for m in msgs):
+            return "bad chat", "the conversation has no user turn"
+        if any(not m["content"] for m in msgs):
+            return "empty", "a turn has empty content"
+    elif fmt == "prompt_completion":
+        if not row["prompt"]:
+            return "empty", "empty prompt"
+    elif not row["instruction"]:
+        return "empty", "empty instruction"
+    if len(response_of(row) or "") < cfg.min_output_chars:
+        return "empty", f"empty output (< data.clean.min_output_chars={cfg.min_output_chars})"
+    chars = sum(len(t) for t in texts_of(row))
+    if chars > cfg.max_chars:
+        return "too long", f"too long: {chars} characters > data.clean.max_chars={cfg.max_chars}"
     return None
 
 
-def clean(snapshot: Path, cfg: CleanConfig, out_dir: Path) -> CleanResult:
+def _scrub(row: dict, policy: str) -> list[str]:
+    """Scrub PII in place (policy scrub) and return the kinds found."""
+    from ftpipe.pii import find, scrub
+
+    found: list[str] = []
+    if policy == "keep":
+        return found
+    if row.get("_format") == "chat":
+        for m in row["messages"]:
+            if policy == "scrub":
+                m["content"], kinds = scrub(m["content"])
+            else:
+                kinds = find(m["content"])
+            found += kinds
+        return found
+    for name in ("instruction", "input", "output", "prompt", "completion"):
+        if isinstance(row.get(name), str):
+            if policy == "scrub":
+                row[name], kinds = scrub(row[name])
+            else:
+                kinds = find(row[name])
+            found += kinds
+    return found
+
+
+# ------------------------------------------------------------------ worker side
+
+_TOKENIZER = None
+
+
+def _init_worker(tokenizer_id: str | None, revision: str | None, trust_remote_code: bool) -> None:
+    global _TOKENIZER
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if tokenizer_id is None:
+        _TOKENIZER = None
+        return
+    from transformers import AutoTokenizer
+
+    _TOKENIZER = AutoTokenizer.from_pretrained(tokenizer_id, revision=revision,
+                                               trust_remote_code=trust_remote_code)
+
+
+def _process_chunk(args: tuple[list[bytes], CleanConfig]) -> list[tuple]:
+    """Per-row work. Returns, in order, ("q", category, reason, row) for rows rejected here,
+    or ("c", key, signature, row, pii_kinds) for candidates the parent deduplicates."""
+    import orjson
+
+    from ftpipe.dedup import signatures
+    from ftpipe.formatting import completion_of, prompt_of
+
+    lines, cfg = args
+    out: list = []
+    candidates: list[int] = []
+    rendered: list[str] = []
+    for raw in lines:
+        row = orjson.loads(raw)
+        _normalize_row(row, cfg.normalize) if not row.get("_error") else None
+        problem = _structure_problem(row, cfg)
+        if problem is None:
+            kinds = _scrub(row, cfg.pii)
+            if kinds and cfg.pii == "drop":
+                problem = ("pii", "personal data or secret: " + ", ".join(sorted(set(kinds))))
+        if problem is not None:
+            out.append(("q", problem[0], problem[1], row))
+            continue
+        try:
+            text = prompt_of(row, _TOKENIZER) + completion_of(row, _TOKENIZER)
+        except Exception as exc:  # a chat template that rejects this conversation
+            out.append(("q", "bad chat", f"chat template failed: {exc}", row))
+            continue
+        candidates.append(len(out))
+        rendered.append(text)
+        out.append(("c", prompt_key(row), None, row, kinds))
+    if not candidates:
+        return out
+    if _TOKENIZER is not None:
+        lengths = [len(ids) for ids in _TOKENIZER(rendered, add_special_tokens=True)["input_ids"]]
+    else:  # no tokenizer configured: count whitespace words (tests without a model)
+        lengths = [len(t.split()) for t in rendered]
+    sigs = signatures(rendered, cfg.near_dup) if cfg.near_dup.enabled else [None] * len(rendered)
+    for pos, n_tokens, sig in zip(candidates, lengths, sigs):
+        _, key, _, row, kinds = out[pos]
+        if n_tokens > cfg.max_tokens:
+            out[pos] = ("q", "too long", f"too long: {n_tokens} tokens > data.clean.max_tokens="
+                        f"{cfg.max_tokens}", row)
+            continue
+        row["_tokens"] = n_tokens
+        out[pos] = ("c", int(key[:16], 16), sig, row, kinds)
+    return out
+
+
+def _chunks(path: Path, size: int) -> Iterator[list[bytes]]:
+    chunk: list[bytes] = []
+    with path.open("rb") as f:
+        for line in f:
+            if line.strip():
+                chunk.append(line)
+                if len(chunk) >= size:
+                    yield chunk
+                    chunk = []
+    if chunk:
+        yield chunk
+
+
+# ------------------------------------------------------------------ parent side
+
+def clean(snapshot: Path, cfg: CleanConfig, out_dir: Path, tokenizer: str | None = None,
+          revision: str | None = None, trust_remote_code: bool = False) -> CleanResult:
+    import multiprocessing as mp
+
+    import orjson
+
+    from ftpipe.dedup import DedupIndex
+
     out_dir.mkdir(parents=True, exist_ok=True)
     cleaned_path, quarantine_path = out_dir / "clean.jsonl", out_dir / "quarantine.jsonl"
-    seen: dict[tuple[str, str], str] = {}
+    index = DedupIndex(cfg.near_dup)
     reasons: Counter[str] = Counter()
+    pii: Counter[str] = Counter()
     per_source: dict[str, Counter] = {}
     read = kept = quarantined = 0
-    with snapshot.open(encoding="utf-8") as src, cleaned_path.open("w", encoding="utf-8") as ok, \
-            quarantine_path.open("w", encoding="utf-8") as bad:
-        for line in src:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            read += 1
-            counts = per_source.setdefault(row["_source"], Counter())
-            counts["read"] += 1
-            for name in ("instruction", "input", "output"):
-                if isinstance(row.get(name), str):
-                    row[name] = normalize_text(row[name])
-            reason = reject_reason(row, cfg)
-            if reason is None:
-                key = (row["instruction"].casefold(), (row.get("input") or "").casefold())
-                if key in seen:
-                    reason = f"duplicate of {seen[key]}"
-                else:
-                    seen[key] = f"{row['_source']}:{row['_line']}"
-            if reason is not None:
-                bad.write(json.dumps({"source": row["_source"], "line": row["_line"],
-                                      "reason": reason, "row": row}, ensure_ascii=False) + "\n")
-                reasons[reason.split(":")[0].split(" (")[0]] += 1
-                counts["quarantined"] += 1
-                quarantined += 1
-                continue
-            ok.write(json.dumps({"instruction": row["instruction"], "input": row.get("input") or "",
-                                 "output": row["output"], "_source": row["_source"],
-                                 "_line": row["_line"]}, ensure_ascii=False) + "\n")
-            counts["kept"] += 1
-            kept += 1
+    workers = cfg.workers or os.cpu_count() or 1
+    size = snapshot.stat().st_size
+    chunks = ((c, cfg) for c in _chunks(snapshot, cfg.chunk_rows))
+    pool = None
+    if workers > 1 and size > 4 << 20:  # below ~4 MB a pool costs more than it saves
+        pool = mp.get_context("fork").Pool(workers, _init_worker, (tokenizer, revision, trust_remote_code))
+        results = pool.imap(_process_chunk, chunks, chunksize=1)
+    else:
+        _init_worker(tokenizer, revision, trust_remote_code)
+        results = map(_process_chunk, chunks)
+    try:
+        with cleaned_path.open("wb") as ok, quarantine_path.open("wb") as bad:
+            for chunk in results:
+                for res in chunk:
+                    row = res[3]
+                    src = row.get("_src") or row.get("_source")
+                    counts = per_source.setdefault(src, Counter())
+                    counts["read"] += 1
+                    read += 1
+                    if res[0] == "c":
+                        reason = index.check_and_add(res[1], res[2], row["_source"], row["_line"])
+                        if reason is None:
+                            pii.update(res[4])
+                            row.pop("_error", None)
+                            row.pop("_raw", None)
+                            row["_key"] = f"{res[1]:016x}"
+                            ok.write(orjson.dumps(row) + b"\n")
+                            counts["kept"] += 1
+                            kept += 1
+                            continue
+                        category = "near-duplicate" if reason.startswith("near") else "duplicate"
+                    else:
+                        category, reason = res[1], res[2]
+                    bad.write(orjson.dumps({"source": row["_source"], "src": src, "line": row["_line"],
+                                            "category": category, "reason": reason, "row": row}) + b"\n")
+                    reasons[category] += 1
+                    counts["quarantined"] += 1
+                    quarantined += 1
+    finally:
+        if pool is not None:
+            pool.terminate()
     assert read == kept + quarantined  # the invariant every report relies on
     report = {"read": read, "kept": kept, "quarantined": quarantined, "reasons": dict(reasons),
-              "per_source": {s: dict(c) for s, c in per_source.items()}}
+              "per_source": {s: {k: c.get(k, 0) for k in ("read", "kept", "quarantined")}
+                             for s, c in per_source.items()},
+              "pii": {"policy": cfg.pii, "found": dict(pii)}}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return CleanResult(str(cleaned_path), str(quarantine_path), read, kept, quarantined,
-                       dict(reasons), report["per_source"])
+                       dict(reasons), report["per_source"], dict(pii))

@@ -79,7 +79,9 @@ def run(
                 overrides or [], project)
 
     from ftpipe.quality import QualityGateFailed
+    from ftpipe.sources import SourceError
     from ftpipe.summary import print_summary
+    from ftpipe.versioning import StageFailed
     from ftpipe.training import TrainingDiverged
 
     os.chdir(project)
@@ -88,6 +90,8 @@ def run(
     try:
         result = retrain(cfg, root=str(project))
     except QualityGateFailed as exc:
+        _fail(f"{exc}\nNo model was trained and no alias moved.")
+    except (SourceError, StageFailed) as exc:
         _fail(f"{exc}\nNo model was trained and no alias moved.")
     except TrainingDiverged as exc:
         _fail(str(exc))
@@ -132,6 +136,49 @@ def generate(
                   f"{exc.message}. Run `ftpipe run` first, or pass --model.")
         answer = pyfunc.predict(pd.DataFrame([row]), params={"max_new_tokens": max_new_tokens})[0]
     print(answer)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Data versions: status, SQL exports.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("status")
+def data_status(
+    as_json: bool = typer.Option(False, "--json", help="one JSON document"),
+    config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
+    project: Path = typer.Option(Path("."), "--project", "-p"),
+) -> None:
+    """Current data version, rows added/removed since the champion's, and what the remote holds."""
+    _quiet_env()
+    project = project.resolve()
+    cfg = _load(config if config.exists() else project / config, [], project)
+    from ftpipe.datastatus import data_status as status, print_status
+
+    st = status(cfg, project)
+    if as_json:
+        print(st.to_json())
+    else:
+        print_status(st)
+
+
+@data_app.command("fetch")
+def data_fetch(
+    config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
+    project: Path = typer.Option(Path("."), "--project", "-p"),
+) -> None:
+    """Run each SQL source's query into data/sources/sql/ (before a hand-run `dvc repro`)."""
+    _quiet_env()
+    project = project.resolve()
+    cfg = _load(config if config.exists() else project / config, [], project)
+    from ftpipe.sources import SourceError, fetch_sql
+
+    for src in cfg.data.sources:
+        if src.type == "sql":
+            try:
+                exp = fetch_sql(project, src)
+            except SourceError as exc:
+                _fail(str(exc))
+            print(f"{src.name}: {exp.rows} rows -> {exp.path} ({'changed' if exp.changed else 'unchanged'})")
 
 
 def main() -> None:  # pragma: no cover

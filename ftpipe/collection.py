@@ -1,33 +1,37 @@
 """Collect: read every configured source into one raw snapshot, with a manifest.
 
-Nothing is dropped here. A line that cannot be parsed still becomes a snapshot row, with
-`_error` saying why and `_raw` holding its text, so the GX gate can count bad rows and
-the clean step can quarantine them with their source and line. Every row carries
-`_source` and `_line` (1-based line number in its file).
+Nothing is dropped here. A row that cannot be parsed or has the wrong types still becomes
+a snapshot row, with `_error` saying why and `_raw` holding its text, so the GX gate can
+count bad rows and the clean step can quarantine them with their source and line. Every
+row carries `_source` (its file), `_src` (the source's name) and `_line` (1-based line
+or row number in that file). The snapshot is written as it is read: memory stays flat
+whatever the row count.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ftpipe.config import SourceConfig
+from ftpipe.records import FormatError, canonical, detect_format
+from ftpipe.sources import (SourceError, expand, file_type, read_items, redacted, sha256_path,
+                            size_of)
 
-ALPACA_FIELDS = ("instruction", "input", "output")
-
-
-class SourceError(ValueError):
-    """A source cannot be read at all (missing, outside the project)."""
+PEEK = 200  # valid objects looked at to recognise a file's format
 
 
 @dataclass(frozen=True)
-class SourceManifest:
+class FileManifest:
+    source: str
     path: str
+    type: str
+    format: str
     size: int
     sha256: str
-    rows: int          # non-blank lines read
+    rows: int              # rows read (parsed or not)
     parse_errors: int
 
 
@@ -37,84 +41,93 @@ class CollectResult:
     manifest: str
     rows: int
     parse_errors: int
-    sources: list[SourceManifest]
+    files: list[FileManifest]
+    skipped: list[dict] = field(default_factory=list)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def resolve_source(root: Path, path: str) -> Path:
-    """A source path inside the project; `..` or absolute paths that leave it are refused."""
-    full = (root / path).resolve()
-    if not full.is_relative_to(root.resolve()):
-        raise SourceError(f"source {path!r} resolves to {full}, outside the project {root}")
-    if not full.is_file():
-        raise SourceError(f"source {path!r}: file not found ({full})")
-    return full
-
-
-def read_alpaca_jsonl(path: Path, rel: str, columns: dict[str, str]) -> tuple[list[dict], int]:
-    """Rows of one JSONL file; unparseable lines become rows with `_error`."""
-    rows: list[dict] = []
-    errors = 0
-    raw_bytes = path.read_bytes()
-    for lineno, raw_line in enumerate(raw_bytes.split(b"\n"), start=1):
-        if not raw_line.strip():
-            continue
-        base = {"_source": rel, "_line": lineno}
+def _rows_of_file(path: Path, rel: str, src: SourceConfig, kind: str):
+    """(format, iterator of snapshot rows) for one file."""
+    items = read_items(path, kind, src)
+    head, found = [], {}
+    for item in items:
+        head.append(item)
+        if item.obj is not None:
+            for k in item.obj:
+                found.setdefault(k, None)
+            if sum(1 for h in head if h.obj is not None) >= PEEK:
+                break
+    if not head:
+        raise SourceError(f"{rel}: no rows (the file holds nothing but blank lines)")
+    if not found and src.format == "auto":
+        fmt = "unknown"   # not one parseable object: every row is quarantined with its error
+    else:
         try:
-            text = raw_line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            errors += 1
-            rows.append({**base, "_error": f"not UTF-8 ({exc.reason} at byte {exc.start})",
-                         "_raw": raw_line.decode("utf-8", errors="replace")})
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            errors += 1
-            rows.append({**base, "_error": f"malformed JSON: {exc.msg} (column {exc.colno})",
-                         "_raw": text})
-            continue
-        if not isinstance(obj, dict):
-            errors += 1
-            rows.append({**base, "_error": f"expected a JSON object, got {type(obj).__name__}",
-                         "_raw": text})
-            continue
-        row = dict(base)
-        for name in ALPACA_FIELDS:
-            value = obj.get(columns.get(name, name))
-            row[name] = value if value is None or isinstance(value, str) else json.dumps(value)
-        rows.append(row)
-    return rows, errors
+            fmt = detect_format(list(found), src.columns, src.format)
+        except FormatError as exc:
+            raise SourceError(f"{rel}: {exc}") from None
+
+    def rows():
+        import itertools
+
+        for item in itertools.chain(head, items):
+            base = {"_source": rel, "_src": src.label, "_line": item.line}
+            if item.obj is None:
+                yield {**base, "_format": fmt, "_error": item.error, "_raw": item.raw}
+                continue
+            row = {**base, **canonical(item.obj, fmt, src.columns)} if fmt != "unknown" else \
+                {**base, "_format": fmt, "_error": "format unknown"}
+            if "_error" in row:
+                row["_raw"] = json.dumps(item.obj, ensure_ascii=False, default=str)
+            yield row
+
+    return fmt, rows()
 
 
-def collect(root: Path, sources: list[SourceConfig], out_dir: Path, log=print) -> CollectResult:
+def collect(root: Path, sources: list[SourceConfig], out_dir: Path,
+            log: Callable[[str], None] = print) -> CollectResult:
+    import orjson
+
     out_dir.mkdir(parents=True, exist_ok=True)
     snapshot = out_dir / "snapshot.jsonl"
-    manifests: list[SourceManifest] = []
+    files: list[FileManifest] = []
+    per_source: list[dict] = []
+    skipped: list[dict] = []
     total = errors_total = 0
-    with snapshot.open("w", encoding="utf-8") as out:
+    with snapshot.open("wb") as out:
         for src in sources:
-            path = resolve_source(root, src.path)
-            rows, errors = read_alpaca_jsonl(path, src.path, src.columns)
-            for row in rows:
-                if "_error" in row:
-                    log(f"{src.path}:{row['_line']}: {row['_error']} (kept for quarantine)")
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            manifests.append(SourceManifest(path=src.path, size=path.stat().st_size,
-                                            sha256=sha256_file(path), rows=len(rows),
-                                            parse_errors=errors))
-            total += len(rows)
-            errors_total += errors
+            exp = expand(root, src)
+            for s in exp.skipped:
+                log(f"{s['path']}: skipped, {s['why']}")
+            skipped.extend({**s, "source": src.label} for s in exp.skipped)
+            src_rows = src_errors = 0
+            for path in exp.files:
+                rel = str(path.relative_to(root.resolve()))
+                kind = "jsonl" if src.type == "sql" else file_type(path, src.type)
+                fmt, rows = _rows_of_file(path, rel, src, kind)
+                n = errors = 0
+                for row in rows:
+                    n += 1
+                    if "_error" in row:
+                        errors += 1
+                        if errors <= 20:
+                            log(f"{rel}:{row['_line']}: {row['_error']} (kept for quarantine)")
+                    out.write(orjson.dumps(row) + b"\n")
+                if errors > 20:
+                    log(f"{rel}: {errors} bad rows in all (kept for quarantine)")
+                files.append(FileManifest(src.label, rel, kind, fmt, size_of(path), sha256_path(path),
+                                          n, errors))
+                src_rows += n
+                src_errors += errors
+            entry = {"name": src.label, "type": src.type, "rows": src_rows, "parse_errors": src_errors,
+                     "files": [f.path for f in files if f.source == src.label]}
+            if src.type == "sql":
+                entry |= {"url": redacted(src.url or ""), "query": src.query}
+            per_source.append(entry)
+            total += src_rows
+            errors_total += src_errors
     manifest = out_dir / "manifest.json"
     manifest.write_text(json.dumps({
-        "rows": total, "parse_errors": errors_total,
-        "sources": [m.__dict__ for m in manifests],
+        "rows": total, "parse_errors": errors_total, "sources": per_source,
+        "files": [asdict(f) for f in files], "skipped": skipped,
     }, indent=2, sort_keys=True) + "\n")
-    return CollectResult(str(snapshot), str(manifest), total, errors_total, manifests)
+    return CollectResult(str(snapshot), str(manifest), total, errors_total, files, skipped)

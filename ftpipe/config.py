@@ -21,16 +21,79 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+SOURCE_ROOTS = ("data/sources", "data/incoming")  # the folders dvc.yaml's collect stage watches
+SOURCE_TYPES = ("auto", "jsonl", "json", "csv", "parquet", "saved", "drop", "sql")
+FORMATS = ("auto", "alpaca", "prompt_completion", "chat")
+
+
 class SourceConfig(_Section):
-    path: str
-    format: Literal["alpaca"] = "alpaca"
-    # Column mapping for alpaca-style rows: {"instruction": "question", "output": "answer"}.
+    """One data source. `type: auto` reads the file extension (a folder under data/incoming
+    is a drop folder, one with dataset_info.json a `save_to_disk` dataset)."""
+    name: str | None = None
+    type: Literal["auto", "jsonl", "json", "csv", "parquet", "saved", "drop", "sql"] = "auto"
+    path: str | None = Field(None, description="file, glob or folder under data/sources or data/incoming")
+    format: Literal["auto", "alpaca", "prompt_completion", "chat"] = "auto"
+    # Canonical field -> your column: {"instruction": "question", "output": "answer"}.
     columns: dict[str, str] = Field(default_factory=dict)
+    encoding: str = "utf-8"
+    split: str | None = None          # which split of a saved DatasetDict
+    # Training mix: weight 0.5 keeps a hash-chosen half of this source's train rows, 2.0
+    # repeats them twice; max_rows caps them. Validation and test rows are never reweighted.
+    weight: float = Field(1.0, gt=0, le=100)
+    max_rows: int | None = Field(None, ge=1)
+    # SQL sources: a SQLAlchemy URL ($VARS expanded at run time, so no password in git)
+    # and a query; `ftpipe run` exports the result to data/sources/sql/<name>.jsonl.
+    url: str | None = None
+    query: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> "SourceConfig":
+        import posixpath
+
+        if self.type == "sql":
+            if not (self.url and self.query):
+                raise ValueError("a sql source needs url and query")
+            if not self.name:
+                raise ValueError("a sql source needs a name (its export is data/sources/sql/<name>.jsonl)")
+            if self.path:
+                raise ValueError("a sql source takes url and query, not path")
+            return self
+        if not self.path:
+            raise ValueError(f"a {self.type} source needs a path")
+        if self.url or self.query:
+            raise ValueError("url and query are for type: sql only")
+        norm = posixpath.normpath(self.path.replace("\\", "/"))
+        if norm.startswith("/") or norm == ".." or norm.startswith("../"):
+            raise ValueError(f"path {self.path!r} leaves the project (it resolves to {norm!r}); "
+                             "sources must live inside it")
+        if not any(norm == r or norm.startswith(r + "/") for r in SOURCE_ROOTS):
+            raise ValueError(f"path {self.path!r} is not under {' or '.join(SOURCE_ROOTS)}, the "
+                             "folders the collect stage in dvc.yaml watches; move the data there")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path or "sql"
+
+
+class NearDupConfig(_Section):
+    enabled: bool = True
+    threshold: float = Field(0.9, gt=0, le=1, description="estimated Jaccard of word 3-grams")
+    num_perm: int = Field(64, ge=16, le=512)
+    shingle: int = Field(3, ge=1, le=10)
+    min_words: int = Field(12, ge=1, description="shorter texts are only exact-deduplicated")
 
 
 class CleanConfig(_Section):
-    max_chars: int = Field(2000, gt=0, description="longest instruction+input+output kept")
+    normalize: Literal["NFC", "NFKC"] = "NFC"
+    max_chars: int = Field(20000, gt=0, description="rows longer than this are rejected before tokenizing")
+    # Token limits use the tokenizer of model.base on the rendered prompt + completion.
+    max_tokens: int = Field(256, gt=0)
     min_output_chars: int = Field(1, ge=1)
+    pii: Literal["scrub", "drop", "keep"] = "scrub"
+    near_dup: NearDupConfig = NearDupConfig()
+    workers: int = Field(0, ge=0, description="0: one per CPU core")
+    chunk_rows: int = Field(4000, ge=100)
 
 
 class SplitConfig(_Section):
@@ -49,14 +112,35 @@ class DataConfig(_Section):
     sources: list[SourceConfig] = Field(min_length=1)
     clean: CleanConfig = CleanConfig()
     split: SplitConfig = SplitConfig()
+    remote: str | None = Field(None, description="DVC remote to push data versions to (None: the default remote)")
+    push: bool = True
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "DataConfig":
+        seen = {}
+        for i, src in enumerate(self.sources):
+            if src.name and src.name in seen:
+                raise ValueError(f"sources[{i}].name {src.name!r} repeats sources[{seen[src.name]}]")
+            if src.name:
+                seen[src.name] = i
+        return self
+
+
+class RawQualityConfig(_Section):
+    # Share of raw rows that must parse, carry the required text columns and have text types.
+    mostly: float = Field(0.95, gt=0, le=1)
+
+
+class CleanedQualityConfig(_Section):
+    # Share of cleaned rows that must meet length bounds, have no PII and a non-empty response.
+    mostly: float = Field(1.0, gt=0, le=1)
+    split_tolerance: float = Field(0.05, ge=0, lt=1, description="observed split share vs data.split")
 
 
 class QualityConfig(_Section):
     min_rows: int = Field(50, ge=1)
-    # Share of raw rows that may be unusable (unparseable, missing fields) before the
-    # GX gate stops the run; below it those rows are quarantined and the run proceeds.
-    max_bad_fraction: float = Field(0.05, ge=0, le=1)
-    max_chars: int = Field(4000, gt=0)
+    raw: RawQualityConfig = RawQualityConfig()
+    cleaned: CleanedQualityConfig = CleanedQualityConfig()
 
 
 class BuildConfig(_Section):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftpipe.config import EvalConfig
-from ftpipe.formatting import encode, normalize_answer, prompt_of
+from ftpipe.formatting import answer_of, encode, normalize_answer, prompt_of
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,12 @@ def evaluate_model(model_dir: str, rows: list[dict], cfg: EvalConfig, max_seq_le
     model, tok = load_for_eval(model_dir, revision, trust_remote_code)
     encoded = [encode(tok, r, max_seq_len, completion_only=True) for r in rows]
     loss = mean_loss(model, encoded, cfg.batch_size, tok.pad_token_id)
-    answers = generate(model, tok, [prompt_of(r) for r in rows], cfg.max_new_tokens, cfg.batch_size)
+    prompts = [prompt_of(r, tok) for r in rows]
+    answers = generate(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
     predictions = [
-        {"prompt": prompt_of(r), "expected": r["output"], "prediction": a,
-         "correct": normalize_answer(a) == normalize_answer(r["output"])}
-        for r, a in zip(rows, answers)
+        {"prompt": p, "expected": answer_of(r), "prediction": a,
+         "correct": normalize_answer(a) == normalize_answer(answer_of(r))}
+        for r, p, a in zip(rows, prompts, answers)
     ]
     em = sum(p["correct"] for p in predictions) / len(predictions)
     return ModelScores(model=name or str(Path(model_dir)), eval_loss=loss,

@@ -14,7 +14,17 @@ ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{inpu
 IGNORE_INDEX = -100
 
 
-def prompt_of(row: dict[str, Any]) -> str:
+def prompt_of(row: dict[str, Any], tokenizer=None) -> str:
+    """The prompt text of a canonical row (see ftpipe.records). Chat rows go through the
+    tokenizer's chat template, ending with the generation prompt of the assistant turn."""
+    fmt = row.get("_format", "alpaca")
+    if fmt == "prompt_completion":
+        return row.get("prompt") or ""
+    if fmt == "chat":
+        if tokenizer is None:
+            raise ValueError("chat rows need the tokenizer's chat template to render")
+        return tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False,
+                                             add_generation_prompt=True)
     instruction = (row.get("instruction") or "").strip()
     inp = (row.get("input") or "").strip()
     if inp:
@@ -22,8 +32,24 @@ def prompt_of(row: dict[str, Any]) -> str:
     return ALPACA_PROMPT.format(instruction=instruction)
 
 
-def completion_of(row: dict[str, Any]) -> str:
+def completion_of(row: dict[str, Any], tokenizer=None) -> str:
+    """What follows the prompt: for chat, exactly what the template adds for the last
+    assistant turn (its content and end-of-turn marker)."""
+    fmt = row.get("_format", "alpaca")
+    if fmt == "prompt_completion":
+        return row.get("completion") or ""
+    if fmt == "chat":
+        prompt = prompt_of(row, tokenizer)
+        full = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        return full[len(prompt):] if full.startswith(prompt) else row["messages"][-1]["content"]
     return " " + (row.get("output") or "").strip()
+
+
+def answer_of(row: dict[str, Any]) -> str:
+    """The expected answer that exact match compares a generation with."""
+    from ftpipe.records import response_of
+
+    return response_of(row) or ""
 
 
 def encode(tokenizer, row: dict[str, Any], max_len: int,
@@ -33,8 +59,8 @@ def encode(tokenizer, row: dict[str, Any], max_len: int,
     The prompt is encoded with the tokenizer's own special tokens (BOS for Llama-style
     tokenizers), the completion without them, and EOS closes it so the model learns to stop.
     """
-    prompt_ids = tokenizer(prompt_of(row))["input_ids"]
-    completion_ids = tokenizer(completion_of(row), add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompt_of(row, tokenizer))["input_ids"]
+    completion_ids = tokenizer(completion_of(row, tokenizer), add_special_tokens=False)["input_ids"]
     completion_ids = completion_ids + [tokenizer.eos_token_id]
     ids = (prompt_ids + completion_ids)[:max_len]
     prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if completion_only else list(prompt_ids)

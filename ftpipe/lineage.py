@@ -36,8 +36,8 @@ class Lineage:
         }
         for key, md5 in self.data_hashes.items():
             tags[f"ftpipe.dvc.{key}"] = md5
-        for src in self.manifest.get("sources", []):
-            tags[f"ftpipe.source.{src['path']}"] = f"sha256:{src['sha256']} rows:{src['rows']}"
+        for f in self.manifest.get("files", []):
+            tags[f"ftpipe.source.{f['path']}"] = f"sha256:{f['sha256']} rows:{f['rows']}"
         return tags
 
 

@@ -152,6 +152,10 @@ def log_files(run_id: str, paths: list[str | Path], artifact_path: str) -> None:
             c.log_artifact(run_id, str(p), artifact_path)
 
 
+def log_dir(run_id: str, path: str | Path, artifact_path: str) -> None:
+    client().log_artifacts(run_id, str(path), artifact_path)
+
+
 def scratch_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 

@@ -8,6 +8,7 @@ declared outputs.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,15 @@ from ftpipe.config import load_config
 ROOT = Path.cwd()
 COLLECTED, CLEANED, SPLITS = Path("data/collected"), Path("data/cleaned"), Path("data/splits")
 BASE_MODEL_DIR = Path("models/base")
+
+
+def tokenizer_path(base: str) -> str:
+    """The tokenizer the token limits use: the base model's (a local folder or a hub id)."""
+    local = ROOT / base
+    if local.resolve() == (ROOT / BASE_MODEL_DIR).resolve() and not (local / "tokenizer.json").is_file():
+        raise SystemExit(f"the default base model's tokenizer is not built yet ({BASE_MODEL_DIR}); "
+                         "run `dvc repro base_model` (ftpipe run does it first)")
+    return str(local) if local.exists() else base
 
 
 def main(argv: list[str]) -> int:
@@ -32,14 +42,17 @@ def main(argv: list[str]) -> int:
     elif stage == "collect":
         from ftpipe.collection import collect
         r = collect(ROOT, list(cfg.data.sources), ROOT / COLLECTED)
-        print(f"collected {r.rows} rows from {len(r.sources)} source(s), {r.parse_errors} unparseable")
+        print(f"collected {r.rows} rows from {len(r.files)} file(s), {r.parse_errors} unparseable")
     elif stage == "clean":
         from ftpipe.cleaning import clean
-        r = clean(ROOT / COLLECTED / "snapshot.jsonl", cfg.data.clean, ROOT / CLEANED)
+        r = clean(ROOT / COLLECTED / "snapshot.jsonl", cfg.data.clean, ROOT / CLEANED,
+                  tokenizer=tokenizer_path(cfg.model.base), revision=cfg.model.revision,
+                  trust_remote_code=cfg.model.trust_remote_code)
         print(f"cleaned: read {r.read} = kept {r.kept} + quarantined {r.quarantined} {r.reasons}")
     elif stage == "split":
         from ftpipe.splitting import split_examples
-        r = split_examples(ROOT / CLEANED / "clean.jsonl", cfg.data.split, ROOT / SPLITS)
+        r = split_examples(ROOT / CLEANED / "clean.jsonl", cfg.data.split, ROOT / SPLITS,
+                           list(cfg.data.sources))
         print(f"split: {r.counts}")
     else:
         print(f"unknown stage {stage!r}\n{__doc__}", file=sys.stderr)
@@ -47,5 +60,22 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def run(argv: list[str]) -> int:
+    """main(), with a known data error reported as one clear line (and handed to the
+    caller through $FTPIPE_STAGE_ERROR) instead of a traceback."""
+    from ftpipe.config import ConfigError
+    from ftpipe.records import FormatError
+    from ftpipe.sources import SourceError
+
+    try:
+        return main(argv)
+    except (SourceError, FormatError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        err = os.environ.get("FTPIPE_STAGE_ERROR")
+        if err:
+            Path(err).write_text(str(exc))
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run(sys.argv[1:]))

@@ -22,16 +22,41 @@ def print_summary(result, console: Console | None = None) -> None:
     data.add_column()
     for key, md5 in sorted(r.data_hashes.items()):
         data.add_row(f"DVC {key}", md5)
-    for src in r.data.manifest.get("sources", []):
-        data.add_row(f"source {src['path']}", f"{src['rows']} rows, {src['size']:,} bytes, "
-                     f"sha256 {src['sha256'][:12]}…")
+    for f in r.data.manifest.get("files", []):
+        data.add_row(f"file {f['path']}", f"{f['rows']} rows ({f['format']}), {f['size']:,} bytes, "
+                     f"sha256 {f['sha256'][:12]}…")
+    for sk in r.data.manifest.get("skipped", []):
+        data.add_row(f"skipped {sk['path']}", sk["why"])
     c = r.clean
     data.add_row("rows", f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']}")
     if c.get("reasons"):
-        data.add_row("quarantine reasons", ", ".join(f"{k}: {v}" for k, v in c["reasons"].items()))
+        data.add_row("quarantine reasons", ", ".join(f"{k}: {v}" for k, v in sorted(c["reasons"].items())))
         data.add_row("quarantine file", "data/cleaned/quarantine.jsonl (source, line, reason, row)")
-    data.add_row("GX verdict", f"{'passed' if r.quality.success else 'FAILED'} "
-                 f"({r.quality.evaluated} expectations; {r.quality.report})")
+    pii = (c.get("pii") or {}).get("found") or {}
+    if pii:
+        data.add_row(f"PII ({c['pii']['policy']})", ", ".join(f"{k}: {v}" for k, v in sorted(pii.items())))
+    splits = r.split_counts.get("splits", {})
+    data.add_row("splits", ", ".join(f"{k} {v}" for k, v in splits.items()))
+    for q in (r.quality, r.cleaned_quality):
+        data.add_row(f"GX {q.suite}", f"{'passed' if q.success else 'FAILED'} ({q.evaluated} "
+                     f"expectations on {q.rows} rows; {q.report})")
+    if r.cleaned_quality.docs:
+        data.add_row("GX Data Docs", r.cleaned_quality.docs)
+    data.add_row("DVC remote", f"pushed to '{r.pushed}'" if r.pushed else "not pushed (data.push: false)")
+    console.print(data)
+
+    per = Table(title="Rows per source (read = kept + quarantined)", title_justify="left")
+    for col in ("source", "read", "kept", "quarantined", "train rows (weight)"):
+        per.add_column(col, justify="left" if col == "source" else "right")
+    mix = r.split_counts.get("train_mix", {})
+    for name, n in sorted(c.get("per_source", {}).items()):
+        m = mix.get(name, {})
+        per.add_row(name, str(n.get("read", 0)), str(n.get("kept", 0)), str(n.get("quarantined", 0)),
+                    f"{m.get('train_rows', 0)} (x{m.get('weight', 1.0):g})" if m else "—")
+    console.print(per)
+    data = Table(title="Training", show_header=False, title_justify="left")
+    data.add_column(style="bold")
+    data.add_column()
     data.add_row("training", f"train loss {_fmt(r.train_loss)}, val loss {_fmt(r.val_loss)}, "
                  f"{r.train_seconds:.0f}s")
     console.print(data)

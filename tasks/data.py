@@ -8,12 +8,13 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from ftpipe.config import ModelConfig, QualityConfig
+from ftpipe.config import DataConfig, ModelConfig, QualityConfig
 from ftpipe.lineage import base_model_revision, read_manifest
-from ftpipe.quality import QualityResult, gate
-from ftpipe.registry import log_files
+from ftpipe.quality import REPORTS, QualityResult, gate_cleaned, gate_raw
+from ftpipe.registry import log_dir, log_files
+from ftpipe.sources import SqlExport, fetch_sql
 from ftpipe.stages import BASE_MODEL_DIR, CLEANED, COLLECTED, SPLITS
-from ftpipe.versioning import StageResult, reproduce
+from ftpipe.versioning import PushResult, StageResult, push, reproduce
 
 
 @dataclass(frozen=True)
@@ -48,25 +49,68 @@ def prepare_base_model(model: ModelConfig, root: str) -> BaseModelRef:
     return BaseModelRef(path, model.base, base_model_revision(path, model.revision, root_p), None)
 
 
+@task(name="fetch-sql", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def fetch_sql_sources(data: DataConfig, root: str) -> list[SqlExport]:
+    """Export each SQL source's query to data/sources/sql/<name>.jsonl (DVC sees the change)."""
+    out = []
+    for src in data.sources:
+        if src.type == "sql":
+            exp = fetch_sql(Path(root), src)
+            _log(f"sql source {src.name}: {exp.rows} rows -> {exp.path} "
+                 f"({'changed' if exp.changed else 'unchanged'})")
+            out.append(exp)
+    return out
+
+
 @task(name="collect", cache_policy=NO_CACHE)
 def collect_data(root: str) -> DataVersion:
     st = reproduce(Path(root), "collect")
     manifest = read_manifest(Path(root) / COLLECTED / "manifest.json")
-    _log(f"collect: {'ran' if st.ran else 'unchanged, skipped'}; {manifest.get('rows')} rows, "
-         f"{manifest.get('parse_errors')} unparseable")
+    _log(f"collect: {'ran' if st.ran else 'unchanged, skipped'}; {manifest.get('rows')} rows from "
+         f"{len(manifest.get('files', []))} file(s), {manifest.get('parse_errors')} unparseable")
+    for s in manifest.get("skipped", []):
+        _log(f"collect: skipped {s['path']}: {s['why']}")
     return DataVersion(str(Path(root) / COLLECTED / "snapshot.jsonl"), manifest, st)
 
 
-@task(name="validate", cache_policy=NO_CACHE)
+@task(name="validate-raw", cache_policy=NO_CACHE)
 def validate_data(quality: QualityConfig, data: DataVersion, root: str, run_id: str) -> QualityResult:
-    report = Path(root) / "data/reports/raw_validation.json"
+    """GX suite on the raw snapshot; the flow stops here with the failure table."""
+    reports = Path(root) / REPORTS
     try:
-        result = gate(Path(data.snapshot), quality, report)
+        result = gate_raw(Path(data.snapshot), quality, reports)
     finally:
         # The GX result and the manifest go on the run whether the gate passed or not.
-        log_files(run_id, [report, Path(root) / COLLECTED / "manifest.json"], "data")
-    _log(f"GX gate passed: {result.evaluated} expectations")
+        log_files(run_id, [reports / "raw_validation.json", Path(root) / COLLECTED / "manifest.json"], "data")
+    _log(f"GX raw_snapshot passed: {result.evaluated} expectations on {result.rows} rows")
     return result
+
+
+@task(name="validate-cleaned", cache_policy=NO_CACHE)
+def validate_cleaned_data(quality: QualityConfig, data: DataConfig, root: str, run_id: str) -> QualityResult:
+    """GX suite on the cleaned set (length bounds, uniqueness, PII, split proportions)."""
+    reports = Path(root) / REPORTS
+    try:
+        result = gate_cleaned(Path(root) / CLEANED / "clean.jsonl", quality, data.clean, data.split, reports)
+    finally:
+        log_files(run_id, [reports / "cleaned_validation.json"], "data")
+        docs = reports / "docs"
+        if docs.is_dir():
+            log_dir(run_id, docs, "data/docs")
+    _log(f"GX cleaned passed: {result.evaluated} expectations on {result.rows} rows; "
+         f"Data Docs: {result.docs}")
+    return result
+
+
+@task(name="push-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def push_data(data: DataConfig, root: str, stages: list[str]) -> PushResult | None:
+    """Every data version trained on goes to the DVC remote, so an audit can restore it."""
+    if not data.push:
+        _log("push-data: data.push is false; the remote is not updated")
+        return None
+    res = push(Path(root), stages, data.remote)
+    _log(f"push-data: {res.pushed} object(s) pushed to DVC remote '{res.remote}'")
+    return res
 
 
 @task(name="log-data-reports", cache_policy=NO_CACHE)

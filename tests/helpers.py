@@ -87,7 +87,7 @@ def set_dotted(doc: dict, dotted: str, value) -> None:
 
 def make_project(dest: Path, tweaks: dict | None = None, tiny: bool = True) -> Path:
     """A fresh ftpipe project (a git + DVC repo); tiny-model params unless tiny=False."""
-    for rel in ("ftpipe", "data/sources", "data/corpus", "dvc.yaml", ".dvc/config",
+    for rel in ("ftpipe", "data/sources", "data/incoming", "data/corpus", "dvc.yaml", ".dvc/config",
                 ".dvc/.gitignore", ".gitignore", ".dvcignore"):
         src = REPO / rel
         if src.is_dir():

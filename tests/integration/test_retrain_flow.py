@@ -112,9 +112,10 @@ def test_messy_source_is_quarantined_and_run_proceeds(project, prefect_server):
     report = json.loads((project / "data/cleaned/report.json").read_text())
     assert report["read"] == n_lines == report["kept"] + report["quarantined"]
     q = [json.loads(l) for l in (project / "data/cleaned/quarantine.jsonl").read_text().splitlines()]
-    lines = {(r["line"], r["reason"].split(":")[0]) for r in q}
-    assert (n_lines - 1, "malformed JSON") in lines
-    assert (n_lines, "missing field 'output'") in lines
+    lines = {(r["line"], r["category"]) for r in q}
+    assert (n_lines - 1, "unparseable") in lines
+    assert (n_lines, "missing field") in lines
+    assert all(r["source"] == "data/sources/dates.jsonl" and r["reason"] for r in q)
     c = mlflow_client(project)
     assert c.get_model_version_by_alias(NAME, "champion").version == 1
 
@@ -122,11 +123,12 @@ def test_messy_source_is_quarantined_and_run_proceeds(project, prefect_server):
 def test_gx_gate_stops_before_training_and_moves_nothing(project, prefect_server):
     c = mlflow_client(project)
     before = len(c.search_model_versions(f"name='{NAME}'"))
-    proc = run_cli(["run", "quality.max_bad_fraction=0"], project, prefect_server)
+    proc = run_cli(["run", "quality.raw.mostly=1.0"], project, prefect_server)
     assert proc.returncode == 1
     err = proc.stdout + proc.stderr
-    assert "data quality gate failed" in err
-    assert "expect_column_values_to_not_be_null" in err and "output" in err
+    assert "data quality gate 'raw_snapshot' failed" in err
+    assert "expect_column_values_to_not_be_null" in err and "response" in err
+    assert "2 of 3002 rows" in err  # observed values, not just a verdict
     assert "No model was trained and no alias moved" in err
     assert len(c.search_model_versions(f"name='{NAME}'")) == before
     assert c.get_model_version_by_alias(NAME, "champion").version == 1

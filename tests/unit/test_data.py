@@ -43,8 +43,9 @@ def test_collect_names_file_and_line_and_keeps_everything(messy):
     assert any(m.startswith("data/sources/a.jsonl:3: malformed JSON") for m in logged)
     assert any(m.startswith("data/sources/a.jsonl:7: expected a JSON object") for m in logged)
     manifest = json.loads(Path(res.manifest).read_text())
-    a = manifest["sources"][0]
-    assert a["rows"] == 7 and len(a["sha256"]) == 64
+    a = manifest["files"][0]
+    assert a["path"] == "data/sources/a.jsonl" and a["format"] == "alpaca"
+    assert a["rows"] == 7 and a["parse_errors"] == 2 and len(a["sha256"]) == 64
     assert a["size"] == (messy / "data/sources/a.jsonl").stat().st_size
 
 
@@ -57,26 +58,35 @@ def test_clean_quarantines_with_reasons_and_reconciles(messy):
     q = [json.loads(line) for line in Path(c.quarantine).read_text().splitlines()]
     by_line = {(r["source"], r["line"]): r["reason"] for r in q}
     assert by_line[("data/sources/a.jsonl", 3)].startswith("malformed JSON")
-    assert by_line[("data/sources/a.jsonl", 4)] == "missing field 'output'"
+    assert by_line[("data/sources/a.jsonl", 4)] == "missing field 'output' (null or absent)"
     assert by_line[("data/sources/a.jsonl", 6)] == "duplicate of data/sources/a.jsonl:1"
     assert by_line[("data/sources/a.jsonl", 7)].startswith("expected a JSON object")
     per = c.per_source
     assert per["data/sources/a.jsonl"] == {"read": 7, "kept": 3, "quarantined": 4}
-    assert per["data/sources/b.jsonl"] == {"read": 2, "kept": 2}
+    assert per["data/sources/b.jsonl"] == {"read": 2, "kept": 2, "quarantined": 0}
     kept = [json.loads(line) for line in Path(c.cleaned).read_text().splitlines()]
-    assert {"instruction": "Convert item 3.", "output": "answer 3"}.items() <= kept[2].items()
+    assert {"instruction": "Convert\titem   3.", "output": "answer 3"}.items() <= kept[2].items()
 
 
-def test_paths_outside_the_project_are_refused(messy):
+def test_paths_outside_the_project_are_refused(messy, tmp_path_factory):
+    from ftpipe.config import ConfigError, parse_config
+
+    # `..` is refused when the config is read, naming the field
+    with pytest.raises(ConfigError, match=r"data\.sources\.0: .*'data/sources/../../../etc/passwd' leaves the project"):
+        parse_config({"data": {"sources": [{"path": "data/sources/../../../etc/passwd"}]}})
+    # a symlink that points outside is refused when collected
+    outside = tmp_path_factory.mktemp("outside") / "secret.jsonl"
+    outside.write_text(row(1) + "\n")
+    (messy / "data/sources/link.jsonl").symlink_to(outside)
     with pytest.raises(SourceError, match="outside the project"):
-        collect(messy, [SourceConfig(path="../etc/passwd")], messy / "out")
-    with pytest.raises(SourceError, match="file not found"):
+        collect(messy, [SourceConfig(path="data/sources/link.jsonl")], messy / "out")
+    with pytest.raises(SourceError, match="not found"):
         collect(messy, [SourceConfig(path="data/sources/missing.jsonl")], messy / "out")
 
 
 def test_column_mapping(tmp_path):
-    write(tmp_path / "q.jsonl", [json.dumps({"question": "Q?", "answer": "A."})])
-    res = collect(tmp_path, [SourceConfig(path="q.jsonl", columns={"instruction": "question",
+    write(tmp_path / "data/sources/q.jsonl", [json.dumps({"question": "Q?", "answer": "A."})])
+    res = collect(tmp_path, [SourceConfig(path="data/sources/q.jsonl", columns={"instruction": "question",
                                                                     "output": "answer"})],
                   tmp_path / "out")
     snap = json.loads(Path(res.snapshot).read_text())
@@ -84,7 +94,8 @@ def test_column_mapping(tmp_path):
 
 
 def test_normalize_text():
-    assert normalize_text("  Cafe\u0301 \t ok\r\nnext\x00 ") == "Café ok\nnext"
+    # NFC, control characters gone, CRLF -> LF, trailing spaces gone; indentation kept
+    assert normalize_text("  Cafe\u0301 \t ok\r\n    next\x00 \n\n\n\nend") == "Café \t ok\n    next\n\nend"
 
 
 def test_split_is_stable_and_proportional(tmp_path):

@@ -1,0 +1,108 @@
+"""`ftpipe data status`: the current data version, what changed since the champion's data
+version (rows added and removed, by row content hash), and whether the DVC remote holds
+each version."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ftpipe.config import PipelineConfig
+from ftpipe.lineage import dvc_lock_hashes
+from ftpipe.versioning import DATA_STAGES, object_status, split_row_hashes, workspace_changes
+
+SPLITS_KEY = "split:data/splits"
+
+
+@dataclass(frozen=True)
+class DataStatus:
+    current: dict[str, str]                  # "stage:path" -> md5 (dvc.lock)
+    workspace_changes: dict                  # dvc status: {} when data/ matches dvc.lock
+    rows: int | None                         # examples in the current splits
+    champion: str | None                     # "NAME vN"
+    champion_data: dict[str, str] = field(default_factory=dict)
+    added: int | None = None                 # rows in the current data, not the champion's
+    removed: int | None = None               # rows the champion saw that are gone now
+    storage: dict[str, dict] = field(default_factory=dict)  # md5 -> {"cache", "remote"}
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
+
+
+def _workspace_rows(root: Path) -> set[str]:
+    hashes = set()
+    for name in ("train", "validation", "test"):
+        p = root / "data/splits" / f"{name}.jsonl"
+        if p.is_file():
+            with p.open("rb") as f:
+                hashes.update(json.loads(line)["_hash"] for line in f if line.strip())
+    return hashes
+
+
+def data_status(cfg: PipelineConfig, root: Path) -> DataStatus:
+    from ftpipe import registry
+
+    notes: list[str] = []
+    current = dvc_lock_hashes(root, list(DATA_STAGES))
+    changes = workspace_changes(root) if current else {}
+    cur_rows = None
+    if current.get(SPLITS_KEY):
+        cur_rows = split_row_hashes(root, current[SPLITS_KEY])
+        if cur_rows is None and not changes:
+            cur_rows = _workspace_rows(root)
+    if not current:
+        notes.append("no data version yet (dvc.lock has no data stages): run `ftpipe run`")
+
+    registry.setup(cfg.registry, root)
+    champ = registry.version_by_alias(cfg.registry.model_name, registry.CHAMPION)
+    champion_data: dict[str, str] = {}
+    added = removed = None
+    if champ is None:
+        notes.append(f"no champion yet for {cfg.registry.model_name}")
+    else:
+        tags = registry.client().get_model_version(champ.name, champ.version).tags
+        champion_data = {k[len("ftpipe.dvc."):]: v for k, v in tags.items() if k.startswith("ftpipe.dvc.")}
+        champ_md5 = champion_data.get(SPLITS_KEY)
+        champ_rows = split_row_hashes(root, champ_md5) if champ_md5 else None
+        if champ_md5 and champ_rows is None:
+            notes.append("the champion's data/splits is not in the local DVC cache: "
+                         "`dvc pull` or `dvc fetch` it from the remote to compare rows")
+        if champ_rows is not None and cur_rows is not None:
+            added, removed = len(cur_rows - champ_rows), len(champ_rows - cur_rows)
+    storage = {}
+    for md5 in sorted(set(current.values()) | set(champion_data.values())):
+        if md5:
+            storage[md5] = object_status(root, md5, cfg.data.remote)
+    return DataStatus(current, changes, len(cur_rows) if cur_rows is not None else None,
+                      f"{champ.name} v{champ.version}" if champ else None, champion_data,
+                      added, removed, storage, notes)
+
+
+def print_status(st: DataStatus) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title="Data versions (DVC)", title_justify="left")
+    for col in ("output", "current", "champion", "local cache", "remote"):
+        t.add_column(col)
+    yes = lambda v: "—" if v is None else ("[green]yes[/]" if v else "[red]no[/]")  # noqa: E731
+    for key in sorted(set(st.current) | set(st.champion_data)):
+        cur, ch = st.current.get(key, ""), st.champion_data.get(key, "")
+        for md5, label in ((cur, "current"), (ch, "champion")):
+            if not md5 or (label == "champion" and md5 == cur):
+                continue
+            s = st.storage.get(md5, {})
+            t.add_row(key, md5 if label == "current" else ("same" if ch == cur else ""),
+                      md5 if label == "champion" else ("same" if ch == cur else "—"),
+                      yes(s.get("cache")), yes(s.get("remote")))
+    console.print(t)
+    console.print(f"workspace: {'matches dvc.lock' if not st.workspace_changes else 'differs from dvc.lock: ' + json.dumps(st.workspace_changes)}")
+    console.print(f"examples in current splits: {st.rows if st.rows is not None else '?'}")
+    if st.champion:
+        diff = (f"+{st.added} added, -{st.removed} removed" if st.added is not None else "unknown")
+        console.print(f"since the champion ({st.champion}): {diff}")
+    for n in st.notes:
+        console.print(f"note: {n}")
