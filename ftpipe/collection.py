@@ -48,6 +48,7 @@ class CollectResult:
 def _rows_of_file(path: Path, rel: str, src: SourceConfig, kind: str):
     """(format, iterator of snapshot rows) for one file."""
     items = read_items(path, kind, src)
+    columns = dict(src.columns)
     head, found = [], {}
     for item in items:
         head.append(item)
@@ -58,11 +59,15 @@ def _rows_of_file(path: Path, rel: str, src: SourceConfig, kind: str):
                 break
     if not head:
         raise SourceError(f"{rel}: no rows (the file holds nothing but blank lines)")
-    if not found and src.format == "auto":
-        fmt = "unknown"   # not one parseable object: every row is quarantined with its error
+    if not found:
+        # not one parseable object (say, an undecodable file): there are no columns to check
+        # the format against, and every row is quarantined with its own error
+        fmt = "unknown" if src.format == "auto" else src.format
     else:
+        if "conversations" in found and "messages" not in found and "messages" not in columns:
+            columns = {**columns, "messages": "conversations"}  # ShareGPT's column name
         try:
-            fmt = detect_format(list(found), src.columns, src.format)
+            fmt = detect_format(list(found), columns, src.format)
         except FormatError as exc:
             raise SourceError(f"{rel}: {exc}") from None
 
@@ -74,7 +79,7 @@ def _rows_of_file(path: Path, rel: str, src: SourceConfig, kind: str):
             if item.obj is None:
                 yield {**base, "_format": fmt, "_error": item.error, "_raw": item.raw}
                 continue
-            row = {**base, **canonical(item.obj, fmt, src.columns)} if fmt != "unknown" else \
+            row = {**base, **canonical(item.obj, fmt, columns)} if fmt != "unknown" else \
                 {**base, "_format": fmt, "_error": "format unknown"}
             if "_error" in row:
                 row["_raw"] = json.dumps(item.obj, ensure_ascii=False, default=str)

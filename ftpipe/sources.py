@@ -118,7 +118,7 @@ def expand(root: Path, src: SourceConfig) -> Expanded:
     files, skipped, seen = [], [], {}
     for p in sorted(q for q in full.rglob("*") if q.is_file()):
         rel = str(p.relative_to(root))
-        if _PARTIAL.search(p.name):
+        if _PARTIAL.search(p.name) or any(part.startswith(".") for part in p.relative_to(full).parts[:-1]):
             skipped.append({"path": rel, "why": "hidden or still being written"})
             continue
         if p.suffix.lower() not in EXTENSIONS:
@@ -165,6 +165,12 @@ def _decode_hint(path: Path, exc: UnicodeDecodeError, lineno: int, src_encoding:
             f"if {path.name} is Latin-1/cp1252, set encoding: cp1252 on its source")
 
 
+def _first_decode_error(path: Path, codec: str, src_encoding: str) -> str | None:
+    """The hint for the first line `codec` cannot decode. A whole-file decode error only
+    knows its byte offset; decoding line by line names the line and column."""
+    return next((err for _, _, err in _text_lines(path, codec, src_encoding) if err), None)
+
+
 def _text_lines(path: Path, codec: str, src_encoding: str) -> Iterator[tuple[int, str | None, str | None]]:
     """(line number, text, error) for each non-blank line."""
     if codec in ("utf-16", "utf-32"):
@@ -186,7 +192,7 @@ def _text_lines(path: Path, codec: str, src_encoding: str) -> Iterator[tuple[int
             try:
                 yield lineno, raw.decode("utf-8" if codec == "utf-8-sig" else codec).rstrip("\r\n"), None
             except UnicodeDecodeError as exc:
-                yield lineno, raw.decode("utf-8", errors="replace").rstrip("\r\n"), \
+                yield lineno, raw.decode("utf-8", errors="backslashreplace").rstrip("\r\n"), \
                     _decode_hint(path, exc, lineno, src_encoding)
 
 
@@ -219,12 +225,19 @@ def _json(path: Path, encoding: str) -> Iterator[Item]:
     try:
         text = path.read_bytes().decode("utf-8" if codec == "utf-8-sig" else codec)
     except UnicodeDecodeError as exc:
-        raise SourceError(f"{path}: {_decode_hint(path, exc, 1, encoding)}") from None
+        hint = _first_decode_error(path, codec, encoding) or _decode_hint(path, exc, 1, encoding)
+        raise SourceError(f"{path}: {hint}") from None
     text = text.lstrip("\ufeff")
     dec = json.JSONDecoder()
     stripped = text.lstrip()
     start = len(text) - len(stripped)
-    line_of = lambda pos: text.count("\n", 0, pos) + 1  # noqa: E731
+    counted = [0, 1]  # (position, line) reached so far: positions only move forward
+
+    def line_of(pos: int) -> int:  # counting from the start each time made big files quadratic
+        counted[1] += text.count("\n", counted[0], pos)
+        counted[0] = pos
+        return counted[1]
+
     if stripped.startswith("{"):
         try:
             obj = json.loads(text)
@@ -289,9 +302,11 @@ def _csv(path: Path, encoding: str) -> Iterator[Item]:
                     continue
                 yield Item(start, dict(zip(header, values)))
     except UnicodeDecodeError as exc:
-        raise SourceError(f"{path}: not valid {encoding} near line {reader.line_num + 1} "
-                          f"(byte 0x{exc.object[exc.start:exc.start + 1].hex()}); if it is "
-                          "Latin-1/cp1252, set encoding: cp1252 on its source") from None
+        # The reader decodes ahead in blocks, so its line number is not where the byte is.
+        hint = _first_decode_error(path, codec, encoding) or (
+            f"not valid {encoding} (byte 0x{exc.object[exc.start:exc.start + 1].hex()}); if it is "
+            "Latin-1/cp1252, set encoding: cp1252 on its source")
+        raise SourceError(f"{path}: {hint}") from None
     except csv.Error as exc:
         raise SourceError(f"{path}: CSV error at line {reader.line_num}: {exc}") from None
 

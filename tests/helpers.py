@@ -91,7 +91,7 @@ def make_project(dest: Path, tweaks: dict | None = None, tiny: bool = True) -> P
                 ".dvc/.gitignore", ".gitignore", ".dvcignore"):
         src = REPO / rel
         if src.is_dir():
-            shutil.copytree(src, dest / rel, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(src, dest / rel, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
         elif src.exists():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
