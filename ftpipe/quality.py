@@ -236,6 +236,12 @@ def _raise_if_failed(result: QualityResult, what: Path) -> QualityResult:
 
 
 def validate_raw(snapshot: Path, cfg: QualityConfig, reports: Path, docs: bool = True) -> QualityResult:
+    """The first gate of a run: it starts Data Docs afresh, so data/reports/docs holds this
+    data version's two suites (earlier runs' pages live on their MLflow runs)."""
+    import shutil
+
+    if docs:
+        shutil.rmtree(reports / "docs", ignore_errors=True)
     load = lambda db: load_sqlite(db, "raw", RAW_COLUMNS, map(_raw_record, _jsonl(snapshot)))  # noqa: E731
     return run_suite("raw_snapshot", "raw", load, raw_expectations(cfg),
                      reports / "raw_validation.json", reports / "docs" if docs else None)
