@@ -75,7 +75,7 @@ def retrain(cfg: PipelineConfig, root: str = ".") -> RetrainResult:
                            + (["base_model"] if base.built is not None else []))
         splits = split_paths(root)
         candidate = train_candidate(cfg.model, cfg.lora, cfg.train, base.path, splits, run_id,
-                                    str(Path(root) / "runs" / run_id))
+                                    root, split.hashes.get("split:data/splits", ""))
         report = evaluate_all(cfg.eval, cfg.model, cfg.registry, base.path, candidate.model_dir,
                               splits["test"], cfg.train.max_seq_len, run_id)
         hashes = data.stage.hashes | cleaned.hashes | split.hashes

@@ -163,6 +163,9 @@ class ModelConfig(_Section):
     base: str = Field("models/base", description="hub id or local path, loaded with from_pretrained")
     revision: str | None = None
     quantization: Literal["none", "nf4", "int8"] = "none"
+    double_quant: bool = True             # nf4: quantize the quantization constants too
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # nf4 matmuls; auto = train.precision
+    attn_implementation: str | None = None  # None: transformers' default (sdpa); or flash_attention_2
     trust_remote_code: bool = False
     build: BuildConfig = BuildConfig()
 
@@ -179,9 +182,11 @@ class LoraConfig(_Section):
 class TrainConfig(_Section):
     method: Literal["full", "lora", "qlora"] = "lora"
     max_steps: int = Field(1200, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="examples per optimizer step (x grad_accum)")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-3, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine/linear decay ends at lr x this")
     warmup_steps: int = Field(40, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -189,10 +194,40 @@ class TrainConfig(_Section):
     seed: int = 0
     neftune_alpha: float | None = Field(None, gt=0)
     completion_only_loss: bool = True
+    # Packing: a step's examples are laid end to end in rows of max_seq_len tokens with
+    # position ids restarting per example, so attention never crosses examples and the
+    # loss equals the padded batch's; only the padding work disappears.
+    packing: bool = False
+    gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     log_every: int = Field(20, ge=1)
     # Loss above this (or NaN/inf) stops the run before anything is registered.
     max_loss: float = Field(1e4, gt=0)
+    # Checkpoints (trainable weights, optimizer, scheduler, RNG, step) every N steps; a
+    # killed run started again with the same settings and data resumes from the last one.
+    checkpoint_every: int = Field(200, ge=0, description="0: no checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: bool = True
+    # Validation loss every N steps (0: only at the end); with patience, training stops
+    # after that many evaluations without improvement; the best checkpoint is exported.
+    eval_every: int = Field(0, ge=0)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    early_stopping_min_delta: float = Field(0.0, ge=0)
+    # Devices: 1 trains in-process (GPU 0 or CPU); N or "auto" (all visible GPUs) launches
+    # the same recipe under torchrun, one process per device.
+    devices: int | Literal["auto"] = 1
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    @model_validator(mode="after")
+    def _checks(self) -> "TrainConfig":
+        problems = []
+        if self.early_stopping_patience and not self.eval_every:
+            problems.append("train.early_stopping_patience needs train.eval_every > 0")
+        if isinstance(self.devices, int) and self.devices < 1:
+            problems.append("train.devices must be >= 1 or 'auto'")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class EvalConfig(_Section):

@@ -83,6 +83,51 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def pack(batch: list[tuple[list[int], list[int]]], row_len: int, pad_id: int):
+    """Lay examples end to end in rows of at most row_len tokens (first fit, in order).
+
+    Position ids restart at 0 for every example; with no attention mask, transformers
+    turns that into a block-diagonal causal mask (flash-attention varlen on GPU), so no
+    token attends across examples. Each example's first label is IGNORE_INDEX so no
+    example is trained to follow the one before it. The mean loss over labelled tokens is
+    the padded batch's, minus the padding work. Also returns `lengths`: each token's own
+    example length (NEFTune scales its noise by it).
+    """
+    import torch
+
+    rows: list[list[tuple[list[int], list[int]]]] = []
+    room: list[int] = []
+    for ids, labels in batch:
+        n = min(len(ids), row_len)
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append((ids[:n], labels[:n]))
+                room[r] -= n
+                break
+        else:
+            rows.append([(ids[:n], labels[:n])])
+            room.append(row_len - n)
+    width = max(row_len - free for free in room)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    lengths = torch.ones((len(rows), width), dtype=torch.long)
+    for r, examples in enumerate(rows):
+        at = 0
+        for ids, lab in examples:
+            n = len(ids)
+            input_ids[r, at: at + n] = torch.tensor(ids)
+            labels_t[r, at + 1: at + n] = torch.tensor(lab[1:])
+            position_ids[r, at: at + n] = torch.arange(n)
+            lengths[r, at: at + n] = n
+            at += n
+        if at < width:  # the tail is padding: its own "example", never labelled
+            position_ids[r, at:] = torch.arange(width - at)
+            lengths[r, at:] = width - at
+    return {"input_ids": input_ids, "labels": labels_t, "position_ids": position_ids,
+            "lengths": lengths, "real": torch.tensor(sum(len(ids) for row in rows for ids, _ in row))}
+
+
 def normalize_answer(text: str) -> str:
     """Exact match compares answers with surrounding and repeated whitespace removed."""
     return " ".join((text or "").split())

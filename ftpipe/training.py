@@ -1,27 +1,35 @@
 """The fine-tuning recipe: setup, loop, save — one file, top to bottom.
 
 Importable without prefect, mlflow, dvc or great_expectations, so it runs alone on a GPU
-machine:
+machine, in-process or under torchrun (one process per GPU; see ftpipe/launch.py):
 
-    python -c "from ftpipe.training import fine_tune; ..."
+    python -m ftpipe.launch spec.json                    # what `ftpipe run` does per device
 
 Defaults for the embedded task (params.yaml):
     32 examples a step x ~44 tokens = ~1,400 tokens/step; 1,200 steps ~ 16 epochs of 2,400
     training rows; LoRA r=16 on all linear layers, lr 2e-3 with 40 warm-up steps, cosine
     decay to 10%. On 2 CPU cores: ~9,000 tokens/s, ~3 minutes.
+
+What one step is, whatever the options: `batch_size x grad_accum` examples, chosen by
+(seed, step) alone — so a resumed run sees exactly the examples it would have seen, and
+N processes under torchrun split each step's examples between them (rank r takes every
+N-th) and weight their losses by labelled tokens, so the step is the same as on one device.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
-from ftpipe.formatting import IGNORE_INDEX, collate, encode
+from ftpipe.formatting import IGNORE_INDEX, collate, encode, pack
 
 
 class TrainingDiverged(RuntimeError):
@@ -33,12 +41,16 @@ class TrainResult:
     model_dir: str            # a full HF checkpoint, loadable with from_pretrained, no peft
     adapter_dir: str | None   # the LoRA adapter (safetensors), for lora/qlora
     method: str
-    steps: int
+    steps: int                # optimizer steps taken (fewer than max_steps after early stopping)
     train_loss: float         # mean loss over the last logging window
-    val_loss: float | None
-    tokens: int               # real (non-pad) tokens seen
+    val_loss: float | None    # of the exported weights
+    tokens: int               # real (non-pad) tokens seen, all processes
     seconds: float
     loss_history: list[tuple[int, float]] = field(default_factory=list)
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None
+    resumed_from: int | None = None
+    stopped_early: bool = False
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -61,7 +73,7 @@ def pick_dtype(precision: str):
     return torch.float32
 
 
-def load_base(model_cfg: ModelConfig, dtype, for_training: bool = True):
+def load_base(model_cfg: ModelConfig, dtype, for_training: bool = True, device_index: int = 0):
     """The base model and tokenizer through the one `from_pretrained` path (hub id or dir)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -72,34 +84,47 @@ def load_base(model_cfg: ModelConfig, dtype, for_training: bool = True):
         tokenizer.pad_token = tokenizer.eos_token
     quant = None
     if for_training and model_cfg.quantization == "nf4":
+        compute = dtype if model_cfg.compute_dtype == "auto" else pick_dtype(model_cfg.compute_dtype)
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype)
+                                   bnb_4bit_use_double_quant=model_cfg.double_quant,
+                                   bnb_4bit_compute_dtype=compute)
     elif for_training and model_cfg.quantization == "int8":
         quant = BitsAndBytesConfig(load_in_8bit=True)
-    device_map = {"": 0} if torch.cuda.is_available() else None
+    device_map = {"": device_index} if torch.cuda.is_available() else None
+    extra = {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
         model_cfg.base, dtype=dtype, quantization_config=quant, device_map=device_map,
-        use_safetensors=True, **kwargs)
+        use_safetensors=True, **kwargs, **extra)
     return model, tokenizer
 
 
-def _batches(encoded: list, batch_size: int, seed: int):
-    """Endless shuffled batches, a new order each epoch, reproducible from the seed."""
+# ------------------------------------------------------------------ data order
+
+def step_examples(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of the examples of optimizer step `step` (0-based): each epoch is a fresh
+    permutation seeded by (seed, epoch); a function of the step alone, so resuming at
+    step k needs no sampler state."""
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(encoded), generator=gen).tolist()
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield [encoded[j] for j in order[i: i + batch_size]]
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    cache = step_examples.__dict__.setdefault("_cache", {})
+    key = (n, seed, epoch)
+    if key not in cache:
+        cache.clear()
+        cache[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    order = cache[key]
+    return order[pos * batch_size: (pos + 1) * batch_size]
 
+
+# ------------------------------------------------------------------ NEFTune
 
 def _neftune_hook(alpha: float):
-    """NEFTune noise with the scale alpha / sqrt(L * d) computed per sequence.
+    """NEFTune noise, uniform in +-alpha / sqrt(L * d) with L each example's own length.
 
-    L is each example's own length (from the attention mask set before each forward),
-    not the padded width of the batch, so padding never shrinks an example's noise.
+    `module._ftpipe_lengths` holds, for every token, the length of the example it belongs
+    to (set before each forward): padding never shrinks an example's noise, and in packed
+    rows each example keeps its own scale instead of the row's.
     """
     import torch
 
@@ -109,13 +134,15 @@ def _neftune_hook(alpha: float):
         lengths = getattr(module, "_ftpipe_lengths", None)
         dims = output.shape[-1]
         if lengths is None:
-            lengths = torch.full((output.shape[0],), output.shape[1], device=output.device)
+            lengths = torch.full(output.shape[:2], output.shape[1], device=output.device)
         scale = alpha / torch.sqrt(lengths.to(output.dtype) * dims)
         noise = torch.zeros_like(output).uniform_(-1, 1)
-        return output + noise * scale.view(-1, 1, 1)
+        return output + noise * scale.unsqueeze(-1)
 
     return hook
 
+
+# ------------------------------------------------------------------ evaluation
 
 def mean_loss(model, encoded: list, batch_size: int, pad_id: int) -> float:
     """Token-weighted mean loss over labelled tokens (the completion, by default)."""
@@ -140,30 +167,119 @@ def mean_loss(model, encoded: list, batch_size: int, pad_id: int) -> float:
     return total / max(count, 1)
 
 
+def token_loss_sum(model, batch: dict) -> tuple:
+    """(sum of token losses over labelled tokens, their count) for one micro-batch."""
+    import torch
+
+    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]   # packed: no mask, positions restart
+    else:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    logits = model(**kwargs).logits
+    labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def _trainable_state(model) -> dict:
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, state: dict, keep: int) -> None:
+    """Write step-N atomically (a temp dir renamed into place), then prune old ones."""
+    import torch
+    from safetensors.torch import save_file
+
+    final = ckpt_dir / f"step-{step:07d}"
+    tmp = ckpt_dir / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng},
+               tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(ckpt_dir.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _latest_checkpoint(ckpt_dir: Path, fingerprint: str) -> Path | None:
+    for d in sorted(ckpt_dir.glob("step-*"), reverse=True):
+        try:
+            if json.loads((d / "state.json").read_text()).get("fingerprint") == fingerprint:
+                return d
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def _load_trainable(model, path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
+# ------------------------------------------------------------------ the recipe
+
 def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConfig,
               train_path: str | Path, val_path: str | Path | None, out_dir: str | Path,
               log: Callable[[str], None] = print,
-              on_metrics: Callable[[int, dict], None] | None = None) -> TrainResult:
+              on_metrics: Callable[[int, dict], None] | None = None,
+              progress: bool | None = None) -> TrainResult:
     import torch
+    import torch.distributed as dist
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(train_cfg.seed)
 
-    # ---- setup: model, adapters, data -------------------------------------------------
+    # ---- setup: processes ---------------------------------------------------------------
+    # Under torchrun each process trains on its share of every step; rank 0 logs and saves.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    main = rank == 0
+    say = log if main else (lambda msg: None)
+    torch.manual_seed(train_cfg.seed)
+    random.seed(train_cfg.seed)
+
+    # ---- setup: model, adapters -------------------------------------------------------
     dtype = pick_dtype(train_cfg.precision)
     # Full fine-tuning keeps fp32 master weights and runs the forward under autocast.
     load_dtype = torch.float32 if train_cfg.method == "full" else dtype
-    model, tokenizer = load_base(model_cfg, load_dtype)
+    model, tokenizer = load_base(model_cfg, load_dtype, device_index=local_rank)
     device = next(model.parameters()).device
     adapter = train_cfg.method in ("lora", "qlora")
     if train_cfg.method == "qlora":
         from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=train_cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif train_cfg.gradient_checkpointing:
+        # Recompute activations in the backward pass: ~30% slower, far less memory.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if adapter:
+            model.enable_input_require_grads()
     if adapter:
-        from peft import LoraConfig as PeftLoraConfig, get_peft_model
         import warnings
+
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft 0.21 on transformers 5
         model = get_peft_model(model, PeftLoraConfig(
             r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
@@ -172,101 +288,233 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
-    log(f"method {train_cfg.method}: {n_trainable:,} of {n_total:,} parameters train "
-        f"({100 * n_trainable / n_total:.1f}%), dtype {str(dtype).split('.')[-1]}, device {device}")
-
-    train_rows = read_jsonl(train_path)
-    if not train_rows:
-        raise ValueError(f"{train_path}: no training examples")
-    encode_row = lambda r: encode(tokenizer, r, train_cfg.max_seq_len,  # noqa: E731
-                                  train_cfg.completion_only_loss)
-    train_enc = [encode_row(r) for r in train_rows]
-    val_enc = [encode(tokenizer, r, train_cfg.max_seq_len, True) for r in read_jsonl(val_path)] \
-        if val_path and Path(val_path).is_file() else []
-    batch_size = min(train_cfg.batch_size, len(train_enc))
-
+    say(f"method {train_cfg.method}: {n_trainable:,} of {n_total:,} parameters train "
+        f"({100 * n_trainable / n_total:.1f}%), dtype {str(dtype).split('.')[-1]}, device {device}"
+        + (f", {world} processes" if world > 1 else ""))
     embed = model.get_input_embeddings()
     if train_cfg.neftune_alpha:
         embed.register_forward_hook(_neftune_hook(train_cfg.neftune_alpha))
+    core = model  # the unwrapped model: what is saved and evaluated
+    if world > 1:
+        if train_cfg.strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
 
+            for layer in core.get_decoder().layers if hasattr(core, "get_decoder") else []:
+                fully_shard(layer)
+            model = fully_shard(core)
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(
+                core, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    # ---- setup: data ------------------------------------------------------------------
+    train_rows = read_jsonl(train_path)
+    if not train_rows:
+        raise ValueError(f"{train_path}: no training examples")
+    train_enc = [encode(tokenizer, r, train_cfg.max_seq_len, train_cfg.completion_only_loss)
+                 for r in train_rows]
+    val_enc = [encode(tokenizer, r, train_cfg.max_seq_len, True) for r in read_jsonl(val_path)] \
+        if val_path and Path(val_path).is_file() else []
+    per_step = min(train_cfg.batch_size, len(train_enc))
+
+    def micro_batches(step: int):
+        """This process's micro-batches of optimizer step `step` (0-based)."""
+        idx = step_examples(len(train_enc), per_step * train_cfg.grad_accum, train_cfg.seed, step)
+        for a in range(train_cfg.grad_accum):
+            mine = idx[a * per_step: (a + 1) * per_step][rank::world]
+            examples = [train_enc[i] for i in mine]
+            if not examples:
+                continue
+            if train_cfg.packing:
+                yield pack(examples, train_cfg.max_seq_len, tokenizer.pad_token_id)
+            else:
+                b = collate(examples, tokenizer.pad_token_id)
+                b["lengths"] = b["attention_mask"].sum(dim=1, keepdim=True).expand_as(b["input_ids"])
+                b["real"] = b["attention_mask"].sum()
+                yield b
+
+    # ---- setup: optimizer, schedule ---------------------------------------------------
     opt = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                             fused=device.type == "cuda")
 
-    def lr_at(step: int) -> float:  # linear warm-up, then cosine decay to 10%
+    def lr_at(step: int) -> float:  # linear warm-up, then decay to min_lr_ratio
         if step < train_cfg.warmup_steps:
             return (step + 1) / train_cfg.warmup_steps
-        progress = (step - train_cfg.warmup_steps) / max(1, train_cfg.max_steps - train_cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        if train_cfg.schedule == "constant":
+            return 1.0
+        progress_ = (step - train_cfg.warmup_steps) / max(1, train_cfg.max_steps - train_cfg.warmup_steps)
+        shape = 0.5 * (1 + math.cos(math.pi * progress_)) if train_cfg.schedule == "cosine" else 1 - progress_
+        return train_cfg.min_lr_ratio + (1 - train_cfg.min_lr_ratio) * shape
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     autocast = torch.autocast(device.type, dtype=dtype,
                               enabled=device.type == "cuda" and dtype != torch.float32)
 
+    # ---- resume -----------------------------------------------------------------------
+    # A checkpoint is only resumed by the same recipe on the same data: its fingerprint.
+    fingerprint = json.dumps([model_cfg.model_dump(mode="json"), lora_cfg.model_dump(mode="json"),
+                              train_cfg.model_dump(mode="json", exclude={"resume", "log_every",
+                                                                         "checkpoint_every",
+                                                                         "keep_checkpoints"}),
+                              len(train_enc), sum(len(e[0]) for e in train_enc), world], sort_keys=True)
+    import hashlib
+    fingerprint = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    ckpt_dir = out_dir / "checkpoints"
+    state = {"step": 0, "tokens": 0, "history": [], "val_history": [], "window": [],
+             "best_val": None, "best_step": None, "bad_evals": 0, "elapsed": 0.0,
+             "fingerprint": fingerprint}
+    resumed_from = None
+    latest = _latest_checkpoint(ckpt_dir, fingerprint) if train_cfg.resume else None
+    if latest is not None:
+        state = json.loads((latest / "state.json").read_text())
+        _load_trainable(core, latest / "trainable.safetensors")
+        saved = torch.load(latest / "optimizer.pt", weights_only=False)
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        random.setstate(saved["rng"]["python"])
+        if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        resumed_from = state["step"]
+        say(f"resuming from {latest} (step {resumed_from}/{train_cfg.max_steps})")
+    best_dir = out_dir / "best"
+
+    bar = None
+    if main and (progress if progress is not None else _is_terminal()):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeRemainingColumn)
+        bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  ETA"),
+                       TimeRemainingColumn())
+        task = bar.add_task("train", total=train_cfg.max_steps, completed=state["step"], loss="—", tps="—")
+        bar.start()
+
     # ---- loop --------------------------------------------------------------------------
     model.train()
-    batches = _batches(train_enc, batch_size, train_cfg.seed)
-    history: list[tuple[int, float]] = []
-    window: list[float] = []
-    tokens = 0
-    loop_start = time.perf_counter()
-    for step in range(1, train_cfg.max_steps + 1):
-        step_loss = 0.0
-        for _ in range(train_cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in collate(next(batches), tokenizer.pad_token_id).items()}
-            embed._ftpipe_lengths = batch["attention_mask"].sum(dim=1)
-            with autocast:
-                loss = model(**batch).loss / train_cfg.grad_accum
-            loss.backward()
-            step_loss += loss.item()
-            tokens += int(batch["attention_mask"].sum())
-        if not math.isfinite(step_loss) or step_loss > train_cfg.max_loss:
-            raise TrainingDiverged(
-                f"training stopped at step {step}: loss {step_loss} is "
-                f"{'not finite' if not math.isfinite(step_loss) else f'above train.max_loss={train_cfg.max_loss}'}"
-                "; nothing is registered. Lower train.lr or check the data.")
-        torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        window.append(step_loss)
-        if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
-            avg = sum(window) / len(window)
-            window = []
-            history.append((step, avg))
+    loop_start = time.perf_counter() - state["elapsed"]
+    stopped_early = False
+    step = state["step"]
+    try:
+        while step < train_cfg.max_steps:
+            # Every process weights its token-loss sum by the step's labelled-token total,
+            # so gradients are those of one token-mean over the whole step.
+            batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches(step)]
+            n_label = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+            n_real = sum(int(b.pop("real")) for b in batches)
+            totals = torch.tensor([n_label, n_real], dtype=torch.float64, device=device)
+            if world > 1:
+                dist.all_reduce(totals)
+            step_label, step_real = float(totals[0]), int(totals[1])
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            for b in batches:
+                embed._ftpipe_lengths = b.pop("lengths")
+                with autocast:
+                    loss_sum, _ = token_loss_sum(model, b)
+                # x world: DDP averages gradients over processes; this makes it a sum.
+                (loss_sum * world / max(step_label, 1.0)).backward()
+                step_loss += loss_sum.detach().double()
+            if world > 1:
+                dist.all_reduce(step_loss)
+            step_loss_f = float(step_loss) / max(step_label, 1.0)
+            step += 1
+            if not math.isfinite(step_loss_f) or step_loss_f > train_cfg.max_loss:
+                raise TrainingDiverged(
+                    f"training stopped at step {step}: loss {step_loss_f} is "
+                    f"{'not finite' if not math.isfinite(step_loss_f) else f'above train.max_loss={train_cfg.max_loss}'}"
+                    "; nothing is registered. Lower train.lr or check the data.")
+            torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state["tokens"] += step_real
+            state["window"].append(step_loss_f)
             elapsed = time.perf_counter() - loop_start
-            eta = elapsed / step * (train_cfg.max_steps - step)
-            log(f"step {step}/{train_cfg.max_steps}  loss {avg:.4f}  "
-                f"lr {sched.get_last_lr()[0]:.2e}  {tokens / elapsed:,.0f} tok/s  ETA {eta:.0f}s")
-            if on_metrics:
-                on_metrics(step, {"train_loss": avg, "learning_rate": sched.get_last_lr()[0],
-                                  "tokens_per_second": tokens / elapsed})
+            if bar is not None:
+                bar.update(task, completed=step, loss=f"{step_loss_f:.4f}",
+                           tps=f"{state['tokens'] / max(elapsed, 1e-9):,.0f}")
+            if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
+                avg = sum(state["window"]) / len(state["window"])
+                state["window"] = []
+                state["history"].append((step, avg))
+                eta = elapsed / max(step - (resumed_from or 0), 1) * (train_cfg.max_steps - step)
+                if bar is None:
+                    say(f"step {step}/{train_cfg.max_steps}  loss {avg:.4f}  lr {sched.get_last_lr()[0]:.2e}  "
+                        f"{state['tokens'] / elapsed:,.0f} tok/s  ETA {eta:.0f}s")
+                if on_metrics and main:
+                    on_metrics(step, {"train_loss": avg, "learning_rate": sched.get_last_lr()[0],
+                                      "tokens_per_second": state["tokens"] / elapsed})
+            if train_cfg.eval_every and val_enc and (step % train_cfg.eval_every == 0 or step == train_cfg.max_steps):
+                val = mean_loss(core, val_enc, 64, tokenizer.pad_token_id)
+                state["val_history"].append((step, val))
+                if on_metrics and main:
+                    on_metrics(step, {"val_loss": val})
+                if state["best_val"] is None or val < state["best_val"] - train_cfg.early_stopping_min_delta:
+                    state["best_val"], state["best_step"], state["bad_evals"] = val, step, 0
+                    if main:
+                        from safetensors.torch import save_file
+                        best_dir.mkdir(parents=True, exist_ok=True)
+                        save_file(_trainable_state(core), str(best_dir / "trainable.safetensors"))
+                else:
+                    state["bad_evals"] += 1
+                say(f"step {step}: validation loss {val:.4f} (best {state['best_val']:.4f} at step "
+                    f"{state['best_step']})")
+                if train_cfg.early_stopping_patience and state["bad_evals"] >= train_cfg.early_stopping_patience:
+                    say(f"early stopping at step {step}: no improvement in {state['bad_evals']} evaluations")
+                    stopped_early = True
+            state["step"], state["elapsed"] = step, time.perf_counter() - loop_start
+            if main and train_cfg.checkpoint_every and (step % train_cfg.checkpoint_every == 0) \
+                    and step < train_cfg.max_steps and not stopped_early:
+                _save_checkpoint(ckpt_dir, step, core, opt, sched, state, train_cfg.keep_checkpoints)
+            if stopped_early:
+                break
+    finally:
+        if bar is not None:
+            bar.stop()
 
-    val_loss = mean_loss(model, val_enc, 64, tokenizer.pad_token_id) if val_enc else None
+    # The best validation checkpoint is what gets exported when validation ran during training.
+    if state["best_step"] is not None and (best_dir / "trainable.safetensors").is_file() \
+            and state["best_step"] != step:
+        _load_trainable(core, best_dir / "trainable.safetensors")
+        say(f"exporting the best checkpoint: step {state['best_step']} (validation loss {state['best_val']:.4f})")
+    val_loss = state["best_val"] if state["best_step"] is not None else (
+        mean_loss(core, val_enc, 64, tokenizer.pad_token_id) if val_enc else None)
     if val_loss is not None:
-        log(f"validation loss {val_loss:.4f} on {len(val_enc)} examples")
+        say(f"validation loss {val_loss:.4f} on {len(val_enc)} examples")
 
     # ---- save --------------------------------------------------------------------------
     model_dir = out_dir / "model"
-    adapter_dir = None
-    if adapter:
-        adapter_dir = out_dir / "adapter"
-        model.save_pretrained(adapter_dir)  # adapter_model.safetensors + adapter_config.json
-        if train_cfg.method == "qlora":
-            # Merge into a base reloaded unquantized, never into the 4-bit weights.
-            from peft import PeftModel
-            base, _ = load_base(model_cfg, torch.float32, for_training=False)
-            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    adapter_dir = out_dir / "adapter" if adapter else None
+    if main:
+        if adapter:
+            core.save_pretrained(adapter_dir)  # adapter_model.safetensors + adapter_config.json
+            if train_cfg.method == "qlora":
+                # Merge into a base reloaded unquantized, never into the 4-bit weights.
+                from peft import PeftModel
+                base, _ = load_base(model_cfg, torch.float32, for_training=False, device_index=local_rank)
+                merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+            else:
+                merged = core.merge_and_unload()
+            merged.save_pretrained(model_dir)
         else:
-            merged = model.merge_and_unload()
-        merged.save_pretrained(model_dir)
-    else:
-        model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    seconds = time.perf_counter() - start
+            core.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    history = [tuple(h) for h in state["history"]]
     result = TrainResult(
         model_dir=str(model_dir), adapter_dir=str(adapter_dir) if adapter_dir else None,
-        method=train_cfg.method, steps=train_cfg.max_steps,
+        method=train_cfg.method, steps=step,
         train_loss=history[-1][1] if history else float("nan"), val_loss=val_loss,
-        tokens=tokens, seconds=seconds, loss_history=history)
-    (out_dir / "train_result.json").write_text(json.dumps(result.__dict__, indent=2))
+        tokens=state["tokens"], seconds=time.perf_counter() - start, loss_history=history,
+        val_history=[tuple(v) for v in state["val_history"]], best_step=state["best_step"],
+        resumed_from=resumed_from, stopped_early=stopped_early)
+    if main:
+        (out_dir / "train_result.json").write_text(json.dumps(result.__dict__, indent=2))
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the export replaces them
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return result
+
+
+def _is_terminal() -> bool:
+    import sys
+
+    return sys.stdout.isatty()

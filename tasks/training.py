@@ -1,20 +1,57 @@
-"""Prefect task: fine-tune (wraps ftpipe.training.fine_tune, streams metrics to MLflow)."""
+"""Prefect task: fine-tune (ftpipe.launch.train: in-process, or torchrun for several
+devices), streaming metrics to MLflow and logging the loss curve."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
+from ftpipe.launch import train
 from ftpipe.registry import client
-from ftpipe.training import TrainResult, fine_tune
+from ftpipe.training import TrainResult
+
+
+def training_dir(root: str, model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig,
+                 data_hash: str) -> Path:
+    """Where a training run keeps its checkpoints: keyed by the recipe and the data, so a
+    crashed `ftpipe run` started again finds and resumes its own checkpoints."""
+    key = json.dumps([model.model_dump(mode="json"), lora.model_dump(mode="json"),
+                      train_cfg.model_dump(mode="json"), data_hash], sort_keys=True)
+    return Path(root) / "runs" / f"train-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def plot_loss(result: TrainResult, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if result.loss_history:
+        ax.plot(*zip(*result.loss_history), label="train loss")
+    if result.val_history:
+        ax.plot(*zip(*result.val_history), "o-", label="validation loss")
+    if result.best_step:
+        ax.axvline(result.best_step, color="grey", linestyle=":", label=f"best (step {result.best_step})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (completion tokens)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title(f"{result.method}: {result.steps} steps, {result.tokens:,} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 @task(name="fine-tune", cache_policy=NO_CACHE)
-def train_candidate(model: ModelConfig, lora: LoraConfig, train: TrainConfig, base_path: str,
-                    splits: dict[str, str], run_id: str, out_dir: str) -> TrainResult:
+def train_candidate(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, base_path: str,
+                    splits: dict[str, str], run_id: str, root: str, data_hash: str) -> TrainResult:
     logger = get_run_logger()
     mlflow_client = client()
 
@@ -22,10 +59,16 @@ def train_candidate(model: ModelConfig, lora: LoraConfig, train: TrainConfig, ba
         for key, value in metrics.items():
             mlflow_client.log_metric(run_id, key, value, step=step)
 
-    result = fine_tune(model.model_copy(update={"base": base_path}), lora, train,
-                       splits["train"], splits["validation"], Path(out_dir),
-                       log=logger.info, on_metrics=on_metrics)
+    model = model.model_copy(update={"base": base_path})
+    out_dir = training_dir(root, model, lora, train_cfg, data_hash)
+    result = train(model, lora, train_cfg, splits["train"], splits["validation"], out_dir,
+                   log=logger.info, on_metrics=on_metrics)
+    if result.resumed_from:
+        logger.info(f"resumed from the checkpoint at step {result.resumed_from}")
     mlflow_client.log_metric(run_id, "train_seconds", result.seconds)
+    mlflow_client.log_metric(run_id, "train_tokens", result.tokens)
     if result.val_loss is not None:
         mlflow_client.log_metric(run_id, "val_loss", result.val_loss)
+    mlflow_client.log_artifact(run_id, str(plot_loss(result, out_dir / "loss_curve.png")), "train")
+    mlflow_client.log_artifact(run_id, str(out_dir / "train_result.json"), "train")
     return result

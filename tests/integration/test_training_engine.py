@@ -1,0 +1,193 @@
+"""The training engine on CPU with a tiny model: completion-only masking token by token,
+packing without cross-example leakage, NEFTune scaled per example, gradient
+checkpointing, early stopping with the best checkpoint exported, resume after SIGKILL with
+the same loss curve, and two processes under torchrun matching one."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftpipe.basemodel import build_base_model
+from ftpipe.config import BuildConfig, LoraConfig, ModelConfig, TrainConfig
+from ftpipe.formatting import IGNORE_INDEX, collate, completion_of, encode, pack, prompt_of
+from ftpipe.launch import train, write_spec
+from ftpipe.training import _neftune_hook, fine_tune, token_loss_sum
+
+REPO = Path(__file__).resolve().parents[2]
+QUIET = dict(log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-engine")
+    build_base_model(REPO / "data/corpus/corpus.jsonl", d / "base",
+                     BuildConfig(vocab_size=320, hidden_size=64, layers=2, heads=2,
+                                 intermediate_size=128, pretrain_steps=0), log=lambda m: None)
+    rows = [json.loads(line) for line in (REPO / "data/sources/dates.jsonl").read_text().splitlines()[:96]]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:80]))
+    (d / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[80:]))
+    return d
+
+
+def _cfg(tiny, **train):
+    return (ModelConfig(base=str(tiny / "base")), LoraConfig(r=4, alpha=8),
+            TrainConfig(**({"max_steps": 8, "batch_size": 8, "log_every": 1, "warmup_steps": 1,
+                            "checkpoint_every": 0} | train)))
+
+
+def _losses(res):
+    return [loss for _, loss in res.loss_history]
+
+
+def test_completion_only_labels_token_by_token(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny / "base")
+    for row in ({"instruction": "Convert 1991-03-13 to words.", "input": "", "output": "March 13, 1991"},
+                {"_format": "prompt_completion", "prompt": "2+2=", "completion": " 4"},
+                {"_format": "chat", "messages": [{"role": "user", "content": "Hi"},
+                                                 {"role": "assistant", "content": "Hello"}]}):
+        ids, labels = encode(tok, row, 256, completion_only=True)
+        n_prompt = len(tok(prompt_of(row, tok))["input_ids"])
+        assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt          # every prompt token masked
+        assert labels[n_prompt:] == ids[n_prompt:]                     # every completion token kept
+        assert ids[-1] == tok.eos_token_id
+        assert tok.decode(ids[n_prompt:-1]) == completion_of(row, tok)  # exactly the completion
+        _, all_labels = encode(tok, row, 256, completion_only=False)
+        assert all_labels == ids                                       # switchable
+
+
+def test_packing_matches_the_padded_batch_and_never_leaks(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny / "base")
+    model = AutoModelForCausalLM.from_pretrained(tiny / "base").eval()
+    rows = [json.loads(line) for line in (tiny / "train.jsonl").read_text().splitlines()[:12]]
+    enc = [encode(tok, r, 128, True) for r in rows]
+    packed = pack(enc, 128, tok.pad_token_id)
+    assert packed["input_ids"].shape[0] < len(enc)                     # fewer rows than examples
+    assert int(packed["real"]) == sum(len(i) for i, _ in enc)
+    # position ids restart at every example; each example's first label is masked
+    starts = (packed["position_ids"] == 0).nonzero().tolist()
+    assert all(packed["labels"][r, c] == IGNORE_INDEX for r, c in starts)
+    with torch.no_grad():
+        p_sum, p_n = token_loss_sum(model, packed)
+        b = collate(enc, tok.pad_token_id)
+        d_sum, d_n = token_loss_sum(model, b)
+    assert int(p_n) == int(d_n)
+    assert float(p_sum) / int(p_n) == pytest.approx(float(d_sum) / int(d_n), rel=1e-5)
+    # changing one example's tokens changes no other example's loss: no attention across
+    first = enc[0]
+    altered = [([first[0][0]] + [5] * (len(first[0]) - 1), first[1])] + enc[1:]
+    with torch.no_grad():
+        logits_a = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        pb = pack(altered, 128, tok.pad_token_id)
+        logits_b = model(input_ids=pb["input_ids"], position_ids=pb["position_ids"], use_cache=False).logits
+    n0 = len(first[0])
+    assert torch.allclose(logits_a[0, n0:], logits_b[0, n0:], atol=1e-5)
+    assert not torch.allclose(logits_a[0, 1:n0], logits_b[0, 1:n0], atol=1e-3)
+
+
+def test_packed_training_follows_the_padded_loss_curve(tiny, tmp_path):
+    m, lo, t = _cfg(tiny)
+    padded = fine_tune(m, lo, t, tiny / "train.jsonl", None, tmp_path / "a", **QUIET)
+    packed = fine_tune(m, lo, t.model_copy(update={"packing": True}), tiny / "train.jsonl", None,
+                       tmp_path / "b", **QUIET)
+    assert _losses(packed) == pytest.approx(_losses(padded), rel=1e-4)
+    assert packed.tokens == padded.tokens
+
+
+def test_neftune_noise_is_scaled_per_example_in_packed_rows():
+    alpha, dims = 5.0, 64
+    emb = torch.nn.Embedding(10, dims)
+    emb.register_forward_hook(_neftune_hook(alpha))
+    emb.train()
+    ids = torch.zeros((1, 40), dtype=torch.long)
+    lengths = torch.tensor([[4] * 4 + [36] * 36])         # a 4-token and a 36-token example
+    emb._ftpipe_lengths = lengths
+    torch.manual_seed(0)
+    noise = emb(ids) - emb.weight[0]
+    for seg, n in ((slice(0, 4), 4), (slice(4, 40), 36)):
+        bound = alpha / (n * dims) ** 0.5
+        assert noise[0, seg].abs().max() <= bound + 1e-6
+        assert noise[0, seg].abs().max() > 0.9 * bound    # uniform(-1,1): close to the bound
+    emb.eval()
+    assert torch.equal(emb(ids), emb.weight[ids])         # no noise at evaluation
+
+
+def test_neftune_and_gradient_checkpointing_train(tiny, tmp_path):
+    m, lo, t = _cfg(tiny, max_steps=4)
+    plain = fine_tune(m, lo, t, tiny / "train.jsonl", None, tmp_path / "a", **QUIET)
+    ckpt = fine_tune(m, lo, t.model_copy(update={"gradient_checkpointing": True}), tiny / "train.jsonl",
+                     None, tmp_path / "b", **QUIET)
+    assert _losses(ckpt) == pytest.approx(_losses(plain), rel=1e-5)  # recompute, same math
+    noisy = fine_tune(m, lo, t.model_copy(update={"neftune_alpha": 5.0}), tiny / "train.jsonl",
+                      None, tmp_path / "c", **QUIET)
+    assert _losses(noisy)[0] != _losses(plain)[0] and all(l < 10 for l in _losses(noisy))
+
+
+def test_early_stopping_exports_the_best_checkpoint(tiny, tmp_path):
+    m, lo, t = _cfg(tiny, max_steps=20, eval_every=2, early_stopping_patience=2,
+                    early_stopping_min_delta=100.0)        # nothing after the first eval counts
+    res = fine_tune(m, lo, t, tiny / "train.jsonl", tiny / "val.jsonl", tmp_path / "o", **QUIET)
+    assert res.stopped_early and res.steps == 6 and res.best_step == 2
+    assert [s for s, _ in res.val_history] == [2, 4, 6]
+    # the exported model is the step-2 one: its validation loss is the best one recorded
+    from ftpipe.config import EvalConfig
+    from ftpipe.evaluation import evaluate_model
+    rows = [json.loads(line) for line in (tiny / "val.jsonl").read_text().splitlines()]
+    scores = evaluate_model(res.model_dir, rows, EvalConfig(max_new_tokens=2))
+    assert scores.eval_loss == pytest.approx(res.val_history[0][1], rel=1e-4)
+
+
+def _run_spec(spec: Path, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ftpipe.launch", str(spec)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ | {"PYTHONPATH": str(REPO)} | (env or {}))
+
+
+def test_resume_after_sigkill_gives_the_same_loss_curve(tiny, tmp_path):
+    m, lo, t = _cfg(tiny, max_steps=40, checkpoint_every=5, log_every=5)
+    reference = fine_tune(m, lo, t, tiny / "train.jsonl", tiny / "val.jsonl", tmp_path / "ref", **QUIET)
+    out = tmp_path / "killed"
+    out.mkdir()
+    spec = write_spec(out / "spec.json", m, lo, t, str(tiny / "train.jsonl"), str(tiny / "val.jsonl"), str(out))
+    proc = _run_spec(spec)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-0000015").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "train_result.json").exists()            # it really died mid-run
+    again = _run_spec(spec)
+    text = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, text
+    assert "resuming from" in text
+    res = json.loads((out / "train_result.json").read_text())
+    assert res["resumed_from"] >= 15
+    assert [s for s, _ in res["loss_history"]] == [s for s, _ in reference.loss_history]
+    assert [l for _, l in res["loss_history"]] == pytest.approx(_losses(reference), rel=1e-5)
+    assert res["val_loss"] == pytest.approx(reference.val_loss, rel=1e-5)
+    assert not (out / "checkpoints").exists()                  # cleaned up once finished
+
+
+def test_two_processes_under_torchrun_match_one(tiny, tmp_path):
+    m, lo, t = _cfg(tiny, max_steps=6)
+    one = fine_tune(m, lo, t, tiny / "train.jsonl", None, tmp_path / "one", **QUIET)
+    lines, metrics = [], []
+    two = train(m, lo, t.model_copy(update={"devices": 2}), str(tiny / "train.jsonl"), None,
+                tmp_path / "two", log=lines.append, on_metrics=lambda s, mm: metrics.append((s, mm)))
+    assert any("launching 2 processes" in line for line in lines)
+    assert "2 processes" in "\n".join(lines)
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)  # the same global batch per step
+    assert two.tokens == one.tokens
+    assert [s for s, _ in metrics] == list(range(1, 7))           # metrics streamed from rank 0
