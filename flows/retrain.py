@@ -21,8 +21,10 @@ from ftpipe.quality import QualityResult
 from tasks.data import (DataVersion, clean_data, clean_report_path, collect_data,
                         fetch_sql_sources, log_data_reports, prepare_base_model, push_data,
                         split_data, split_paths, validate_cleaned_data, validate_data)
-from tasks.evaluation import EvalReport, evaluate_all
-from tasks.registry import PromotionResult, finish_run, promote_candidate, register_candidate, start_run
+from ftpipe.gate import EvalReport, PromotionResult
+from tasks.evaluation import evaluate_all
+from tasks.registry import (finish_run, promote_candidate, publish_reports, register_candidate,
+                            start_run)
 from tasks.training import train_candidate
 
 
@@ -32,6 +34,7 @@ class RetrainResult:
     experiment: str
     tracking_uri: str
     model_name: str
+    primary_metric: str
     data: DataVersion
     data_hashes: dict[str, str]
     clean: dict
@@ -77,7 +80,7 @@ def retrain(cfg: PipelineConfig, root: str = ".") -> RetrainResult:
         candidate = train_candidate(cfg.model, cfg.lora, cfg.train, base.path, splits, run_id,
                                     root, split.hashes.get("split:data/splits", ""))
         report = evaluate_all(cfg.eval, cfg.model, cfg.registry, base.path, candidate.model_dir,
-                              splits["test"], cfg.train.max_seq_len, run_id)
+                              splits["test"], cfg.train.max_seq_len, run_id, root)
         hashes = data.stage.hashes | cleaned.hashes | split.hashes
         verdict = (f"passed (raw_snapshot {checked.evaluated} + cleaned {checked_clean.evaluated} "
                    "expectations)")
@@ -85,12 +88,14 @@ def retrain(cfg: PipelineConfig, root: str = ".") -> RetrainResult:
                              flow_run_id)
         metrics = report.candidate.metrics() | {"train_loss": candidate.train_loss}
         version = register_candidate(cfg.registry, run_id, candidate.model_dir, lineage,
-                                     metrics, cfg.train.method)
-        promotion = promote_candidate(
-            cfg.registry, run_id, version.version, report.candidate.metrics(),
-            report.champion.metrics() if report.champion else None, report.champion_version,
-            report.base.metrics(),
-            checks={"data_gate": checked.success and checked_clean.success, "train_loss_finite": math.isfinite(candidate.train_loss)})
+                                     metrics, cfg.train.method, report.test_sha)
+        checks = {"data_gate": checked.success and checked_clean.success,
+                  "train_loss_finite": math.isfinite(candidate.train_loss)}
+        promotion = promote_candidate(cfg.registry, cfg.eval, run_id, version.version, report, checks,
+                                      cfg.train.max_seq_len, root)
+        report = promotion.report
+        publish_reports(cfg, run_id, version.version, promotion,
+                        str(Path(candidate.model_dir).parent / "loss_curve.png"), root)
     except BaseException:
         finish_run(run_id, "FAILED")
         raise
@@ -99,7 +104,7 @@ def retrain(cfg: PipelineConfig, root: str = ".") -> RetrainResult:
     return RetrainResult(
         run_id=run_id, experiment=cfg.registry.experiment,
         tracking_uri=registry.tracking_uri(cfg.registry, Path(root)),
-        model_name=cfg.registry.model_name, data=data, data_hashes=hashes, clean=clean_report,
+        model_name=cfg.registry.model_name, primary_metric=cfg.registry.promotion.primary_metric, data=data, data_hashes=hashes, clean=clean_report,
         quality=checked, cleaned_quality=checked_clean,
         split_counts=json.loads((Path(root) / "data/splits/counts.json").read_text()),
         pushed=pushed.remote if pushed else None, train_loss=candidate.train_loss, val_loss=candidate.val_loss,

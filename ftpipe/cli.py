@@ -40,6 +40,13 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _config_path(config: Path, project: Path) -> Path:
+    """A relative --config is looked up in the project first, then the current directory."""
+    if config.is_absolute():
+        return config
+    return project / config if (project / config).exists() or not config.exists() else config
+
+
 def _load(config: Path, overrides: list[str], project: Path):
     from ftpipe.config import ConfigError, load_config
 
@@ -75,8 +82,7 @@ def run(
     project = project.resolve()
     if not (project / "dvc.yaml").is_file():
         _fail(f"{project} is not an ftpipe project (no dvc.yaml); pass --project", 2)
-    cfg = _load(config if config.is_absolute() or config.exists() else project / config,
-                overrides or [], project)
+    cfg = _load(_config_path(config, project), overrides or [], project)
 
     from ftpipe.quality import QualityGateFailed
     from ftpipe.sources import SourceError
@@ -112,7 +118,7 @@ def generate(
     """Generate with a registered model (the champion by default) or a local checkpoint."""
     _quiet_env()
     project = project.resolve()
-    cfg = _load(config if config.exists() else project / config, [], project)
+    cfg = _load(_config_path(config, project), [], project)
     model = model or f"models:/{cfg.registry.model_name}@champion"
     row = {"instruction": prompt, "input": input_text}
     if Path(model).is_dir():
@@ -138,6 +144,114 @@ def generate(
     print(answer)
 
 
+def _registry(config: Path, project: Path):
+    _quiet_env()
+    project = project.resolve()
+    cfg = _load(_config_path(config, project), [], project)
+    from ftpipe import registry
+
+    registry.setup(cfg.registry, project)
+    return cfg, project
+
+
+@app.command()
+def promote(
+    version: str = typer.Argument(..., help="the model version to make champion"),
+    reason: str = typer.Option(..., "--reason", "-r", help="why (recorded in the registry)"),
+    config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
+    project: Path = typer.Option(Path("."), "--project", "-p"),
+) -> None:
+    """Make VERSION champion by hand, overriding the gate; the reason is recorded."""
+    cfg, _ = _registry(config, project)
+    from ftpipe.gate import manual_promote
+    from ftpipe.registry import RegistryError
+
+    try:
+        event = manual_promote(cfg.registry, version.lstrip("v"), reason)
+    except RegistryError as exc:
+        _fail(str(exc))
+    print(f"{cfg.registry.model_name} v{event['version']} is champion (was "
+          f"{'v' + event['previous'] if event['previous'] else 'none'}); recorded: manual by {event['by']} "
+          f"at {event['at']}: {event['reason']}")
+
+
+@app.command()
+def rollback(
+    reason: str = typer.Option("", "--reason", "-r", help="why (recorded)"),
+    config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
+    project: Path = typer.Option(Path("."), "--project", "-p"),
+) -> None:
+    """Move champion back to the previous champion; recorded in the registry."""
+    cfg, _ = _registry(config, project)
+    from ftpipe.gate import rollback as do_rollback
+    from ftpipe.registry import RegistryError
+
+    try:
+        event = do_rollback(cfg.registry, reason)
+    except RegistryError as exc:
+        _fail(str(exc))
+    print(f"{cfg.registry.model_name}: champion rolled back from v{event['previous']} to v{event['version']} "
+          f"({event['reason']}; by {event['by']} at {event['at']})")
+
+
+@app.command()
+def models(
+    as_json: bool = typer.Option(False, "--json", help="one JSON document"),
+    limit: int = typer.Option(50, help="newest versions to show"),
+    config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
+    project: Path = typer.Option(Path("."), "--project", "-p"),
+) -> None:
+    """Model versions with aliases, key metrics and gate decisions."""
+    cfg, _ = _registry(config, project)
+    from ftpipe.gate import list_models
+    from ftpipe.registry import champion_history
+
+    rows = list_models(cfg.registry)[:limit]
+    if as_json:
+        import json
+
+        print(json.dumps({"model": cfg.registry.model_name, "versions": rows,
+                          "champion_history": champion_history(cfg.registry.model_name)}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    m = cfg.registry.promotion.primary_metric
+    table = Table(title=f"{cfg.registry.model_name}: {len(rows)} versions", title_justify="left")
+    for col in ("version", "aliases", "created", "method", m, "eval_loss", "forgetting", "decision", "why"):
+        table.add_column(col, overflow="fold")
+    fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
+    for r in rows:
+        table.add_row(r["version"], ", ".join(r["aliases"]), r["created"], r["method"], fmt(r[m]),
+                      fmt(r["eval_loss"]), fmt(r["forgetting"]), r["decision"], r["summary"][:160])
+    Console().print(table)
+    if not rows:
+        print(f"no versions yet: `ftpipe run` registers the first")
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="default: models:/NAME@champion"),
+    host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1 unless you mean otherwise)"),
+    port: int = typer.Option(5001, help="port"),
+    config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
+    project: Path = typer.Option(Path("."), "--project", "-p"),
+) -> None:
+    """Serve a registered model over HTTP (`mlflow models serve`, this environment's packages):
+    POST /invocations {"dataframe_records": [{"instruction": "...", "input": ""}]}."""
+    cfg, project = _registry(config, project)
+    from ftpipe import registry
+
+    model = model or f"models:/{cfg.registry.model_name}@champion"
+    bindir = str(Path(sys.executable).parent)
+    env = os.environ | {"MLFLOW_TRACKING_URI": registry.tracking_uri(cfg.registry, project),
+                        "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [str(Path(bindir) / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
+           "--host", host, "--port", str(port)]
+    print(f"serving {model} on http://{host}:{port}/invocations", flush=True)
+    os.execve(cmd[0], cmd, env)
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Data versions: status, SQL exports.")
 app.add_typer(data_app, name="data")
 
@@ -151,7 +265,7 @@ def data_status(
     """Current data version, rows added/removed since the champion's, and what the remote holds."""
     _quiet_env()
     project = project.resolve()
-    cfg = _load(config if config.exists() else project / config, [], project)
+    cfg = _load(_config_path(config, project), [], project)
     from ftpipe.datastatus import data_status as status, print_status
 
     st = status(cfg, project)
@@ -169,7 +283,7 @@ def data_fetch(
     """Run each SQL source's query into data/sources/sql/ (before a hand-run `dvc repro`)."""
     _quiet_env()
     project = project.resolve()
-    cfg = _load(config if config.exists() else project / config, [], project)
+    cfg = _load(_config_path(config, project), [], project)
     from ftpipe.sources import SourceError, fetch_sql
 
     for src in cfg.data.sources:

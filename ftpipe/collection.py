@@ -81,6 +81,8 @@ def _rows_of_file(path: Path, rel: str, src: SourceConfig, kind: str):
                 continue
             row = {**base, **canonical(item.obj, fmt, columns)} if fmt != "unknown" else \
                 {**base, "_format": fmt, "_error": "format unknown"}
+            if src.slice and "slice" not in row:
+                row["slice"] = src.slice
             if "_error" in row:
                 row["_raw"] = json.dumps(item.obj, ensure_ascii=False, default=str)
             yield row

@@ -37,6 +37,9 @@ class SourceConfig(_Section):
     columns: dict[str, str] = Field(default_factory=dict)
     encoding: str = "utf-8"
     split: str | None = None          # which split of a saved DatasetDict
+    # Evaluation slice of every row from this source (metrics are reported per slice); a
+    # row's own `slice` (or `task`) column, or the column named in columns.slice, wins.
+    slice: str | None = None
     # Training mix: weight 0.5 keeps a hash-chosen half of this source's train rows, 2.0
     # repeats them twice; max_rows caps them. Validation and test rows are never reweighted.
     weight: float = Field(1.0, gt=0, le=100)
@@ -234,16 +237,57 @@ class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(24, ge=1)
     max_examples: int | None = Field(None, ge=1)
+    # Every earlier data version's test set is a regression set; each is scored on at most
+    # this many examples (the first ones, so every run scores the same rows).
+    regression_max_examples: int | None = Field(200, ge=1)
+
+
+GATE_CHECKS = ("data_gate", "finite_metrics", "non_empty_outputs", "no_pii_in_outputs")
 
 
 class PromotionConfig(_Section):
-    primary_metric: Literal["exact_match", "eval_loss", "perplexity"] = "exact_match"
+    """The promotion policy: what a candidate must show to become champion."""
+    primary_metric: str = "exact_match"
+    # higher | lower | auto (lower for eval_loss, perplexity and pii_outputs, else higher)
+    direction: Literal["auto", "higher", "lower"] = "auto"
     # The candidate must beat the champion's primary metric by at least this much.
     min_improvement: float = 0.01
-    # Absolute floors ("exact_match": 0.5) or ceilings for loss-like metrics.
-    thresholds: dict[str, float] = Field(default_factory=dict)
     min_gain_over_base: float = 0.0
-    require_data_gate: bool = True
+    # Absolute floors ("exact_match": 0.5) or ceilings for lower-is-better metrics; any
+    # metric the evaluation reports, slices included ("slice.dates.exact_match": 0.9).
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    # Largest allowed drop of the primary metric on any earlier test set (regression set),
+    # candidate vs champion; null: not checked.
+    max_forgetting: float | None = Field(0.05, ge=0)
+    # Checks that must pass: data_gate (GX gates), finite_metrics (no NaN/inf, no diverged
+    # run), non_empty_outputs (every generation non-empty: min_non_empty share), and
+    # no_pii_in_outputs (no generation holds PII its prompt did not).
+    required_checks: list[Literal["data_gate", "finite_metrics", "non_empty_outputs", "no_pii_in_outputs"]] = \
+        Field(default_factory=lambda: list(GATE_CHECKS))
+    min_non_empty: float = Field(1.0, ge=0, le=1)
+    # A stale promotion lock (a crashed flow) is broken after this many seconds.
+    lock_timeout_s: int = Field(600, ge=1)
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> "PromotionConfig":
+        import re
+
+        known = ("eval_loss", "perplexity", "exact_match", "token_f1", "rouge_l", "non_empty", "pii_outputs")
+        pattern = re.compile(r"^(?:slice\.[^.]+\.(?:eval_loss|perplexity|exact_match|token_f1|rouge_l)|"
+                             + "|".join(known) + ")$")
+        bad = [m for m in [self.primary_metric, *self.thresholds] if not pattern.match(m)]
+        if bad:
+            raise ValueError(f"unknown metric(s) {', '.join(bad)}: use one of {', '.join(known)} "
+                             "or slice.<name>.<metric>")
+        return self
+
+    def higher_is_better(self, metric: str | None = None) -> bool:
+        from ftpipe.evaluation import lower_is_better
+
+        metric = metric or self.primary_metric
+        if metric == self.primary_metric and self.direction != "auto":
+            return self.direction == "higher"
+        return not lower_is_better(metric)
 
 
 class RegistryConfig(_Section):
@@ -251,6 +295,9 @@ class RegistryConfig(_Section):
     experiment: str = "ftpipe"
     model_name: str = "ftpipe-dates"
     promotion: PromotionConfig = PromotionConfig()
+    # Written into every version's model card.
+    intended_use: str = ("Research and internal evaluation of fine-tuned instruction following on the "
+                         "training data's task. Not evaluated for safety, bias or out-of-domain use.")
 
 
 class ScheduleConfig(_Section):

@@ -29,6 +29,17 @@ from ftpipe.training import TrainResult, fine_tune
 METRIC = "@@metric "
 
 
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies. torchrun starts its
+    workers in their own sessions, so a killed launcher would otherwise leave them training
+    (and finishing, and deleting checkpoints) behind the back of the run that resumes."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def resolve_devices(devices: int | str) -> int:
     if devices == "auto":
         try:
@@ -62,7 +73,8 @@ def train(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, train_pa
            "-m", "ftpipe.launch", str(spec)]
     log(f"launching {n} processes: {' '.join(cmd[2:])}")
     env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=die_with_parent)
     tail: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -89,6 +101,8 @@ def train(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, train_pa
 
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
+    if "LOCAL_RANK" in os.environ:
+        die_with_parent()  # a worker of torchrun: never outlive it
     rank0 = os.environ.get("RANK", "0") == "0"
 
     def log(msg: str) -> None:

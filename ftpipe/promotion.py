@@ -1,10 +1,11 @@
 """The promotion gate: a pure function from numbers and a policy to a decision with reasons.
 
-    decide(candidate, champion, base, policy, checks) -> Decision
+    decide(candidate, champion, base, policy, checks, forgetting) -> Decision
 
 No I/O, no MLflow: the flow scores the candidate, the champion and the base on the same
-test set, then asks this function. One reason per rule, pass or fail, so a refusal
-always says which rule refused and by how much.
+test set (and candidate and champion on every earlier test set), then asks this function.
+One reason per rule, pass or fail, so a refusal always says which rule refused and by how
+much.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import math
 from dataclasses import dataclass
 
 from ftpipe.config import PromotionConfig
-
-LOWER_IS_BETTER = frozenset({"eval_loss", "perplexity"})
 
 
 @dataclass(frozen=True)
@@ -43,31 +42,60 @@ class Decision:
         return {"promote": self.promote, "verdict": self.verdict, "summary": self.summary(),
                 "reasons": [r.__dict__ for r in self.reasons]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Decision":
+        return cls(bool(d["promote"]), tuple(RuleResult(**r) for r in d["reasons"]))
 
-def improvement(metric: str, candidate: float, reference: float) -> float:
+
+def improvement(metric: str, candidate: float, reference: float, policy: PromotionConfig | None = None) -> float:
     """How much better the candidate is (positive = better), whatever the metric's direction."""
-    return reference - candidate if metric in LOWER_IS_BETTER else candidate - reference
+    higher = (policy or PromotionConfig()).higher_is_better(metric)
+    return candidate - reference if higher else reference - candidate
+
+
+def forgetting(candidate: dict[str, dict[str, float]], champion: dict[str, dict[str, float]],
+               policy: PromotionConfig) -> dict[str, float]:
+    """Per regression set, how much worse the candidate is than the champion on the primary
+    metric (positive = forgot; 0 when it did as well or better)."""
+    m = policy.primary_metric
+    out = {}
+    for sid, scores in sorted(candidate.items()):
+        if sid in champion and m in scores and m in champion[sid]:
+            out[sid] = max(0.0, -improvement(m, scores[m], champion[sid][m], policy))
+    return out
+
+
+def _check(name: str, policy: PromotionConfig, ok: bool, detail: str) -> RuleResult:
+    required = name in policy.required_checks
+    return RuleResult(f"check:{name}", ok or not required, detail + ("" if required else " (not required)"))
 
 
 def decide(candidate: dict[str, float], champion: dict[str, float] | None,
            base: dict[str, float] | None, policy: PromotionConfig,
-           checks: dict[str, bool] | None = None) -> Decision:
-    checks = checks or {}
+           checks: dict[str, bool] | None = None,
+           forgotten: dict[str, float] | None = None) -> Decision:
+    checks = dict(checks or {})
     m = policy.primary_metric
     reasons: list[RuleResult] = []
 
     bad = sorted(k for k, v in candidate.items() if v is None or not math.isfinite(v))
-    reasons.append(RuleResult("finite_metrics", not bad,
-                              f"non-finite metrics: {', '.join(bad)}" if bad
-                              else "all candidate metrics are finite"))
-
-    if policy.require_data_gate:
-        ok = bool(checks.get("data_gate"))
-        reasons.append(RuleResult("data_gate", ok, "data quality gate passed" if ok
-                                  else "data quality gate did not pass"))
-    for name, ok in sorted(checks.items()):
-        if name != "data_gate":
-            reasons.append(RuleResult(f"check:{name}", bool(ok), f"{name}: {'ok' if ok else 'FAILED'}"))
+    bad += sorted(k for k, v in checks.items() if k not in ("data_gate",) and not v)
+    reasons.append(_check("finite_metrics", policy, not bad,
+                          f"not finite or failed: {', '.join(bad)}" if bad
+                          else "all metrics finite, training converged"))
+    gate = bool(checks.get("data_gate"))
+    reasons.append(_check("data_gate", policy, gate, "data quality gates passed" if gate
+                          else "data quality gates did not pass"))
+    share = candidate.get("non_empty")
+    ok = share is not None and share >= policy.min_non_empty
+    reasons.append(_check("non_empty_outputs", policy, ok,
+                          "non-empty generations not measured" if share is None else
+                          f"{share:.1%} of generations non-empty (required {policy.min_non_empty:.0%})"))
+    leaks = candidate.get("pii_outputs")
+    ok = leaks is not None and leaks == 0
+    reasons.append(_check("no_pii_in_outputs", policy, ok,
+                          "PII in generations not measured" if leaks is None else
+                          f"{int(leaks)} generations hold PII their prompt did not"))
 
     for metric, limit in sorted(policy.thresholds.items()):
         value = candidate.get(metric)
@@ -75,10 +103,10 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None,
             reasons.append(RuleResult(f"threshold:{metric}", False,
                                       f"{metric} was not measured (threshold {limit})"))
             continue
-        lower = metric in LOWER_IS_BETTER
-        ok = value <= limit if lower else value >= limit
+        higher = policy.higher_is_better(metric)
+        ok = value >= limit if higher else value <= limit
         reasons.append(RuleResult(f"threshold:{metric}", ok,
-                                  f"{metric} {value:.4f} {'<=' if lower else '>='} {limit} "
+                                  f"{metric} {value:.4f} {'>=' if higher else '<='} {limit} "
                                   f"{'holds' if ok else 'fails'}"))
 
     if m not in candidate:
@@ -86,7 +114,7 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None,
         return Decision(False, tuple(reasons))
 
     if base is not None and m in base:
-        gain = improvement(m, candidate[m], base[m])
+        gain = improvement(m, candidate[m], base[m], policy)
         ok = gain >= policy.min_gain_over_base
         reasons.append(RuleResult("beats_base", ok,
                                   f"{m} {candidate[m]:.4f} vs base {base[m]:.4f}: gain {gain:+.4f} "
@@ -95,10 +123,22 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None,
     if champion is None or m not in champion:
         reasons.append(RuleResult("beats_champion", True, "no champion yet: first model"))
     else:
-        gain = improvement(m, candidate[m], champion[m])
+        gain = improvement(m, candidate[m], champion[m], policy)
         ok = gain >= policy.min_improvement
         reasons.append(RuleResult("beats_champion", ok,
                                   f"{m} {candidate[m]:.4f} vs champion {champion[m]:.4f}: "
                                   f"improvement {gain:+.4f} {'>=' if ok else '<'} required "
                                   f"{policy.min_improvement}"))
+
+    if policy.max_forgetting is not None:
+        if not forgotten:
+            reasons.append(RuleResult("forgetting", True, "no earlier test set to forget"
+                                      if forgotten is not None else "no champion to compare earlier test sets with"))
+        else:
+            worst = max(forgotten, key=forgotten.get)
+            ok = forgotten[worst] <= policy.max_forgetting
+            reasons.append(RuleResult("forgetting", ok,
+                                      f"largest {m} drop vs champion on an earlier test set: "
+                                      f"{forgotten[worst]:.4f} on {worst} ({len(forgotten)} sets) "
+                                      f"{'<=' if ok else '>'} allowed {policy.max_forgetting}"))
     return Decision(all(r.passed for r in reasons), tuple(reasons))

@@ -106,6 +106,10 @@ def canonical(obj: dict, fmt: str, columns: dict[str, str]) -> dict:
         row[field] = value if err is None else raw
         if err and "_error" not in row:
             row["_error"] = err
+    # The evaluation slice: columns.slice names it, else a `slice` or `task` column.
+    sl = obj.get(columns["slice"]) if "slice" in columns else obj.get("slice", obj.get("task"))
+    if isinstance(sl, (str, int)) and not isinstance(sl, bool) and str(sl).strip():
+        row["slice"] = str(sl).strip()[:100]
     return row
 
 

@@ -25,6 +25,11 @@ class VersionInfo:
     version: str
     run_id: str
     aliases: tuple[str, ...]
+    model_id: str | None = None
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done as asked (unknown version, nothing to roll back to)."""
 
 
 def tracking_uri(cfg: RegistryConfig, root: Path) -> str:
@@ -71,9 +76,16 @@ def version_by_alias(name: str, alias: str) -> VersionInfo | None:
 
     try:
         mv = client().get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-    return VersionInfo(mv.name, str(mv.version), mv.run_id, tuple(mv.aliases or ()))
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+    return VersionInfo(mv.name, str(mv.version), mv.run_id, tuple(mv.aliases or ()), _model_id(mv))
+
+
+def _model_id(mv) -> str | None:
+    source = getattr(mv, "source", "") or ""
+    return getattr(mv, "model_id", None) or (source.split("models:/", 1)[1] if source.startswith("models:/") else None)
 
 
 def download_model(name: str, version: str, dst: Path) -> str:
@@ -125,7 +137,135 @@ def log_model(run_id: str, model_dir: str, name: str) -> VersionInfo:
     client().update_run(run_id, status="RUNNING")
     version = str(info.registered_model_version)
     client().set_registered_model_alias(name, CHALLENGER, version)
-    return VersionInfo(name, version, run_id, (CHALLENGER,))
+    return VersionInfo(name, version, run_id, (CHALLENGER,), info.model_id)
+
+
+def log_model_file(name: str, version: str, local_path: str | Path) -> None:
+    """Add a file (the model card) to a registered version's own artifacts."""
+    mv = client().get_model_version(name, version)
+    model_id = _model_id(mv)
+    if model_id is None:
+        raise RegistryError(f"{name} v{version} has no logged model to attach {Path(local_path).name} to")
+    client().log_model_artifact(model_id, str(local_path))
+
+
+# ------------------------------------------------------------------ promotion lock
+
+LOCK_SUFFIX = "--promotion-lock"
+
+
+class PromotionLock:
+    """A registry-wide mutex for moving `champion`: a registered model named
+    NAME--promotion-lock, created atomically by the store (names are unique), deleted on
+    release. Works across processes and machines that share the tracking server. A lock
+    older than `timeout_s` (its holder crashed) is broken, and the log says so."""
+
+    def __init__(self, name: str, holder: str, timeout_s: int = 600, wait_s: float | None = None,
+                 log=lambda msg: None):
+        self.lock_name, self.holder, self.timeout_s = name + LOCK_SUFFIX, holder, timeout_s
+        self.wait_s = timeout_s + 30 if wait_s is None else wait_s
+        self.log = log
+
+    def __enter__(self) -> "PromotionLock":
+        import time
+
+        from mlflow.exceptions import MlflowException
+
+        c = client()
+        deadline = time.time() + self.wait_s
+        while True:
+            try:
+                c.create_registered_model(self.lock_name, tags={"ftpipe.holder": self.holder,
+                                                                "ftpipe.since": f"{time.time():.3f}"},
+                                          description="ftpipe promotion lock: held while a flow moves "
+                                                      "the champion alias; removed when it is done")
+                return self
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            try:
+                held = c.get_registered_model(self.lock_name)
+                since = float(held.tags.get("ftpipe.since", "0"))
+                if time.time() - since > self.timeout_s:
+                    self.log(f"breaking a stale promotion lock held by {held.tags.get('ftpipe.holder')} "
+                             f"for {time.time() - since:.0f} s")
+                    c.delete_registered_model(self.lock_name)
+                    continue
+            except MlflowException:
+                continue  # released between our attempts
+            if time.time() > deadline:
+                raise RegistryError(f"the promotion lock {self.lock_name} is held by "
+                                    f"{held.tags.get('ftpipe.holder')}; gave up after {self.wait_s:.0f} s")
+            time.sleep(0.25)
+
+    def __exit__(self, *exc) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client().delete_registered_model(self.lock_name)
+        except MlflowException:
+            pass
+
+
+# ------------------------------------------------------------------ champion history
+
+HISTORY_TAG = "ftpipe.champion_history"
+
+
+def champion_history(name: str) -> list[dict]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = client().get_registered_model(name)
+    except MlflowException:
+        return []
+    return json.loads(rm.tags.get(HISTORY_TAG, "[]"))
+
+
+def champion_stack(history: list[dict]) -> list[str]:
+    """The champions in order, replaying promotions (push) and rollbacks (pop)."""
+    stack: list[str] = []
+    for event in history:
+        if event["kind"] == "rollback":
+            if stack:
+                stack.pop()
+        else:
+            stack.append(event["version"])
+    return stack
+
+
+def record_champion(name: str, version: str, kind: str, reason: str, previous: str | None,
+                    by: str | None = None) -> dict:
+    """Move `champion` to `version` and append the event to the model's history (a
+    registered-model tag, newest last, trimmed from the oldest end to fit the store)."""
+    import getpass
+    import time
+
+    event = {"version": version, "kind": kind, "reason": reason[:500], "previous": previous,
+             "by": by or getpass.getuser(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    history = champion_history(name) + [event]
+    c = client()
+    c.set_registered_model_alias(name, CHAMPION, version)
+    blob = json.dumps(history)
+    while len(blob) > 4900 and len(history) > 1:
+        history = history[1:]
+        blob = json.dumps(history)
+    c.set_registered_model_tag(name, HISTORY_TAG, blob)
+    c.set_model_version_tag(name, version, f"ftpipe.champion.{event['at']}", f"{kind}: {reason}"[:5000])
+    return event
+
+
+def versions(name: str) -> list:
+    """Every version of the model, newest first."""
+    c = client()
+    out, token = [], None
+    while True:
+        page = c.search_model_versions(f"name='{name}'", max_results=1000, page_token=token,
+                                       order_by=["version_number DESC"])
+        out.extend(page)
+        token = page.token
+        if not token:
+            return sorted(out, key=lambda v: -int(v.version))
 
 
 def tag_version(name: str, version: str, tags: dict[str, str], description: str | None = None) -> None:
@@ -136,8 +276,9 @@ def tag_version(name: str, version: str, tags: dict[str, str], description: str 
         c.update_model_version(name, version, description=description)
 
 
-def move_champion(name: str, version: str) -> None:
-    client().set_registered_model_alias(name, CHAMPION, version)
+def move_champion(name: str, version: str, reason: str = "promotion gate passed",
+                  previous: str | None = None) -> None:
+    record_champion(name, version, "gate", reason, previous)
 
 
 def log_dict_artifact(run_id: str, data: dict, artifact_file: str) -> None:

@@ -65,15 +65,32 @@ def print_summary(result, console: Console | None = None) -> None:
     metrics = Table(title=f"Test set: {rep.candidate.n_examples} examples ({rep.test_set})",
                     title_justify="left")
     metrics.add_column("model")
-    for name in ("exact_match", "eval_loss", "perplexity"):
+    cols = ("exact_match", "token_f1", "rouge_l", "eval_loss", "perplexity")
+    for name in cols:
         metrics.add_column(name, justify="right")
     rows = [("base", rep.base), ("candidate", rep.candidate)]
     if rep.champion is not None:
         rows.append((f"champion (v{rep.champion_version})", rep.champion))
     for label, s in rows:
         m = s.metrics()
-        metrics.add_row(label, *(_fmt(m[k]) for k in ("exact_match", "eval_loss", "perplexity")))
+        metrics.add_row(label, *(_fmt(m[k]) for k in cols))
     console.print(metrics)
+    if rep.candidate_regression:
+        reg = Table(title="Earlier test sets (regression)", title_justify="left")
+        for col in ("set", "rows", "candidate", "champion"):
+            reg.add_column(col)
+        m = r.primary_metric
+        for sid, s in rep.candidate_regression.items():
+            champ = rep.champion_regression.get(sid)
+            reg.add_row(sid, str(s.n_examples), _fmt(s.metrics()[m]), _fmt(champ.metrics()[m]) if champ else "—")
+        console.print(reg)
+    if rep.candidate.slices:
+        sl = Table(title="Candidate per slice", title_justify="left")
+        for col in ("slice", "n", "exact_match", "token_f1", "rouge_l", "eval_loss"):
+            sl.add_column(col)
+        for name, v in sorted(rep.candidate.slices.items()):
+            sl.add_row(name, str(int(v["n"])), *(_fmt(v[k]) for k in ("exact_match", "token_f1", "rouge_l", "eval_loss")))
+        console.print(sl)
 
     p = r.promotion
     gate = Table(title=f"Promotion gate: {p.decision.verdict.upper()} "

@@ -186,23 +186,59 @@ def token_loss_sum(model, batch: dict) -> tuple:
 
 # ------------------------------------------------------------------ checkpoints
 
+def _is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def _trainable_state(model) -> dict:
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters as full CPU tensors. Under FSDP this is a collective: every
+    rank must call it; rank 0 gets the tensors, the others an empty dict."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {n: full[n].contiguous() for n in names if n in full}
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().to("cpu").contiguous() for n in names}
 
 
-def _save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, state: dict, keep: int) -> None:
-    """Write step-N atomically (a temp dir renamed into place), then prune old ones."""
+def _full_state(model) -> dict:
+    """The whole state dict gathered from FSDP shards (collective; rank 0 gets it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _optimizer_state(model, opt) -> dict:
+    if _is_fsdp(model):  # collective, like _trainable_state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
+                                                                            cpu_offload=True))
+    return opt.state_dict()
+
+
+def _save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, state: dict, keep: int,
+                     main: bool = True) -> None:
+    """Write step-N atomically (a temp dir renamed into place), then prune old ones.
+    Every rank calls it (FSDP gathers shards); only rank 0 writes."""
     import torch
     from safetensors.torch import save_file
 
+    weights, optimizer = _trainable_state(model), _optimizer_state(model, opt)  # every rank
+    if not main:
+        return
     final = ckpt_dir / f"step-{step:07d}"
     tmp = ckpt_dir / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+    save_file(weights, str(tmp / "trainable.safetensors"))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng},
+    torch.save({"optimizer": optimizer, "scheduler": sched.state_dict(), "rng": rng},
                tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
@@ -226,6 +262,11 @@ def _load_trainable(model, path: Path) -> None:
     from safetensors.torch import load_file
 
     saved = load_file(str(path))
+    if _is_fsdp(model):  # every rank loads the full tensors and keeps its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in saved.items():
@@ -302,6 +343,8 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
             for layer in core.get_decoder().layers if hasattr(core, "get_decoder") else []:
                 fully_shard(layer)
             model = fully_shard(core)
+            # fully_shard swaps every parameter for a sharded DTensor: collect them again.
+            trainable = [p for p in core.parameters() if p.requires_grad]
         else:
             model = torch.nn.parallel.DistributedDataParallel(
                 core, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -368,7 +411,13 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
         state = json.loads((latest / "state.json").read_text())
         _load_trainable(core, latest / "trainable.safetensors")
         saved = torch.load(latest / "optimizer.pt", weights_only=False)
-        opt.load_state_dict(saved["optimizer"])
+        if _is_fsdp(core):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(core, opt, saved["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"]["torch"])
         random.setstate(saved["rng"]["python"])
@@ -449,10 +498,11 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
                     on_metrics(step, {"val_loss": val})
                 if state["best_val"] is None or val < state["best_val"] - train_cfg.early_stopping_min_delta:
                     state["best_val"], state["best_step"], state["bad_evals"] = val, step, 0
+                    best = _trainable_state(core)  # every rank: a collective under FSDP
                     if main:
                         from safetensors.torch import save_file
                         best_dir.mkdir(parents=True, exist_ok=True)
-                        save_file(_trainable_state(core), str(best_dir / "trainable.safetensors"))
+                        save_file(best, str(best_dir / "trainable.safetensors"))
                 else:
                     state["bad_evals"] += 1
                 say(f"step {step}: validation loss {val:.4f} (best {state['best_val']:.4f} at step "
@@ -461,9 +511,9 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
                     say(f"early stopping at step {step}: no improvement in {state['bad_evals']} evaluations")
                     stopped_early = True
             state["step"], state["elapsed"] = step, time.perf_counter() - loop_start
-            if main and train_cfg.checkpoint_every and (step % train_cfg.checkpoint_every == 0) \
+            if train_cfg.checkpoint_every and (step % train_cfg.checkpoint_every == 0) \
                     and step < train_cfg.max_steps and not stopped_early:
-                _save_checkpoint(ckpt_dir, step, core, opt, sched, state, train_cfg.keep_checkpoints)
+                _save_checkpoint(ckpt_dir, step, core, opt, sched, state, train_cfg.keep_checkpoints, main)
             if stopped_early:
                 break
     finally:
@@ -483,11 +533,14 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
     # ---- save --------------------------------------------------------------------------
     model_dir = out_dir / "model"
     adapter_dir = out_dir / "adapter" if adapter else None
+    # Under FSDP the weights are sharded: gather them (every rank) before rank 0 saves.
+    full_state = _full_state(core) if _is_fsdp(core) else None
     if main:
         if adapter:
-            core.save_pretrained(adapter_dir)  # adapter_model.safetensors + adapter_config.json
-            if train_cfg.method == "qlora":
-                # Merge into a base reloaded unquantized, never into the 4-bit weights.
+            # adapter_model.safetensors + adapter_config.json
+            core.save_pretrained(adapter_dir, state_dict=full_state)
+            if train_cfg.method == "qlora" or _is_fsdp(core):
+                # Merge into a base reloaded unquantized (never into 4-bit or sharded weights).
                 from peft import PeftModel
                 base, _ = load_base(model_cfg, torch.float32, for_training=False, device_index=local_rank)
                 merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
@@ -495,7 +548,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
                 merged = core.merge_and_unload()
             merged.save_pretrained(model_dir)
         else:
-            core.save_pretrained(model_dir)
+            core.save_pretrained(model_dir, state_dict=full_state)
         tokenizer.save_pretrained(model_dir)
     history = [tuple(h) for h in state["history"]]
     result = TrainResult(

@@ -20,10 +20,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def server_command(backend: str, artifacts: Path, host: str, port: int) -> list[str]:
+def server_command(backend: str, artifacts: Path, host: str, port: int, workers: int = 2) -> list[str]:
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
             "--artifacts-destination", str(artifacts), "--default-artifact-root", artifacts.as_uri(),
-            "--host", host, "--port", str(port)]
+            "--host", host, "--port", str(port), "--workers", str(workers)]
 
 
 def main() -> None:
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--artifacts", type=Path, default=HERE / "artifacts")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=5000)
+    ap.add_argument("--workers", type=int, default=2, help="server worker processes (default 2)")
     args = ap.parse_args()
     try:
         import mlflow  # noqa: F401
@@ -40,7 +41,8 @@ def main() -> None:
         sys.exit(f"mlflow is not installed for {sys.executable}: run `make install`, then "
                  "`.venv/bin/python mlflow/launch.py`")
     args.artifacts.mkdir(parents=True, exist_ok=True)
-    cmd = server_command(args.backend, args.artifacts.resolve(), args.host, args.port)
+    cmd = server_command(args.backend, args.artifacts.resolve(), args.host, args.port, args.workers)
+    # Never print a password: postgresql://user:secret@host/db is shown as host/db.
     shown = args.backend.split("@")[-1] if "@" in args.backend else args.backend
     print(f"MLflow on http://{args.host}:{args.port}  (store: {shown})", flush=True)
     os.execv(cmd[0], cmd)

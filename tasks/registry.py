@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from ftpipe import registry
-from ftpipe.config import PipelineConfig, RegistryConfig
+from ftpipe import gate, registry
+from ftpipe.config import EvalConfig, PipelineConfig, RegistryConfig
 from ftpipe.lineage import Lineage
-from ftpipe.promotion import Decision, decide
-
-
-@dataclass(frozen=True)
-class PromotionResult:
-    version: str
-    decision: Decision
-    champion_before: str | None
-    champion_after: str | None
-    aliases: tuple[str, ...]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -54,10 +43,10 @@ def start_run(cfg: PipelineConfig, root: str, flow_run_id: str) -> str:
 
 @task(name="register", cache_policy=NO_CACHE)
 def register_candidate(reg: RegistryConfig, run_id: str, model_dir: str, lineage: Lineage,
-                       metrics: dict[str, float], method: str) -> registry.VersionInfo:
+                       metrics: dict[str, float], method: str, test_sha: str) -> registry.VersionInfo:
     version = registry.log_model(run_id, model_dir, reg.model_name)
-    tags = lineage.tags() | {"ftpipe.method": method, "ftpipe.run_id": run_id}
-    tags |= {f"ftpipe.metric.{k}": f"{v:.6g}" for k, v in metrics.items()}
+    tags = lineage.tags() | {"ftpipe.method": method, "ftpipe.run_id": run_id, gate.TEST_SET_TAG: test_sha}
+    tags |= {f"ftpipe.metric.{k}": f"{v:.6g}" for k, v in metrics.items() if not k.startswith("slice.")}
     registry.tag_version(reg.model_name, version.version, tags)
     registry.client().set_tag(run_id, "ftpipe.model_version", version.version)
     get_run_logger().info(f"registered {reg.model_name} version {version.version} as challenger")
@@ -65,39 +54,33 @@ def register_candidate(reg: RegistryConfig, run_id: str, model_dir: str, lineage
 
 
 @task(name="promotion-gate", cache_policy=NO_CACHE)
-def promote_candidate(reg: RegistryConfig, run_id: str, version: str,
-                      candidate: dict[str, float], champion: dict[str, float] | None,
-                      champion_version: str | None, base: dict[str, float],
-                      checks: dict[str, bool]) -> PromotionResult:
-    logger = get_run_logger()
-    decision = decide(candidate, champion, base, reg.promotion, checks)
-    # Never promote from a stale comparison: the champion we scored must still be champion.
-    current = registry.version_by_alias(reg.model_name, registry.CHAMPION)
-    current_version = current.version if current else None
-    if decision.promote and current_version != champion_version:
-        from ftpipe.promotion import RuleResult
-        decision = Decision(False, decision.reasons + (RuleResult(
-            "champion_unchanged", False,
-            f"champion moved from v{champion_version} to v{current_version} during this run; "
-            "re-run to compare against the new champion"),))
-    record = decision.as_dict() | {"version": version, "champion_compared": champion_version}
-    registry.log_dict_artifact(run_id, record, "promotion/decision.json")
-    registry.tag_version(reg.model_name, version, {
-        "ftpipe.decision": decision.verdict,
-        "ftpipe.decision.reasons": json.dumps([r.__dict__ for r in decision.reasons]),
-    }, description=f"Gate decision: {decision.summary()}")
-    c = registry.client()
-    c.set_tag(run_id, "ftpipe.decision", decision.verdict)
-    c.set_tag(run_id, "ftpipe.decision.summary", decision.summary()[:5000])
-    if decision.promote:
-        registry.move_champion(reg.model_name, version)
-        logger.info(f"version {version} is now champion: {decision.summary()}")
-    else:
-        logger.info(f"version {version} stays challenger: {decision.summary()}")
-    after = registry.version_by_alias(reg.model_name, registry.CHAMPION)
-    mine = registry.client().get_model_version(reg.model_name, version)
-    return PromotionResult(version, decision, current_version, after.version if after else None,
-                           tuple(mine.aliases or ()))
+def promote_candidate(reg: RegistryConfig, eval_cfg: EvalConfig, run_id: str, version: str,
+                      report: gate.EvalReport, checks: dict[str, bool], max_seq_len: int,
+                      root: str) -> gate.PromotionResult:
+    return gate.gate_and_promote(reg, eval_cfg, run_id, version, report, checks, max_seq_len,
+                                 Path(root) / "runs" / "regression", log=get_run_logger().info)
+
+
+@task(name="publish-reports", cache_policy=NO_CACHE)
+def publish_reports(cfg: PipelineConfig, run_id: str, version: str, result: gate.PromotionResult,
+                    loss_png: str | None, root: str) -> dict[str, str]:
+    """The model card (into the version's own artifacts and the run's) and the run's HTML report."""
+    from ftpipe.reports import html_report, model_card
+
+    out = Path(root) / "runs" / f"eval-{run_id[:12]}"
+    out.mkdir(parents=True, exist_ok=True)
+    report = result.report
+    tags = registry.client().get_model_version(cfg.registry.model_name, version).tags or {}
+    card = model_card(cfg, version, run_id, tags, report, result)
+    (out / "model_card.md").write_text(card, encoding="utf-8")
+    registry.log_model_file(cfg.registry.model_name, version, out / "model_card.md")
+    registry.log_files(run_id, [out / "model_card.md"], "model_card")
+    page = html_report(cfg, run_id, version, report, result, Path(loss_png) if loss_png else None,
+                       out / "metrics_comparison.png", card)
+    (out / "report.html").write_text(page, encoding="utf-8")
+    registry.log_files(run_id, [out / "report.html"], "report")
+    get_run_logger().info(f"model card and report: {out / 'report.html'}")
+    return {"model_card": str(out / "model_card.md"), "report": str(out / "report.html")}
 
 
 @task(name="finish-run", cache_policy=NO_CACHE)

@@ -191,3 +191,50 @@ def test_two_processes_under_torchrun_match_one(tiny, tmp_path):
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)  # the same global batch per step
     assert two.tokens == one.tokens
     assert [s for s, _ in metrics] == list(range(1, 7))           # metrics streamed from rank 0
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fsdp_under_torchrun_matches_one_process_and_checkpoints(tiny, tmp_path, method):
+    from transformers import AutoModelForCausalLM
+
+    m, lo, t = _cfg(tiny, max_steps=6, method=method, lr=1e-3)
+    one = fine_tune(m, lo, t, tiny / "train.jsonl", tiny / "val.jsonl", tmp_path / "one", **QUIET)
+    fsdp = t.model_copy(update={"devices": 2, "strategy": "fsdp", "checkpoint_every": 3})
+    two = train(m, lo, fsdp, str(tiny / "train.jsonl"), str(tiny / "val.jsonl"), tmp_path / "two",
+                log=lambda m: None)
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    assert two.val_loss == pytest.approx(one.val_loss, rel=1e-4)
+    # the gathered export is the whole model, loadable without peft or FSDP
+    a = AutoModelForCausalLM.from_pretrained(one.model_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(two.model_dir).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_fsdp_run_whose_launcher_is_killed_resumes_with_the_same_curve(tiny, tmp_path):
+    """SIGKILL to torchrun takes its workers with it (they would otherwise train on and
+    delete the checkpoints); the next launch resumes the sharded state where it stopped."""
+    m, lo, t = _cfg(tiny, max_steps=12, lr=1e-3)
+    reference = fine_tune(m, lo, t, tiny / "train.jsonl", tiny / "val.jsonl", tmp_path / "ref", **QUIET)
+    fsdp = t.model_copy(update={"devices": 2, "strategy": "fsdp", "checkpoint_every": 3})
+    out = tmp_path / "killed"
+    out.mkdir()
+    spec = write_spec(out / "spec.json", m, lo, fsdp, str(tiny / "train.jsonl"), str(tiny / "val.jsonl"), str(out))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "ftpipe.launch", str(spec)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-0000006").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    time.sleep(2)                                              # orphans, if any, would finish now
+    assert not (out / "train_result.json").exists()
+    assert (out / "checkpoints" / "step-0000006").is_dir()
+    lines = []
+    res = train(m, lo, fsdp, str(tiny / "train.jsonl"), str(tiny / "val.jsonl"), out, log=lines.append)
+    assert any("resuming from" in line for line in lines)
+    assert res.resumed_from in (6, 9)
+    assert _losses(res) == pytest.approx(_losses(reference), rel=1e-4)
+    assert res.val_loss == pytest.approx(reference.val_loss, rel=1e-4)
