@@ -56,6 +56,21 @@ def test_first_run_registers_and_promotes_with_lineage(project, prefect_server):
     path = c.download_artifacts(champ.run_id, "promotion/decision.json", str(project / "dl"))
     decision = json.loads(Path(path).read_text())
     assert decision["promote"] and decision["reasons"]
+    # what a reviewer reads without the UI: the report, the plots, the per-example table
+    arts = {a.path for d in ("eval", "report", "model_card", "train") for a in c.list_artifacts(champ.run_id, d)}
+    assert {"eval/metrics_comparison.png", "eval/candidate_predictions.json", "eval/test_set.jsonl",
+            "report/report.html", "model_card/model_card.md", "train/loss_curve.png"} <= arts
+    page = Path(c.download_artifacts(champ.run_id, "report/report.html", str(project / "dl"))).read_text()
+    assert "PROMOTE" in page and "data:image/png;base64," in page and "beats_champion" in page
+    for metric in ("candidate_token_f1", "candidate_rouge_l", "candidate_non_empty", "candidate_pii_outputs"):
+        assert metric in run.data.metrics
+    # the model card sits in the registered version's own artifacts
+    import mlflow
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    card = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1/model_card.md",
+                                                    dst_path=str(project / "dl-card"))).read_text()
+    assert f"# {NAME} v1" in card and "## Gate decision" in card and "**PROMOTE**" in card
+    assert lock["split"]["outs"][0]["md5"] in card and "## Intended use" in card
 
 
 def test_generate_answers_with_the_champion(project):

@@ -625,3 +625,20 @@ def test_chat_rows_through_clean(tmp_path, chat_tokenizer):
         4: ("wrong type", "messages[0].role 'narrator' is not system, user or assistant"),
         5: ("empty", "empty conversation"),
     }
+
+
+def test_evaluation_slices_come_from_a_column_or_the_source(tmp_path):
+    """A `task` (or `slice`) column, a mapped column, or the source's own `slice:` name the
+    slice each row is scored in; it survives cleaning into the splits."""
+    put(tmp_path, "data/sources/mixed.jsonl", jsonl(alpaca(1, task="dates"), alpaca(2, task="math"), alpaca(3)))
+    put(tmp_path, "data/sources/cat.jsonl", jsonl(alpaca(4, category="geo")))
+    put(tmp_path, "data/sources/plain.jsonl", jsonl(alpaca(5), alpaca(6, slice="own")))
+    col = run_collect(tmp_path, SourceConfig(path="data/sources/mixed.jsonl"),
+                      SourceConfig(path="data/sources/cat.jsonl", columns={"slice": "category"}),
+                      SourceConfig(path="data/sources/plain.jsonl", slice="support"))
+    by_line = {(r["_source"], r["_line"]): r.get("slice") for r in col.snapshot}
+    assert by_line == {("data/sources/mixed.jsonl", 1): "dates", ("data/sources/mixed.jsonl", 2): "math",
+                       ("data/sources/mixed.jsonl", 3): None, ("data/sources/cat.jsonl", 1): "geo",
+                       ("data/sources/plain.jsonl", 1): "support", ("data/sources/plain.jsonl", 2): "own"}
+    cleaned = run_clean(tmp_path, col)
+    assert sorted(r.get("slice") or "" for r in cleaned.kept) == ["", "dates", "geo", "math", "own", "support"]
