@@ -1,0 +1,117 @@
+"""Speed-ups for the training recipe, built from what PyTorch and transformers already give.
+
+- Packed rows with varlen flash attention: `torch.nn.attention.varlen.varlen_attn` (PyTorch's
+  own FlashAttention for concatenated sequences), registered as the transformers attention
+  implementation "ftpipe_varlen". A packed row carries `cu_seq_lens` boundaries; attention
+  never crosses them, no padding is computed and no (tokens x tokens) mask is built. Off CUDA
+  the same interface runs PyTorch SDPA per segment (exact, for tests and CPU runs).
+- Chunked cross-entropy: the loss from the final hidden states in chunks of rows, each
+  chunk's logits recomputed in the backward pass, so a 152k vocabulary's fp32 logits are
+  never whole in memory.
+
+Importable without prefect, mlflow, dvc or GX.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+NAME = "ftpipe_varlen"
+_REGISTERED = False
+
+
+def varlen_kernel():
+    """PyTorch's varlen flash attention, or None where this build/device lacks it."""
+    try:
+        import torch
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn if torch.cuda.is_available() else None
+
+
+def _causal_kwargs(fn) -> dict:
+    params = inspect.signature(fn).parameters
+    if "is_causal" in params:
+        return {"is_causal": True}
+    if "window_size" in params:
+        return {"window_size": (-1, 0)}
+    raise RuntimeError("torch varlen_attn offers no causal option in this version")
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """(1, heads, tokens, dim) packed q/k/v -> (1, tokens, heads, dim)."""
+    import torch
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        raise RuntimeError("ftpipe_varlen attention needs cu_seq_lens_q (a packed batch); "
+                           "use model.attn_implementation sdpa for padded batches")
+    max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
+    q, k, v = (t.transpose(1, 2).squeeze(0) for t in (query, key, value))   # (tokens, heads, dim)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    fn = varlen_kernel()
+    if fn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        out = fn(q, k, v, cu.to(torch.int32), cu.to(torch.int32), max_len, max_len, scale=scaling,
+                 **_causal_kwargs(fn))
+    else:
+        out = torch.empty_like(q)
+        bounds = cu.tolist()
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                is_causal=True, scale=scaling).transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def _no_mask(*args, **kwargs):
+    return None
+
+
+def register() -> str:
+    """Register "ftpipe_varlen" with transformers (attention and its mask); returns the name."""
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(NAME, _attention)
+        AttentionMaskInterface.register(NAME, _no_mask)
+        _REGISTERED = True
+    return NAME
+
+
+def packed_kwargs(lengths: list[int], device) -> dict:
+    """The forward kwargs of one packed row holding examples of these lengths."""
+    import torch
+
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+    cu = cu.to(device)
+    m = max(lengths)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": m, "max_length_k": m}
+
+
+def chunked_loss_sum(hidden, lm_head_weight, labels, ignore_index: int = -100, chunk_tokens: int = 4096,
+                     lm_head_bias=None):
+    """Sum of next-token cross-entropy over labelled positions, from hidden states
+    (batch, tokens, dim) and the output projection, `chunk_tokens` rows at a time with each
+    chunk's logits recomputed in backward (torch.utils.checkpoint)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    h = hidden[:, :-1].reshape(-1, hidden.size(-1))
+    y = labels[:, 1:].reshape(-1)
+    keep = y != ignore_index
+    h, y = h[keep], y[keep]                     # only labelled positions cost a projection
+
+    def piece(hc, yc):
+        logits = torch.nn.functional.linear(hc, lm_head_weight, lm_head_bias).float()
+        return torch.nn.functional.cross_entropy(logits, yc, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.size(0), chunk_tokens):
+        total = total + checkpoint(piece, h[i: i + chunk_tokens], y[i: i + chunk_tokens], use_reentrant=False)
+    return total
