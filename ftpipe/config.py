@@ -201,6 +201,14 @@ class TrainConfig(_Section):
     # position ids restarting per example, so attention never crosses examples and the
     # loss equals the padded batch's; only the padding work disappears.
     packing: bool = False
+    # Attention for packed rows: "auto" = varlen flash attention (PyTorch's varlen_attn, one
+    # row per micro-batch, no padding, no mask) unless model.attn_implementation says
+    # otherwise; "rows" = rows of max_seq_len with transformers' own packed-sequence masks.
+    packing_attention: Literal["auto", "rows"] = "auto"
+    # Cross-entropy from hidden states in chunks of this many labelled tokens, logits
+    # recomputed in backward: large vocabularies never hold full fp32 logits; prompt
+    # positions cost no output projection at all. 0: the model's own logits.
+    loss_chunk_tokens: int = Field(4096, ge=0)
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     log_every: int = Field(20, ge=1)

@@ -44,9 +44,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     import torch
 
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is None:
-        raise RuntimeError("ftpipe_varlen attention needs cu_seq_lens_q (a packed batch); "
-                           "use model.attn_implementation sdpa for padded batches")
+    if cu is None:  # a padded or single-sequence batch (evaluation): plain SDPA with its mask
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
     q, k, v = (t.transpose(1, 2).squeeze(0) for t in (query, key, value))   # (tokens, heads, dim)
     if k.shape[1] != q.shape[1]:  # grouped-query attention
@@ -66,8 +68,14 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     return out.unsqueeze(0), None
 
 
-def _no_mask(*args, **kwargs):
-    return None
+def _mask(*args, **kwargs):
+    """Packed rows (no attention_mask) need no mask: the boundaries travel as cu_seq_lens.
+    Padded batches get transformers' SDPA mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    if kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
 
 
 def register() -> str:
@@ -78,7 +86,7 @@ def register() -> str:
         from transformers.masking_utils import AttentionMaskInterface
 
         AttentionInterface.register(NAME, _attention)
-        AttentionMaskInterface.register(NAME, _no_mask)
+        AttentionMaskInterface.register(NAME, _mask)
         _REGISTERED = True
     return NAME
 

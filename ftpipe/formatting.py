@@ -131,3 +131,25 @@ def pack(batch: list[tuple[list[int], list[int]]], row_len: int, pad_id: int):
 def normalize_answer(text: str) -> str:
     """Exact match compares answers with surrounding and repeated whitespace removed."""
     return " ".join((text or "").split())
+
+
+def pack_flat(batch: list[tuple[list[int], list[int]]], max_len: int):
+    """All examples end to end in ONE row, no padding at all, with `cu_seq_lens` (the
+    example boundaries) for varlen attention (ftpipe.fastpath). Each example's first label
+    is masked, positions restart per example, `lengths` as in pack()."""
+    import torch
+
+    ids_all, labels_all, pos, lengths, bounds = [], [], [], [], [0]
+    for ids, lab in batch:
+        ids, lab = ids[:max_len], lab[:max_len]
+        n = len(ids)
+        ids_all.extend(ids)
+        labels_all.extend([IGNORE_INDEX] + list(lab[1:]))
+        pos.extend(range(n))
+        lengths.extend([n] * n)
+        bounds.append(bounds[-1] + n)
+    t = lambda x: torch.tensor([x], dtype=torch.long)  # noqa: E731
+    return {"input_ids": t(ids_all), "labels": t(labels_all), "position_ids": t(pos), "lengths": t(lengths),
+            "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32),
+            "max_length_q": max(b - a for a, b in zip(bounds[:-1], bounds[1:])),
+            "real": torch.tensor(len(ids_all))}

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
-from ftpipe.formatting import IGNORE_INDEX, collate, encode, pack
+from ftpipe.formatting import pack_flat, IGNORE_INDEX, collate, encode, pack
 
 
 class TrainingDiverged(RuntimeError):
@@ -167,6 +167,42 @@ def mean_loss(model, encoded: list, batch_size: int, pad_id: int) -> float:
     return total / max(count, 1)
 
 
+class LossModel:
+    """Wraps the (peft) causal LM so that its forward returns the summed token loss of a
+    micro-batch, computed in chunks from the final hidden states (fastpath.chunked_loss_sum).
+    Built as an nn.Module on first use; DDP wraps this module, so gradient sync is intact."""
+
+    @staticmethod
+    def supported(core) -> bool:
+        base = core.get_base_model() if hasattr(core, "get_base_model") else core
+        cfg = base.config
+        return (hasattr(base, "get_decoder") and base.get_output_embeddings() is not None
+                and getattr(cfg, "final_logit_softcapping", None) is None
+                and getattr(cfg, "logit_scale", None) is None
+                and not getattr(base, "_ftpipe_no_chunked_loss", False))
+
+    @staticmethod
+    def build(core, chunk_tokens: int):
+        import torch
+
+        from ftpipe.fastpath import chunked_loss_sum
+
+        class _LossModel(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.core = core
+                base = core.get_base_model() if hasattr(core, "get_base_model") else core
+                object.__setattr__(self, "_body", base.get_decoder())
+                object.__setattr__(self, "_head", base.get_output_embeddings())
+
+            def forward(self, input_ids, labels, **kwargs):
+                hidden = self._body(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+                return chunked_loss_sum(hidden, self._head.weight, labels, IGNORE_INDEX, chunk_tokens,
+                                        getattr(self._head, "bias", None))
+
+        return _LossModel()
+
+
 def token_loss_sum(model, batch: dict) -> tuple:
     """(sum of token losses over labelled tokens, their count) for one micro-batch."""
     import torch
@@ -174,6 +210,8 @@ def token_loss_sum(model, batch: dict) -> tuple:
     kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]   # packed: no mask, positions restart
+        kwargs |= {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+                   if k in batch}
     else:
         kwargs["attention_mask"] = batch["attention_mask"]
     logits = model(**kwargs).logits
@@ -275,6 +313,39 @@ def _load_trainable(model, path: Path) -> None:
 
 # ------------------------------------------------------------------ the recipe
 
+def _checkpointing(model) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def prepare_model(model, lora_cfg: LoraConfig, train_cfg: TrainConfig):
+    """Gradient checkpointing and adapters for the method; the same for the pipeline and the
+    benchmarks. QLoRA/int8: the quantized base is frozen and stays as loaded (its embeddings,
+    output layer and norms are NOT upcast to fp32 as peft's prepare_model_for_kbit_training
+    would: 4 GiB more for an 8B model, for no gain with bf16 compute)."""
+    adapter = train_cfg.method in ("lora", "qlora")
+    if adapter:
+        model.requires_grad_(False)
+    if train_cfg.gradient_checkpointing:
+        # Recompute activations in the backward pass: ~30% slower, far less memory.
+        _checkpointing(model)
+        if adapter:
+            model.enable_input_require_grads()
+    if adapter:
+        import warnings
+
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft 0.21 on transformers 5
+        model = get_peft_model(model, PeftLoraConfig(
+            r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+            target_modules=lora_cfg.target_modules, use_dora=lora_cfg.use_dora,
+            use_rslora=lora_cfg.use_rslora, task_type="CAUSAL_LM"))
+    return model
+
+
 def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConfig,
               train_path: str | Path, val_path: str | Path | None, out_dir: str | Path,
               log: Callable[[str], None] = print,
@@ -304,28 +375,15 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
     dtype = pick_dtype(train_cfg.precision)
     # Full fine-tuning keeps fp32 master weights and runs the forward under autocast.
     load_dtype = torch.float32 if train_cfg.method == "full" else dtype
+    varlen = train_cfg.packing and train_cfg.packing_attention == "auto" and \
+        model_cfg.attn_implementation in (None, "ftpipe_varlen")
+    if varlen:
+        from ftpipe.fastpath import register
+        model_cfg = model_cfg.model_copy(update={"attn_implementation": register()})
     model, tokenizer = load_base(model_cfg, load_dtype, device_index=local_rank)
     device = next(model.parameters()).device
     adapter = train_cfg.method in ("lora", "qlora")
-    if train_cfg.method == "qlora":
-        from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=train_cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif train_cfg.gradient_checkpointing:
-        # Recompute activations in the backward pass: ~30% slower, far less memory.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        if adapter:
-            model.enable_input_require_grads()
-    if adapter:
-        import warnings
-
-        from peft import LoraConfig as PeftLoraConfig, get_peft_model
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft 0.21 on transformers 5
-        model = get_peft_model(model, PeftLoraConfig(
-            r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-            target_modules=lora_cfg.target_modules, use_dora=lora_cfg.use_dora,
-            use_rslora=lora_cfg.use_rslora, task_type="CAUSAL_LM"))
+    model = prepare_model(model, lora_cfg, train_cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
@@ -336,6 +394,10 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
     if train_cfg.neftune_alpha:
         embed.register_forward_hook(_neftune_hook(train_cfg.neftune_alpha))
     core = model  # the unwrapped model: what is saved and evaluated
+    # The loss from hidden states in chunks (not under FSDP: its root owns the output layer).
+    loss_model = LossModel.build(core, train_cfg.loss_chunk_tokens) \
+        if train_cfg.loss_chunk_tokens and LossModel.supported(core) and not (
+            world > 1 and train_cfg.strategy == "fsdp") else None
     if world > 1:
         if train_cfg.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
@@ -347,7 +409,9 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
             trainable = [p for p in core.parameters() if p.requires_grad]
         else:
             model = torch.nn.parallel.DistributedDataParallel(
-                core, device_ids=[local_rank] if device.type == "cuda" else None)
+                loss_model or core, device_ids=[local_rank] if device.type == "cuda" else None)
+    elif loss_model is not None:
+        model = loss_model
 
     # ---- setup: data ------------------------------------------------------------------
     train_rows = read_jsonl(train_path)
@@ -367,7 +431,9 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
             examples = [train_enc[i] for i in mine]
             if not examples:
                 continue
-            if train_cfg.packing:
+            if varlen:
+                yield pack_flat(examples, train_cfg.max_seq_len)
+            elif train_cfg.packing:
                 yield pack(examples, train_cfg.max_seq_len, tokenizer.pad_token_id)
             else:
                 b = collate(examples, tokenizer.pad_token_id)
@@ -446,7 +512,8 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
         while step < train_cfg.max_steps:
             # Every process weights its token-loss sum by the step's labelled-token total,
             # so gradients are those of one token-mean over the whole step.
-            batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches(step)]
+            batches = [{k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()}
+                       for b in micro_batches(step)]
             n_label = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
             n_real = sum(int(b.pop("real")) for b in batches)
             totals = torch.tensor([n_label, n_real], dtype=torch.float64, device=device)
@@ -457,7 +524,11 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
             for b in batches:
                 embed._ftpipe_lengths = b.pop("lengths")
                 with autocast:
-                    loss_sum, _ = token_loss_sum(model, b)
+                    if loss_model is not None:
+                        loss_sum = model(**{k: v for k, v in b.items() if k != "attention_mask"
+                                            or "position_ids" not in b})
+                    else:
+                        loss_sum, _ = token_loss_sum(model, b)
                 # x world: DDP averages gradients over processes; this makes it a sum.
                 (loss_sum * world / max(step_label, 1.0)).backward()
                 step_loss += loss_sum.detach().double()
@@ -533,6 +604,9 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
     # ---- save --------------------------------------------------------------------------
     model_dir = out_dir / "model"
     adapter_dir = out_dir / "adapter" if adapter else None
+    if varlen:  # the exported model uses the default attention, not the training kernel
+        base_model = core.get_base_model() if hasattr(core, "get_base_model") else core
+        base_model.set_attn_implementation("sdpa")
     # Under FSDP the weights are sharded: gather them (every rank) before rank 0 saves.
     full_state = _full_state(core) if _is_fsdp(core) else None
     if main:

@@ -96,13 +96,55 @@ def test_packing_matches_the_padded_batch_and_never_leaks(tiny):
     assert not torch.allclose(logits_a[0, 1:n0], logits_b[0, 1:n0], atol=1e-3)
 
 
-def test_packed_training_follows_the_padded_loss_curve(tiny, tmp_path):
+def test_varlen_row_and_chunked_loss_match_the_padded_batch(tiny):
+    """One unpadded row with cu_seq_lens through the ftpipe_varlen attention, and the loss
+    from hidden states in chunks: the padded batch's loss and gradients, no leakage."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftpipe.fastpath import register
+    from ftpipe.formatting import pack_flat
+    from ftpipe.training import LossModel
+
+    tok = AutoTokenizer.from_pretrained(tiny / "base")
+    rows = [json.loads(line) for line in (tiny / "train.jsonl").read_text().splitlines()[:12]]
+    enc = [encode(tok, r, 128, True) for r in rows]
+    flat = pack_flat(enc, 128)
+    assert flat["input_ids"].shape == (1, sum(len(i) for i, _ in enc))        # no padding at all
+    assert flat["cu_seq_lens_q"].tolist()[-1] == flat["input_ids"].shape[1]
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny / "base").eval()
+    d_sum, d_n = token_loss_sum(ref_model, collate(enc, tok.pad_token_id))
+    d_sum.backward()
+    model = AutoModelForCausalLM.from_pretrained(tiny / "base", attn_implementation=register()).eval()
+    batch = {k: v for k, v in flat.items() if k not in ("lengths", "real")}
+    v_sum = LossModel.build(model, chunk_tokens=64)(**batch)                  # several chunks
+    v_sum.backward()
+    assert float(v_sum.detach()) == pytest.approx(float(d_sum.detach()), rel=1e-5)
+    for (name, a), (_, b) in zip(ref_model.named_parameters(), model.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+    # an example's tokens change no other example's logits
+    first = enc[0]
+    altered = pack_flat([([first[0][0]] + [5] * (len(first[0]) - 1), first[1])] + enc[1:], 128)
+    with torch.no_grad():
+        kw = lambda f: {k: f[k] for k in ("position_ids", "cu_seq_lens_q", "max_length_q")}  # noqa: E731
+        la = model(input_ids=flat["input_ids"], **kw(flat)).logits
+        lb = model(input_ids=altered["input_ids"], **kw(altered)).logits
+    n0 = len(first[0])
+    assert torch.allclose(la[0, n0:], lb[0, n0:], atol=1e-5)
+    # padded evaluation batches still work on a model set to the varlen attention
+    with torch.no_grad():
+        e_sum, _ = token_loss_sum(model, collate(enc, tok.pad_token_id))
+    assert float(e_sum) == pytest.approx(float(d_sum), rel=1e-5)
+
+
+@pytest.mark.parametrize("packing,chunk", [(False, 4096), (True, 4096), (True, 0)])
+def test_packed_training_follows_the_padded_loss_curve(tiny, tmp_path, packing, chunk):
     m, lo, t = _cfg(tiny)
-    padded = fine_tune(m, lo, t, tiny / "train.jsonl", None, tmp_path / "a", **QUIET)
-    packed = fine_tune(m, lo, t.model_copy(update={"packing": True}), tiny / "train.jsonl", None,
-                       tmp_path / "b", **QUIET)
-    assert _losses(packed) == pytest.approx(_losses(padded), rel=1e-4)
-    assert packed.tokens == padded.tokens
+    padded = fine_tune(m, lo, t.model_copy(update={"loss_chunk_tokens": 0}), tiny / "train.jsonl", None,
+                       tmp_path / "a", **QUIET)
+    other = fine_tune(m, lo, t.model_copy(update={"packing": packing, "loss_chunk_tokens": chunk}),
+                      tiny / "train.jsonl", None, tmp_path / "b", **QUIET)
+    assert _losses(other) == pytest.approx(_losses(padded), rel=1e-4)
+    assert other.tokens == padded.tokens
 
 
 def test_neftune_noise_is_scaled_per_example_in_packed_rows():
