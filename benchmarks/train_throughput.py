@@ -52,14 +52,20 @@ VARIANTS: dict[str, dict] = {
     "llama-3.2-1b/reference": dict(model="llama-3.2-1b", recipe="reference", method="lora", steps=5, warmup=1),
     "llama-3.2-1b/trl": dict(model="llama-3.2-1b", recipe="trl", method="lora"),
     "llama-3.2-1b/ftpipe-padded": dict(model="llama-3.2-1b", recipe="ftpipe", method="lora", packing=False,
-                                       chunk=0, budget=8192, note="bf16 reference: padded, full logits"),
-    "llama-3.2-1b/ftpipe": dict(model="llama-3.2-1b", recipe="ftpipe", method="lora", budget=32768),
-    "llama-3.2-1b/ftpipe-ddp2": dict(model="llama-3.2-1b", recipe="ftpipe", method="lora", budget=32768,
+                                       chunk=0, budget=2048, kernels="none",
+                                       note="bf16 reference: padded batches, full logits, no Liger"),
+    "llama-3.2-1b/ftpipe": dict(model="llama-3.2-1b", recipe="ftpipe", method="lora", budget=16384),
+    "llama-3.2-1b/ftpipe-noliger": dict(model="llama-3.2-1b", recipe="ftpipe", method="lora", budget=16384,
+                                        kernels="none", note="varlen + chunked CE, no Liger"),
+    "llama-3.2-1b/ftpipe-ddp2": dict(model="llama-3.2-1b", recipe="ftpipe", method="lora", budget=16384,
                                      devices=2),
     "qwen2.5-0.5b/ftpipe-padded": dict(model="qwen2.5-0.5b", recipe="ftpipe", method="full", packing=False,
-                                       chunk=0, budget=8192, note="bf16 reference: padded, full logits"),
-    "qwen2.5-0.5b/ftpipe": dict(model="qwen2.5-0.5b", recipe="ftpipe", method="full", budget=32768),
-    "llama-3.1-8b/ftpipe": dict(model="llama-3.1-8b", recipe="ftpipe", method="lora", budget=16384,
+                                       chunk=0, budget=2048, kernels="none",
+                                       note="bf16 reference: padded batches, full logits, no Liger"),
+    "qwen2.5-0.5b/ftpipe": dict(model="qwen2.5-0.5b", recipe="ftpipe", method="full", budget=16384),
+    "qwen2.5-0.5b/ftpipe-noliger": dict(model="qwen2.5-0.5b", recipe="ftpipe", method="full", budget=16384,
+                                        kernels="none", note="varlen + chunked CE, no Liger"),
+    "llama-3.1-8b/ftpipe": dict(model="llama-3.1-8b", recipe="ftpipe", method="lora", budget=6144,
                                 steps=4, warmup=2),
     "llama-3.1-8b/ftpipe-qlora": dict(model="llama-3.1-8b", recipe="ftpipe", method="qlora", budget=2048,
                                       gc=True, steps=3, warmup=1, note="NF4 + double quant, 2,048-token micro-batches, checkpointing"),
@@ -186,7 +192,7 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str) -> 
         model = quantize_nf4(model, dtype)
     lora = LoraConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
     tc = TrainConfig(method=method, gradient_checkpointing=bool(v.get("gc")), packing=packing,
-                     loss_chunk_tokens=chunk)
+                     loss_chunk_tokens=chunk, kernels=v.get("kernels", "auto"))
     model = prepare_model(model, lora, tc)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_adapter = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
@@ -392,6 +398,12 @@ def one(name: str, quick: bool, out_json: str) -> None:
                 "warmup_s": sum(res["step_s"][:warmup]), "loss_last": res["losses"][-1] if res["losses"] else None,
                 "steps_timed": len(timed), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     res |= {"variant": name, **{k: v[k] for k in ("model", "recipe", "method")}, "note": v.get("note", "")}
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+        import inspect
+        res["varlen_signature"] = str(inspect.signature(varlen_attn))
+    except Exception as exc:  # noqa: BLE001
+        res["varlen_signature"] = f"unavailable: {exc}"
     Path(out_json).write_text(json.dumps(res, indent=2))
 
 
@@ -407,8 +419,8 @@ def main() -> None:
         one(args.variant, args.quick, args.json)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    order = ["llama-3.2-1b/ftpipe", "llama-3.2-1b/trl", "llama-3.2-1b/reference", "qwen2.5-0.5b/ftpipe",
-             "llama-3.1-8b/ftpipe", "llama-3.1-8b/ftpipe-qlora", "llama-3.2-1b/ftpipe-ddp2",
+    order = ["llama-3.2-1b/ftpipe", "llama-3.2-1b/ftpipe-noliger", "llama-3.2-1b/trl", "llama-3.2-1b/reference", "qwen2.5-0.5b/ftpipe",
+             "qwen2.5-0.5b/ftpipe-noliger", "llama-3.1-8b/ftpipe", "llama-3.1-8b/ftpipe-qlora", "llama-3.2-1b/ftpipe-ddp2",
              "llama-3.2-1b/ftpipe-padded", "qwen2.5-0.5b/ftpipe-padded"]
     names = [n for n in order if not args.only or n in args.only.split(",")]
     results = []
@@ -427,7 +439,10 @@ def main() -> None:
                    *cmd[1:]]
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "4"})
+        env = os.environ | {"OMP_NUM_THREADS": "4"}
+        if v.get("devices", 1) == 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            env["CUDA_VISIBLE_DEVICES"] = "0"   # one card: Trainer would otherwise use DataParallel
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0 or not path.is_file():
             results.append({"variant": name, "error": f"exit {proc.returncode}", "log": (proc.stdout + proc.stderr)[-3000:]})
         else:

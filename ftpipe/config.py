@@ -209,6 +209,9 @@ class TrainConfig(_Section):
     # recomputed in backward: large vocabularies never hold full fp32 logits; prompt
     # positions cost no output projection at all. 0: the model's own logits.
     loss_chunk_tokens: int = Field(4096, ge=0)
+    # Liger kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) when installed and on
+    # a GPU: auto uses them if present; none never does.
+    kernels: Literal["auto", "none"] = "auto"
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     log_every: int = Field(20, ge=1)

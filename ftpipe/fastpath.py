@@ -7,7 +7,9 @@
   the same interface runs PyTorch SDPA per segment (exact, for tests and CPU runs).
 - Chunked cross-entropy: the loss from the final hidden states in chunks of rows, each
   chunk's logits recomputed in the backward pass, so a 152k vocabulary's fp32 logits are
-  never whole in memory.
+  never whole in memory. With Liger kernels installed (GPU), Liger's fused linear
+  cross-entropy does the same without the recomputation.
+- Liger kernels (RMSNorm, SwiGLU, RoPE) on models Liger supports, when installed (GPU).
 
 Importable without prefect, mlflow, dvc or GX.
 """
@@ -28,6 +30,10 @@ def varlen_kernel():
     except ImportError:
         return None
     return varlen_attn if torch.cuda.is_available() else None
+
+
+def _takes(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
 
 
 def _causal_kwargs(fn) -> dict:
@@ -51,13 +57,22 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
                                       scaling=scaling, **kwargs)
     max_len = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
     q, k, v = (t.transpose(1, 2).squeeze(0) for t in (query, key, value))   # (tokens, heads, dim)
-    if k.shape[1] != q.shape[1]:  # grouped-query attention
+    fn = varlen_kernel()
+    in_dtype = q.dtype
+    if fn is not None and q.is_cuda and in_dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        # fp32 master weights under autocast: RoPE ran in fp32; flash attention wants bf16/fp16
+        half = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(half), k.to(half), v.to(half)
+    gqa = k.shape[1] != q.shape[1]
+    kw = _causal_kwargs(fn) if fn is not None else {}
+    if gqa and not (fn is not None and _takes(fn, "enable_gqa")):
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    fn = varlen_kernel()
+    elif gqa:
+        kw["enable_gqa"] = True
     if fn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        out = fn(q, k, v, cu.to(torch.int32), cu.to(torch.int32), max_len, max_len, scale=scaling,
-                 **_causal_kwargs(fn))
+        out = fn(q, k, v, cu.to(torch.int32), cu.to(torch.int32), max_len, max_len, scale=scaling, **kw)
+        return out.to(in_dtype).unsqueeze(0), None
     else:
         out = torch.empty_like(q)
         bounds = cu.tolist()
@@ -119,7 +134,46 @@ def chunked_loss_sum(hidden, lm_head_weight, labels, ignore_index: int = -100, c
         logits = torch.nn.functional.linear(hc, lm_head_weight, lm_head_bias).float()
         return torch.nn.functional.cross_entropy(logits, yc, reduction="sum")
 
+    flce = _liger_flce() if h.is_cuda else None
+    if flce is not None:  # fused: gradients computed chunk by chunk in the forward pass
+        w = lm_head_weight.to(h.dtype)
+        b = lm_head_bias.to(h.dtype) if lm_head_bias is not None else None
+        return flce(w, h, y, b).float()
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, h.size(0), chunk_tokens):
         total = total + checkpoint(piece, h[i: i + chunk_tokens], y[i: i + chunk_tokens], use_reentrant=False)
     return total
+
+
+_FLCE = None
+
+
+def _liger_flce():
+    global _FLCE
+    if _FLCE is None:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            _FLCE = LigerFusedLinearCrossEntropyLoss(reduction="sum", ignore_index=-100)
+        except Exception:  # noqa: BLE001 - not installed, or no triton/GPU: the chunked path
+            _FLCE = False
+    return _FLCE or None
+
+
+def apply_liger(model, log=lambda msg: None) -> bool:
+    """Liger's RMSNorm, SwiGLU and RoPE kernels on the model (before adapters are added),
+    where Liger supports its architecture; False if Liger or a GPU is missing."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+    except Exception:  # noqa: BLE001
+        return False
+    if getattr(model.config, "model_type", None) not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return False
+    _apply_liger_kernel_to_instance(model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    log(f"Liger kernels (RMSNorm, SwiGLU, RoPE) on {model.config.model_type}")
+    return True

@@ -327,6 +327,9 @@ def prepare_model(model, lora_cfg: LoraConfig, train_cfg: TrainConfig):
     output layer and norms are NOT upcast to fp32 as peft's prepare_model_for_kbit_training
     would: 4 GiB more for an 8B model, for no gain with bf16 compute)."""
     adapter = train_cfg.method in ("lora", "qlora")
+    if train_cfg.kernels == "auto":
+        from ftpipe.fastpath import apply_liger
+        apply_liger(model)
     if adapter:
         model.requires_grad_(False)
     if train_cfg.gradient_checkpointing:
