@@ -49,7 +49,7 @@ PER_STEP = 64
 
 # name -> settings. recipe: ftpipe | reference | trl. budget: tokens per micro-batch.
 VARIANTS: dict[str, dict] = {
-    "llama-3.2-1b/reference": dict(model="llama-3.2-1b", recipe="reference", method="lora", steps=5, warmup=1),
+    "llama-3.2-1b/reference": dict(model="llama-3.2-1b", recipe="reference", method="lora", steps=3, warmup=1),
     "llama-3.2-1b/trl": dict(model="llama-3.2-1b", recipe="trl", method="lora"),
     "llama-3.2-1b/ftpipe-padded": dict(model="llama-3.2-1b", recipe="ftpipe", method="lora", packing=False,
                                        chunk=0, budget=2048, kernels="none",
