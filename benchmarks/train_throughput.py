@@ -65,6 +65,12 @@ VARIANTS: dict[str, dict] = {
     "qwen2.5-0.5b/ftpipe": dict(model="qwen2.5-0.5b", recipe="ftpipe", method="full", budget=16384),
     "qwen2.5-0.5b/ftpipe-noliger": dict(model="qwen2.5-0.5b", recipe="ftpipe", method="full", budget=16384,
                                         kernels="none", note="varlen + chunked CE, no Liger"),
+    "qwen2.5-0.5b/ftpipe-4k": dict(model="qwen2.5-0.5b", recipe="ftpipe", method="full", budget=4096,
+                                   note="4,096-token micro-batches (memory target)"),
+    "llama-3.2-1b/ftpipe-32k": dict(model="llama-3.2-1b", recipe="ftpipe", method="lora", budget=32768,
+                                    note="32,768-token micro-batches"),
+    "llama-3.1-8b/ftpipe-qlora-nogc": dict(model="llama-3.1-8b", recipe="ftpipe", method="qlora", budget=2048,
+                                           steps=3, warmup=1, note="NF4, 2,048-token micro-batches, no checkpointing"),
     "llama-3.1-8b/ftpipe": dict(model="llama-3.1-8b", recipe="ftpipe", method="lora", budget=6144,
                                 steps=4, warmup=2),
     "llama-3.1-8b/ftpipe-qlora": dict(model="llama-3.1-8b", recipe="ftpipe", method="qlora", budget=2048,
@@ -421,7 +427,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     order = ["llama-3.2-1b/ftpipe", "llama-3.2-1b/ftpipe-noliger", "llama-3.2-1b/trl", "llama-3.2-1b/reference", "qwen2.5-0.5b/ftpipe",
              "qwen2.5-0.5b/ftpipe-noliger", "llama-3.1-8b/ftpipe", "llama-3.1-8b/ftpipe-qlora", "llama-3.2-1b/ftpipe-ddp2",
-             "llama-3.2-1b/ftpipe-padded", "qwen2.5-0.5b/ftpipe-padded"]
+             "llama-3.2-1b/ftpipe-padded", "qwen2.5-0.5b/ftpipe-padded",
+             "qwen2.5-0.5b/ftpipe-4k", "llama-3.2-1b/ftpipe-32k", "llama-3.1-8b/ftpipe-qlora-nogc"]
     names = [n for n in order if not args.only or n in args.only.split(",")]
     results = []
     for name in names:
