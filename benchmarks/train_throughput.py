@@ -48,33 +48,29 @@ PEAK = 989e12
 PER_STEP = 64
 
 # name -> settings. recipe: ftpipe | reference | trl. budget: tokens per micro-batch.
+PADDED = dict(recipe="ftpipe", packing=False, chunk=0, budget=2048, kernels="none",
+              note="bf16 reference: padded batches, full logits, no Liger")
+NO_LIGER = dict(recipe="ftpipe", budget=16384, kernels="none", note="varlen + chunked CE, no Liger")
+L1, Q05, L8 = "llama-3.2-1b", "qwen2.5-0.5b", "llama-3.1-8b"
 VARIANTS: dict[str, dict] = {
-    "llama-3.2-1b/reference": dict(model="llama-3.2-1b", recipe="reference", method="lora", steps=3, warmup=1),
-    "llama-3.2-1b/trl": dict(model="llama-3.2-1b", recipe="trl", method="lora"),
-    "llama-3.2-1b/ftpipe-padded": dict(model="llama-3.2-1b", recipe="ftpipe", method="lora", packing=False,
-                                       chunk=0, budget=2048, kernels="none",
-                                       note="bf16 reference: padded batches, full logits, no Liger"),
-    "llama-3.2-1b/ftpipe": dict(model="llama-3.2-1b", recipe="ftpipe", method="lora", budget=16384),
-    "llama-3.2-1b/ftpipe-noliger": dict(model="llama-3.2-1b", recipe="ftpipe", method="lora", budget=16384,
-                                        kernels="none", note="varlen + chunked CE, no Liger"),
-    "llama-3.2-1b/ftpipe-ddp2": dict(model="llama-3.2-1b", recipe="ftpipe", method="lora", budget=16384,
-                                     devices=2),
-    "qwen2.5-0.5b/ftpipe-padded": dict(model="qwen2.5-0.5b", recipe="ftpipe", method="full", packing=False,
-                                       chunk=0, budget=2048, kernels="none",
-                                       note="bf16 reference: padded batches, full logits, no Liger"),
-    "qwen2.5-0.5b/ftpipe": dict(model="qwen2.5-0.5b", recipe="ftpipe", method="full", budget=16384),
-    "qwen2.5-0.5b/ftpipe-noliger": dict(model="qwen2.5-0.5b", recipe="ftpipe", method="full", budget=16384,
-                                        kernels="none", note="varlen + chunked CE, no Liger"),
-    "qwen2.5-0.5b/ftpipe-4k": dict(model="qwen2.5-0.5b", recipe="ftpipe", method="full", budget=4096,
-                                   note="4,096-token micro-batches (memory target)"),
-    "llama-3.2-1b/ftpipe-32k": dict(model="llama-3.2-1b", recipe="ftpipe", method="lora", budget=32768,
-                                    note="32,768-token micro-batches"),
-    "llama-3.1-8b/ftpipe-qlora-nogc": dict(model="llama-3.1-8b", recipe="ftpipe", method="qlora", budget=2048,
-                                           steps=3, warmup=1, note="NF4, 2,048-token micro-batches, no checkpointing"),
-    "llama-3.1-8b/ftpipe": dict(model="llama-3.1-8b", recipe="ftpipe", method="lora", budget=6144,
-                                steps=4, warmup=2),
-    "llama-3.1-8b/ftpipe-qlora": dict(model="llama-3.1-8b", recipe="ftpipe", method="qlora", budget=2048,
-                                      gc=True, steps=3, warmup=1, note="NF4 + double quant, 2,048-token micro-batches, checkpointing"),
+    f"{L1}/reference": dict(model=L1, recipe="reference", method="lora", steps=3, warmup=1),
+    f"{L1}/trl": dict(model=L1, recipe="trl", method="lora"),
+    f"{L1}/ftpipe-padded": dict(model=L1, method="lora", **PADDED),
+    f"{L1}/ftpipe": dict(model=L1, recipe="ftpipe", method="lora", budget=16384),
+    f"{L1}/ftpipe-noliger": dict(model=L1, method="lora", **NO_LIGER),
+    f"{L1}/ftpipe-ddp2": dict(model=L1, recipe="ftpipe", method="lora", budget=16384, devices=2),
+    f"{L1}/ftpipe-32k": dict(model=L1, recipe="ftpipe", method="lora", budget=32768,
+                             note="32,768-token micro-batches"),
+    f"{Q05}/ftpipe-padded": dict(model=Q05, method="full", **PADDED),
+    f"{Q05}/ftpipe": dict(model=Q05, recipe="ftpipe", method="full", budget=16384),
+    f"{Q05}/ftpipe-noliger": dict(model=Q05, method="full", **NO_LIGER),
+    f"{Q05}/ftpipe-4k": dict(model=Q05, recipe="ftpipe", method="full", budget=4096,
+                             note="4,096-token micro-batches (memory target)"),
+    f"{L8}/ftpipe": dict(model=L8, recipe="ftpipe", method="lora", budget=6144, steps=4, warmup=2),
+    f"{L8}/ftpipe-qlora": dict(model=L8, recipe="ftpipe", method="qlora", budget=2048, gc=True, steps=3, warmup=1,
+                               note="NF4 + double quant, 2,048-token micro-batches, checkpointing"),
+    f"{L8}/ftpipe-qlora-nogc": dict(model=L8, recipe="ftpipe", method="qlora", budget=2048, steps=3, warmup=1,
+                                    note="NF4, 2,048-token micro-batches, no checkpointing"),
 }
 QUICK = {"llama-3.2-1b": "tiny-llama", "qwen2.5-0.5b": "tiny-qwen", "llama-3.1-8b": "tiny-llama"}
 
@@ -303,6 +299,18 @@ def _sequential(trainer_cls):
     return Sequential
 
 
+def _train_timed(trainer, timer, t0, examples, steps, warmup, device, **extra) -> dict:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    setup_s = time.perf_counter() - t0
+    trainer.train()
+    tokens = [sum(len(e[0]) for e in examples[s * PER_STEP:(s + 1) * PER_STEP]) for s in range(warmup + steps)]
+    return {"setup_s": setup_s, "step_s": timer.times, "losses": timer.losses, "tokens": tokens, "world": 1,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None, **extra}
+
+
 def run_reference(v: dict, cfg, examples, steps: int, warmup: int, device: str) -> dict:
     """The recipe as widely published: HF Trainer, default arguments (fp32), LoRA r=16
     alpha=32 on peft's default modules, batch 4 (x16 accumulation = 64 per step), dynamic padding."""
@@ -328,14 +336,7 @@ def run_reference(v: dict, cfg, examples, steps: int, warmup: int, device: str) 
                                  disable_tqdm=True, dataloader_num_workers=0, use_cpu=device != "cuda")
         trainer = _sequential(Trainer)(model=model, args=args, train_dataset=data, data_collator=collator,
                                        callbacks=[timer.callback()])
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        setup_s = time.perf_counter() - t0
-        trainer.train()
-    tokens = [sum(len(e[0]) for e in examples[s * PER_STEP:(s + 1) * PER_STEP]) for s in range(warmup + steps)]
-    return {"setup_s": setup_s, "step_s": timer.times, "losses": timer.losses, "tokens": tokens,
-            "n_adapter": n_adapter, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
-            "world": 1}
+        return _train_timed(trainer, timer, t0, examples, steps, warmup, device, n_adapter=n_adapter)
 
 
 def run_trl(v: dict, cfg, examples, steps: int, warmup: int, device: str) -> dict:
@@ -368,14 +369,7 @@ def run_trl(v: dict, cfg, examples, steps: int, warmup: int, device: str) -> dic
                                                                      task_type="CAUSAL_LM"),
                                           callbacks=[timer.callback()])
         n_adapter = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        setup_s = time.perf_counter() - t0
-        trainer.train()
-    tokens = [sum(len(e[0]) for e in examples[s * PER_STEP:(s + 1) * PER_STEP]) for s in range(warmup + steps)]
-    return {"setup_s": setup_s, "step_s": timer.times, "losses": timer.losses, "tokens": tokens,
-            "n_adapter": n_adapter, "liger": liger,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None, "world": 1}
+        return _train_timed(trainer, timer, t0, examples, steps, warmup, device, n_adapter=n_adapter, liger=liger)
 
 
 # ------------------------------------------------------------------ one variant / all of them

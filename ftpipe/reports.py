@@ -10,14 +10,9 @@ from pathlib import Path
 
 from ftpipe.config import PipelineConfig
 from ftpipe.gate import KEY_METRICS, EvalReport, PromotionResult
+from ftpipe.summary import _fmt as _f
 
 
-def _f(v) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
 
 
 def _rows(report: EvalReport) -> list[tuple[str, dict]]:

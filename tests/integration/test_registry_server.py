@@ -37,6 +37,16 @@ def _reg(tracking: str, **kw) -> RegistryConfig:
     return RegistryConfig(tracking_uri=tracking, experiment="gates", model_name=NAME, promotion=_policy(**kw))
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a server started in its own session, with its workers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _sql(statement: str) -> None:
     import psycopg
 
@@ -59,12 +69,7 @@ def server(tmp_path_factory):
         wait_http(f"http://127.0.0.1:{port}/health", 180, proc)
         yield {"uri": f"http://127.0.0.1:{port}", "dir": d}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc)
         log.close()
         _sql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
@@ -287,9 +292,4 @@ def test_mlflow_models_serve_answers_with_the_champion(server, models):
             params={"max_new_tokens": 6})
         assert list(local) == preds
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc)
