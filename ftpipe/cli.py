@@ -224,9 +224,10 @@ def models(
     for r in rows:
         table.add_row(r["version"], ", ".join(r["aliases"]), r["created"], r["method"], fmt(r[m]),
                       fmt(r["eval_loss"]), fmt(r["forgetting"]), r["decision"], r["summary"][:160])
-    Console().print(table)
     if not rows:
-        print(f"no versions yet: `ftpipe run` registers the first")
+        print(f"{cfg.registry.model_name}: no versions yet; `ftpipe run` registers the first")
+        return
+    Console().print(table)
 
 
 @app.command()
