@@ -112,7 +112,10 @@ def make_project(dest: Path, tweaks: dict | None = None, tiny: bool = True) -> P
 
 def run_cli(args: list[str], project: Path, env_extra: dict | None = None,
             timeout: int = 600) -> subprocess.CompletedProcess:
-    env = os.environ | {"COLUMNS": "200"} | (env_extra or {})
+    # mlflow.set_tracking_uri() in an earlier test exports MLFLOW_TRACKING_URI: never let
+    # that leak into a project's own run
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    env = env | {"COLUMNS": "200"} | (env_extra or {})
     return subprocess.run([str(BIN / "ftpipe"), *args, "--project", str(project)], cwd=project,
                           env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -54,6 +54,22 @@ def _sql(statement: str) -> None:
         con.execute(statement)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_tracking_uri():
+    """registry.setup / mlflow.set_tracking_uri export MLFLOW_TRACKING_URI: undo it for the
+    tests that come after this module."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"] or "")
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`mlflow server` on a fresh PostgreSQL database, through the project's launcher."""
