@@ -62,12 +62,15 @@ def _restore_tracking_uri():
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     yield
-    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"] or "")
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])   # None: follow the tracking URI again
+    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"] or "")
+    if saved["MLFLOW_TRACKING_URI"] is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="module")
