@@ -63,31 +63,27 @@ def test_packing_follows_padding_on_gpu(tiny, tmp_path):
     assert packed.tokens == padded.tokens
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_two_gpus_under_torchrun_match_one(tiny, tmp_path):
-    one = _train(tiny, tmp_path / "one", max_steps=40)
+def _one_vs_two(tiny, tmp_path, label: str, **cfg):
+    """The same recipe on one GPU and on two under torchrun: the same final and validation loss."""
+    one = _train(tiny, tmp_path / "one", **cfg)
     two = train(ModelConfig(base=str(tiny / "base")), LoraConfig(r=16, alpha=32),
-                TrainConfig(method="lora", max_steps=40, batch_size=32, lr=2e-3, log_every=10,
-                            warmup_steps=5, checkpoint_every=0, devices=2),
+                TrainConfig(**({"method": "lora", "max_steps": 60, "batch_size": 32, "lr": 2e-3, "log_every": 10,
+                                "warmup_steps": 5, "checkpoint_every": 0} | cfg), devices=2),
                 str(tiny / "train.jsonl"), str(tiny / "val.jsonl"), tmp_path / "two", log=print)
     a = [l for _, l in one.loss_history]
     b = [l for _, l in two.loss_history]
-    print("1 GPU ", [round(x, 4) for x in a], f"val {one.val_loss:.4f}",
-          "\n2 GPUs", [round(x, 4) for x in b], f"val {two.val_loss:.4f}")
+    print(f"1 GPU {'':{len(label)}}", [round(x, 4) for x in a], f"val {one.val_loss:.4f}",
+          f"\n2 GPUs {label}", [round(x, 4) for x in b], f"val {two.val_loss:.4f}")
     assert b[-1] == pytest.approx(a[-1], rel=3e-2) and two.val_loss == pytest.approx(one.val_loss, rel=3e-2)
     assert two.tokens == one.tokens
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_under_torchrun_match_one(tiny, tmp_path):
+    _one_vs_two(tiny, tmp_path, "DDP", max_steps=40)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_fsdp_on_two_gpus_matches_one(tiny, tmp_path):
-    cfg = dict(method="full", max_steps=30, batch_size=32, lr=1e-3, log_every=10, warmup_steps=5,
-               checkpoint_every=10)
-    one = _train(tiny, tmp_path / "one", **cfg)
-    two = train(ModelConfig(base=str(tiny / "base")), LoraConfig(r=16, alpha=32),
-                TrainConfig(**cfg, devices=2, strategy="fsdp"),
-                str(tiny / "train.jsonl"), str(tiny / "val.jsonl"), tmp_path / "two", log=print)
-    a = [l for _, l in one.loss_history]
-    b = [l for _, l in two.loss_history]
-    print("1 GPU      ", [round(x, 4) for x in a], f"val {one.val_loss:.4f}",
-          "\n2 GPUs FSDP", [round(x, 4) for x in b], f"val {two.val_loss:.4f}")
-    assert b[-1] == pytest.approx(a[-1], rel=3e-2) and two.val_loss == pytest.approx(one.val_loss, rel=3e-2)
+    _one_vs_two(tiny, tmp_path, "FSDP", method="full", max_steps=30, lr=1e-3, checkpoint_every=10,
+                strategy="fsdp")
