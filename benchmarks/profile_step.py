@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Profile one optimizer step of ftpipe's recipe on a benchmark shape (torch.profiler):
-where the time of a step goes, CPU side and GPU side.
+"""Profile optimizer steps of ftpipe's recipe on a benchmark shape (torch.profiler): where the
+time of a step goes, CPU side and GPU side, and how busy the GPU is.
 
-    python3 benchmarks/profile_step.py [--model llama-3.2-1b] [--method lora] [--budget 16384]
+    python3 benchmarks/profile_step.py [--model llama-3.2-1b] [--method lora] [--budget 16384] [--trace out.json.gz]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,6 +23,9 @@ def main() -> None:
     ap.add_argument("--model", default="llama-3.2-1b")
     ap.add_argument("--method", default="lora")
     ap.add_argument("--budget", type=int, default=16384)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--gc", action="store_true")
+    ap.add_argument("--trace", default=None, help="write a Chrome trace here (.json.gz)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     import torch
@@ -29,16 +33,28 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = tt.load_config(args.model, args.quick)
-    examples = tt.make_examples(4 * tt.PER_STEP, cfg.vocab_size)
-    v = dict(model=args.model, recipe="ftpipe", method=args.method, budget=args.budget)
-    tt.run_ftpipe(v, cfg, examples[: 2 * tt.PER_STEP], steps=1, warmup=1, device=device)   # warm
+    n = (args.steps + 2) * tt.PER_STEP
+    examples = tt.make_examples(n, cfg.vocab_size)
+    v = dict(model=args.model, recipe="ftpipe", method=args.method, budget=args.budget, gc=args.gc)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=acts) as prof:
-        res = tt.run_ftpipe(v, cfg, examples[2 * tt.PER_STEP:], steps=1, warmup=1, device=device)
-    print("step seconds", [round(x, 3) for x in res["step_s"]], "tokens", res["tokens"])
-    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
-    print(prof.key_averages().table(sort_by=key, row_limit=30))
+    with profile(activities=acts, with_stack=os.environ.get("FTPIPE_PROFILE_STACK") == "1") as prof:
+        t0 = time.perf_counter()
+        res = tt.run_ftpipe(v, cfg, examples, steps=args.steps, warmup=2, device=device)
+        wall = time.perf_counter() - t0
+    print(f"== {args.model} {args.method} budget {args.budget}: step seconds",
+          [round(x, 3) for x in res["step_s"]], "tokens", res["tokens"], f"run {wall:.1f}s")
+    ka = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in ka if e.device_type.name == "CUDA") if device == "cuda" else 0
+    print(f"GPU kernel time over the whole profiled run: {gpu_us / 1e6:.2f} s "
+          f"(warm-up included); sum of step wall: {sum(res['step_s']):.2f} s")
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    if device == "cuda":
+        print(ka.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+    if os.environ.get("FTPIPE_PROFILE_STACK") == "1":
+        print(prof.key_averages(group_by_stack_n=6).table(sort_by="self_cpu_time_total", row_limit=12,
+                                                           max_name_column_width=60))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
 
 
 if __name__ == "__main__":

@@ -56,21 +56,42 @@ VARIANTS: dict[str, dict] = {
     f"{L1}/reference": dict(model=L1, recipe="reference", method="lora", steps=3, warmup=1),
     f"{L1}/trl": dict(model=L1, recipe="trl", method="lora"),
     f"{L1}/ftpipe-padded": dict(model=L1, method="lora", **PADDED),
-    f"{L1}/ftpipe": dict(model=L1, recipe="ftpipe", method="lora", budget=16384),
+    # ftpipe as a GPU run of the pipeline trains: packed varlen rows, fused CE, torch.compile
+    f"{L1}/ftpipe": dict(model=L1, recipe="ftpipe", method="lora", budget=16384, compile=True, warmup=3),
+    f"{L1}/ftpipe-eager": dict(model=L1, recipe="ftpipe", method="lora", budget=16384,
+                               note="no torch.compile (Liger RMSNorm/SwiGLU/RoPE instead)"),
     f"{L1}/ftpipe-noliger": dict(model=L1, method="lora", **NO_LIGER),
+    f"{L1}/ftpipe-peftcast": dict(model=L1, recipe="ftpipe", method="lora", budget=16384, peft_cast=True,
+                                  note="eager, peft casting each adapter input to fp32 (its default)"),
     f"{L1}/ftpipe-ddp2": dict(model=L1, recipe="ftpipe", method="lora", budget=16384, devices=2),
-    f"{L1}/ftpipe-32k": dict(model=L1, recipe="ftpipe", method="lora", budget=32768,
+    f"{L1}/ftpipe-32k": dict(model=L1, recipe="ftpipe", method="lora", budget=32768, compile=True, warmup=3,
                              note="32,768-token micro-batches"),
     f"{Q05}/ftpipe-padded": dict(model=Q05, method="full", **PADDED),
-    f"{Q05}/ftpipe": dict(model=Q05, recipe="ftpipe", method="full", budget=16384),
+    f"{Q05}/ftpipe": dict(model=Q05, recipe="ftpipe", method="full", budget=16384, compile=True, warmup=3),
+    f"{Q05}/ftpipe-eager": dict(model=Q05, recipe="ftpipe", method="full", budget=16384,
+                                note="no torch.compile (Liger kernels instead)"),
     f"{Q05}/ftpipe-noliger": dict(model=Q05, method="full", **NO_LIGER),
     f"{Q05}/ftpipe-4k": dict(model=Q05, recipe="ftpipe", method="full", budget=4096,
-                             note="4,096-token micro-batches (memory target)"),
-    f"{L8}/ftpipe": dict(model=L8, recipe="ftpipe", method="lora", budget=6144, steps=4, warmup=2),
+                             note="eager, 4,096-token micro-batches (memory target)"),
+    f"{Q05}/ftpipe-gc": dict(model=Q05, recipe="ftpipe", method="full", budget=16384, gc=True,
+                             note="eager, activation checkpointing, 16k"),
+    f"{Q05}/ftpipe-gc-32k": dict(model=Q05, recipe="ftpipe", method="full", budget=32768, gc=True, compile=True,
+                                 warmup=3, note="checkpointing + compile, 32,768-token micro-batches"),
+    f"{L8}/ftpipe": dict(model=L8, recipe="ftpipe", method="lora", budget=6144, steps=4, warmup=3, compile=True),
+    f"{L8}/ftpipe-eager": dict(model=L8, recipe="ftpipe", method="lora", budget=6144, steps=4, warmup=2,
+                               note="no torch.compile"),
     f"{L8}/ftpipe-qlora": dict(model=L8, recipe="ftpipe", method="qlora", budget=2048, gc=True, steps=3, warmup=1,
                                note="NF4 + double quant, 2,048-token micro-batches, checkpointing"),
     f"{L8}/ftpipe-qlora-nogc": dict(model=L8, recipe="ftpipe", method="qlora", budget=2048, steps=3, warmup=1,
                                     note="NF4, 2,048-token micro-batches, no checkpointing"),
+    f"{L8}/ftpipe-qlora-8k": dict(model=L8, recipe="ftpipe", method="qlora", budget=8192, gc=True, steps=3,
+                                  warmup=1, note="NF4, sequences up to 2,048 packed 8,192 tokens a micro-batch, "
+                                                 "checkpointing"),
+    f"{L8}/ftpipe-qlora-8k-compile": dict(model=L8, recipe="ftpipe", method="qlora", budget=8192, gc=True,
+                                          compile=True, steps=3, warmup=2,
+                                          note="NF4, 8,192-token micro-batches, checkpointing, torch.compile"),
+    f"{L8}/ftpipe-qlora-16k": dict(model=L8, recipe="ftpipe", method="qlora", budget=16384, gc=True, steps=3,
+                                   warmup=1, note="NF4, 16,384-token micro-batches, checkpointing"),
 }
 QUICK = {"llama-3.2-1b": "tiny-llama", "qwen2.5-0.5b": "tiny-qwen", "llama-3.1-8b": "tiny-llama"}
 
@@ -172,7 +193,7 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str) -> 
     import torch.distributed as dist
 
     from ftpipe.config import LoraConfig, TrainConfig
-    from ftpipe.fastpath import register
+    from ftpipe.fastpath import adapter_autocast, register
     from ftpipe.formatting import collate, pack_flat
     from ftpipe.training import IGNORE_INDEX, LossModel, prepare_model, token_loss_sum
 
@@ -194,7 +215,7 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str) -> 
         model = quantize_nf4(model, dtype)
     lora = LoraConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
     tc = TrainConfig(method=method, gradient_checkpointing=bool(v.get("gc")), packing=packing,
-                     loss_chunk_tokens=chunk, kernels=v.get("kernels", "auto"))
+                     loss_chunk_tokens=chunk, kernels=v.get("kernels", "auto"), compile=bool(v.get("compile")))
     model = prepare_model(model, lora, tc)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_adapter = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
@@ -204,6 +225,7 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str) -> 
         runner = torch.nn.parallel.DistributedDataParallel(runner, device_ids=[local] if device == "cuda" else None)
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, fused=device == "cuda")
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+    adapter_cast = adapter_autocast(model, method != "full" and bf16 and not v.get("peft_cast"))
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -224,7 +246,7 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str) -> 
         for b in batches:
             b = {k: (x.to(dev, non_blocking=True) if hasattr(x, "to") else x) for k, x in b.items()
                  if k not in ("lengths", "real")}
-            with autocast:
+            with autocast, adapter_cast:
                 if loss_model is not None:
                     loss = runner(**b)
                 else:
@@ -423,7 +445,12 @@ def main() -> None:
              "qwen2.5-0.5b/ftpipe-noliger", "llama-3.1-8b/ftpipe", "llama-3.1-8b/ftpipe-qlora", "llama-3.2-1b/ftpipe-ddp2",
              "llama-3.2-1b/ftpipe-padded", "qwen2.5-0.5b/ftpipe-padded",
              "qwen2.5-0.5b/ftpipe-4k", "llama-3.2-1b/ftpipe-32k", "llama-3.1-8b/ftpipe-qlora-nogc"]
-    names = [n for n in order if not args.only or n in args.only.split(",")]
+    order += [n for n in VARIANTS if n not in order]
+    wanted = [n for n in args.only.split(",") if n]
+    unknown = [n for n in wanted if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--only: unknown variant(s) {', '.join(unknown)}; known: {', '.join(order)}")
+    names = wanted or order
     results = []
     for name in names:
         v = VARIANTS[name]
@@ -482,7 +509,11 @@ def table(results: list[dict]) -> str:
               f"| Llama-3.2-1B ftpipe / reference | {ratio('llama-3.2-1b/ftpipe', 'llama-3.2-1b/reference')} |",
               f"| Llama-3.2-1B ftpipe / TRL | {ratio('llama-3.2-1b/ftpipe', 'llama-3.2-1b/trl')} |",
               f"| Llama-3.2-1B 2 GPUs / 1 GPU | {ratio('llama-3.2-1b/ftpipe-ddp2', 'llama-3.2-1b/ftpipe')} |",
-              f"| Llama-3.1-8B QLoRA / LoRA | {ratio('llama-3.1-8b/ftpipe-qlora', 'llama-3.1-8b/ftpipe')} |", ""]
+              f"| Llama-3.2-1B 2 GPUs / 1 GPU (eager) | {ratio('llama-3.2-1b/ftpipe-ddp2', 'llama-3.2-1b/ftpipe-eager')} |",
+              f"| Llama-3.1-8B QLoRA / LoRA | {ratio('llama-3.1-8b/ftpipe-qlora', 'llama-3.1-8b/ftpipe')} |",
+              f"| Llama-3.1-8B QLoRA 8k / LoRA | {ratio('llama-3.1-8b/ftpipe-qlora-8k', 'llama-3.1-8b/ftpipe')} |",
+              f"| Llama-3.1-8B QLoRA 8k compiled / LoRA | {ratio('llama-3.1-8b/ftpipe-qlora-8k-compile', 'llama-3.1-8b/ftpipe')} |",
+              f"| Llama-3.1-8B QLoRA 16k / LoRA | {ratio('llama-3.1-8b/ftpipe-qlora-16k', 'llama-3.1-8b/ftpipe')} |", ""]
     return "\n".join(lines)
 
 

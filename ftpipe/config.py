@@ -212,6 +212,10 @@ class TrainConfig(_Section):
     # Liger kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) when installed and on
     # a GPU: auto uses them if present; none never does.
     kernels: Literal["auto", "none"] = "auto"
+    # torch.compile each decoder layer (one compiled graph reused by every layer; dynamic
+    # shapes, so packed micro-batches of any length reuse it). Fewer kernel launches and
+    # fused elementwise work on a GPU; costs a compile at the start. CUDA only.
+    compile: bool = False
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     log_every: int = Field(20, ge=1)

@@ -327,7 +327,8 @@ def prepare_model(model, lora_cfg: LoraConfig, train_cfg: TrainConfig):
     output layer and norms are NOT upcast to fp32 as peft's prepare_model_for_kbit_training
     would: 4 GiB more for an 8B model, for no gain with bf16 compute)."""
     adapter = train_cfg.method in ("lora", "qlora")
-    if train_cfg.kernels == "auto":
+    if train_cfg.kernels == "auto" and not train_cfg.compile:
+        # (compiled layers get their RMSNorm/SwiGLU/RoPE fused by inductor instead)
         from ftpipe.fastpath import apply_liger
         apply_liger(model)
     if adapter:
@@ -346,6 +347,9 @@ def prepare_model(model, lora_cfg: LoraConfig, train_cfg: TrainConfig):
             r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
             target_modules=lora_cfg.target_modules, use_dora=lora_cfg.use_dora,
             use_rslora=lora_cfg.use_rslora, task_type="CAUSAL_LM"))
+    if train_cfg.compile:
+        from ftpipe.fastpath import compile_layers
+        compile_layers(model)
     return model
 
 
@@ -458,8 +462,10 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
         return train_cfg.min_lr_ratio + (1 - train_cfg.min_lr_ratio) * shape
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    autocast = torch.autocast(device.type, dtype=dtype,
-                              enabled=device.type == "cuda" and dtype != torch.float32)
+    use_autocast = device.type == "cuda" and dtype != torch.float32
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=use_autocast)
+    from ftpipe.fastpath import adapter_autocast
+    adapter_cast = adapter_autocast(core, adapter and use_autocast)
 
     # ---- resume -----------------------------------------------------------------------
     # A checkpoint is only resumed by the same recipe on the same data: its fingerprint.
@@ -526,7 +532,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
             for b in batches:
                 embed._ftpipe_lengths = b.pop("lengths")
-                with autocast:
+                with autocast, adapter_cast:
                     if loss_model is not None:
                         loss_sum = model(**{k: v for k, v in b.items() if k != "attention_mask"
                                             or "position_ids" not in b})
