@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--gc", action="store_true")
+    ap.add_argument("--compile", action="store_true")
     ap.add_argument("--trace", default=None, help="write a Chrome trace here (.json.gz)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -35,7 +36,8 @@ def main() -> None:
     cfg = tt.load_config(args.model, args.quick)
     n = (args.steps + 2) * tt.PER_STEP
     examples = tt.make_examples(n, cfg.vocab_size)
-    v = dict(model=args.model, recipe="ftpipe", method=args.method, budget=args.budget, gc=args.gc)
+    v = dict(model=args.model, recipe="ftpipe", method=args.method, budget=args.budget, gc=args.gc,
+             compile=args.compile)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts, with_stack=os.environ.get("FTPIPE_PROFILE_STACK") == "1") as prof:
         t0 = time.perf_counter()

@@ -77,6 +77,12 @@ VARIANTS: dict[str, dict] = {
                              note="eager, activation checkpointing, 16k"),
     f"{Q05}/ftpipe-gc-32k": dict(model=Q05, recipe="ftpipe", method="full", budget=32768, gc=True, compile=True,
                                  warmup=3, note="checkpointing + compile, 32,768-token micro-batches"),
+    f"{Q05}/ftpipe-gc-32k-flce": dict(model=Q05, recipe="ftpipe", method="full", budget=32768, gc=True, compile=True,
+                                      warmup=3, fused=True, note="as gc-32k, with Liger's fused linear cross-entropy"),
+    f"{Q05}/ftpipe-gc-32k-c2k": dict(model=Q05, recipe="ftpipe", method="full", budget=32768, gc=True, compile=True,
+                                     warmup=3, chunk=2048, note="as gc-32k, loss chunks of 2,048 tokens"),
+    f"{L1}/ftpipe-chunked": dict(model=L1, recipe="ftpipe", method="lora", budget=16384, compile=True, warmup=3,
+                                 fused=False, note="as ftpipe, chunked loss instead of Liger's fused one"),
     f"{L8}/ftpipe": dict(model=L8, recipe="ftpipe", method="lora", budget=6144, steps=4, warmup=3, compile=True),
     f"{L8}/ftpipe-eager": dict(model=L8, recipe="ftpipe", method="lora", budget=6144, steps=4, warmup=2,
                                note="no torch.compile"),
@@ -90,6 +96,12 @@ VARIANTS: dict[str, dict] = {
     f"{L8}/ftpipe-qlora-8k-compile": dict(model=L8, recipe="ftpipe", method="qlora", budget=8192, gc=True,
                                           compile=True, steps=3, warmup=2,
                                           note="NF4, 8,192-token micro-batches, checkpointing, torch.compile"),
+    f"{L8}/ftpipe-qlora-7k-compile": dict(model=L8, recipe="ftpipe", method="qlora", budget=7168, gc=True,
+                                          compile=True, steps=3, warmup=2,
+                                          note="NF4, 7,168-token micro-batches, checkpointing, torch.compile"),
+    f"{L8}/ftpipe-qlora-6k-compile": dict(model=L8, recipe="ftpipe", method="qlora", budget=6144, gc=True,
+                                          compile=True, steps=3, warmup=2,
+                                          note="NF4, 6,144-token micro-batches, checkpointing, torch.compile"),
     f"{L8}/ftpipe-qlora-16k": dict(model=L8, recipe="ftpipe", method="qlora", budget=16384, gc=True, steps=3,
                                    warmup=1, note="NF4, 16,384-token micro-batches, checkpointing"),
 }
@@ -219,7 +231,7 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str) -> 
     model = prepare_model(model, lora, tc)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_adapter = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
-    loss_model = LossModel.build(model, chunk) if chunk else None
+    loss_model = LossModel.build(model, chunk, v.get("fused")) if chunk else None
     runner = loss_model or model
     if world > 1:
         runner = torch.nn.parallel.DistributedDataParallel(runner, device_ids=[local] if device == "cuda" else None)
@@ -513,6 +525,8 @@ def table(results: list[dict]) -> str:
               f"| Llama-3.1-8B QLoRA / LoRA | {ratio('llama-3.1-8b/ftpipe-qlora', 'llama-3.1-8b/ftpipe')} |",
               f"| Llama-3.1-8B QLoRA 8k / LoRA | {ratio('llama-3.1-8b/ftpipe-qlora-8k', 'llama-3.1-8b/ftpipe')} |",
               f"| Llama-3.1-8B QLoRA 8k compiled / LoRA | {ratio('llama-3.1-8b/ftpipe-qlora-8k-compile', 'llama-3.1-8b/ftpipe')} |",
+              f"| Llama-3.1-8B QLoRA 7k compiled / LoRA | {ratio('llama-3.1-8b/ftpipe-qlora-7k-compile', 'llama-3.1-8b/ftpipe')} |",
+              f"| Llama-3.1-8B QLoRA 6k compiled / LoRA | {ratio('llama-3.1-8b/ftpipe-qlora-6k-compile', 'llama-3.1-8b/ftpipe')} |",
               f"| Llama-3.1-8B QLoRA 16k / LoRA | {ratio('llama-3.1-8b/ftpipe-qlora-16k', 'llama-3.1-8b/ftpipe')} |", ""]
     return "\n".join(lines)
 

@@ -200,7 +200,8 @@ class TrainConfig(_Section):
     # Packing: a step's examples are laid end to end in rows of max_seq_len tokens with
     # position ids restarting per example, so attention never crosses examples and the
     # loss equals the padded batch's; only the padding work disappears.
-    packing: bool = False
+    # auto: on for GPU runs (the fast path), off on CPU.
+    packing: bool | Literal["auto"] = "auto"
     # Attention for packed rows: "auto" = varlen flash attention (PyTorch's varlen_attn, one
     # row per micro-batch, no padding, no mask) unless model.attn_implementation says
     # otherwise; "rows" = rows of max_seq_len with transformers' own packed-sequence masks.
@@ -214,8 +215,9 @@ class TrainConfig(_Section):
     kernels: Literal["auto", "none"] = "auto"
     # torch.compile each decoder layer (one compiled graph reused by every layer; dynamic
     # shapes, so packed micro-batches of any length reuse it). Fewer kernel launches and
-    # fused elementwise work on a GPU; costs a compile at the start. CUDA only.
-    compile: bool = False
+    # fused elementwise work on a GPU; costs a compile at the start (~20-45 s). CUDA only.
+    # auto: on for a one-GPU run; off on CPU and under torchrun (multi-GPU measured eager).
+    compile: bool | Literal["auto"] = "auto"
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     log_every: int = Field(20, ge=1)
@@ -235,6 +237,15 @@ class TrainConfig(_Section):
     # the same recipe under torchrun, one process per device.
     devices: int | Literal["auto"] = 1
     strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    def resolved(self, cuda: bool, world: int = 1) -> "TrainConfig":
+        """This config with every `auto` speed setting decided for the device it runs on."""
+        update = {}
+        if self.packing == "auto":
+            update["packing"] = cuda
+        if self.compile == "auto":
+            update["compile"] = cuda and world == 1
+        return self.model_copy(update=update)
 
     @model_validator(mode="after")
     def _checks(self) -> "TrainConfig":

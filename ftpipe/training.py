@@ -182,7 +182,7 @@ class LossModel:
                 and not getattr(base, "_ftpipe_no_chunked_loss", False))
 
     @staticmethod
-    def build(core, chunk_tokens: int):
+    def build(core, chunk_tokens: int, fused: bool | None = None):
         import torch
 
         from ftpipe.fastpath import chunked_loss_sum
@@ -198,7 +198,7 @@ class LossModel:
             def forward(self, input_ids, labels, **kwargs):
                 hidden = self._body(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
                 return chunked_loss_sum(hidden, self._head.weight, labels, IGNORE_INDEX, chunk_tokens,
-                                        getattr(self._head, "bias", None))
+                                        getattr(self._head, "bias", None), fused)
 
         return _LossModel()
 
@@ -326,6 +326,9 @@ def prepare_model(model, lora_cfg: LoraConfig, train_cfg: TrainConfig):
     benchmarks. QLoRA/int8: the quantized base is frozen and stays as loaded (its embeddings,
     output layer and norms are NOT upcast to fp32 as peft's prepare_model_for_kbit_training
     would: 4 GiB more for an 8B model, for no gain with bf16 compute)."""
+    import torch
+
+    train_cfg = train_cfg.resolved(torch.cuda.is_available(), int(os.environ.get("WORLD_SIZE", "1")))
     adapter = train_cfg.method in ("lora", "qlora")
     if train_cfg.kernels == "auto" and not train_cfg.compile:
         # (compiled layers get their RMSNorm/SwiGLU/RoPE fused by inductor instead)
@@ -375,6 +378,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
         torch.cuda.set_device(local_rank)
     main = rank == 0
     say = log if main else (lambda msg: None)
+    train_cfg = train_cfg.resolved(torch.cuda.is_available(), world)
     torch.manual_seed(train_cfg.seed)
     random.seed(train_cfg.seed)
 
@@ -402,7 +406,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
         embed.register_forward_hook(_neftune_hook(train_cfg.neftune_alpha))
     core = model  # the unwrapped model: what is saved and evaluated
     # The loss from hidden states in chunks (not under FSDP: its root owns the output layer).
-    loss_model = LossModel.build(core, train_cfg.loss_chunk_tokens) \
+    loss_model = LossModel.build(core, train_cfg.loss_chunk_tokens, None if train_cfg.kernels == "auto" else False) \
         if train_cfg.loss_chunk_tokens and LossModel.supported(core) and not (
             world > 1 and train_cfg.strategy == "fsdp") else None
     if world > 1:

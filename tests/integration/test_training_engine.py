@@ -280,3 +280,51 @@ def test_fsdp_run_whose_launcher_is_killed_resumes_with_the_same_curve(tiny, tmp
     assert res.resumed_from in (6, 9)
     assert _losses(res) == pytest.approx(_losses(reference), rel=1e-4)
     assert res.val_loss == pytest.approx(reference.val_loss, rel=1e-4)
+
+
+def test_bf16_adapter_inputs_give_peft_s_loss_and_fp32_adapter_gradients(tiny):
+    """adapter_autocast: under bf16 autocast the LoRA layers skip peft's fp32 copy of their
+    input; the loss and the adapters' gradients stay those of peft's own path (the adapter
+    matmuls run in bf16 under autocast either way), and peft's setting is back afterwards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftpipe.fastpath import adapter_autocast
+    from ftpipe.training import prepare_model
+
+    m, lo, t = _cfg(tiny)
+    torch.manual_seed(0)
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(tiny / "base"), lo, t.model_copy(update={"kernels": "none"}))
+    for n, p in model.named_parameters():          # non-zero B: the adapters take part in the loss
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    tok = AutoTokenizer.from_pretrained(tiny / "base")
+    rows = [json.loads(x) for x in (tiny / "train.jsonl").read_text().splitlines()[:4]]
+    batch = collate([encode(tok, r, 64, True) for r in rows], tok.pad_token_id)
+
+    def run(active):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16), adapter_autocast(model, active) as ctx:
+            if active:
+                assert ctx.layers and all(not x.cast_input_dtype_enabled for x in ctx.layers)
+            loss, n = token_loss_sum(model, batch)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        return float(loss.detach() / n), grads
+
+    base_loss, base_grads = run(False)
+    loss, grads = run(True)
+    assert all(x.cast_input_dtype_enabled for x in adapter_autocast(model, True).layers)   # restored
+    assert loss == pytest.approx(base_loss, rel=2e-2)
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    for k, g in grads.items():
+        assert torch.allclose(g, base_grads[k], rtol=0.1, atol=1e-3 * float(base_grads[k].abs().max()) + 1e-6), k
+
+
+def test_gpu_speed_settings_resolve_by_device():
+    t = TrainConfig()
+    assert (t.packing, t.compile) == ("auto", "auto")             # params.yaml's default
+    assert (t.resolved(cuda=False).packing, t.resolved(cuda=False).compile) == (False, False)
+    assert (t.resolved(cuda=True).packing, t.resolved(cuda=True).compile) == (True, True)
+    assert t.resolved(cuda=True, world=2).compile is False        # torchrun runs stay eager
+    pinned = TrainConfig(packing=False, compile=True)
+    assert (pinned.resolved(cuda=True).packing, pinned.resolved(cuda=False).compile) == (False, True)
