@@ -253,7 +253,67 @@ def serve(
     os.execve(cmd[0], cmd, env)
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Data versions: status, SQL exports.")
+@app.command()
+def lineage(
+    model: Optional[str] = typer.Argument(None, help="models:/NAME@alias, models:/NAME/VERSION or a run id"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON document"),
+    report: Optional[Path] = typer.Option(None, "--report", help="also write a self-contained HTML audit report"),
+    source: Optional[str] = typer.Option(None, "--source", help="which versions learned from this source file"),
+    row_hash: Optional[str] = typer.Option(None, "--row-hash", help="which versions' data held this row (_hash)"),
+    config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
+    project: Path = typer.Option(Path("."), "--project", "-p"),
+) -> None:
+    """Audit a model version's lineage (code, config, data, GX, sources, quarantine, flow run),
+    verifying every link; exit 1 naming each broken one. Or, with --source / --row-hash,
+    list every version that learned from a file or a row."""
+    import json
+
+    cfg, project = _registry(config, project)
+    from ftpipe import audit as au
+    from ftpipe import registry
+
+    client = registry.client()
+    try:
+        if source or row_hash:
+            if model:
+                _fail("give a MODEL or --source/--row-hash, not both", 2)
+            hits = (au.versions_with_source(client, project, source) if source
+                    else au.versions_with_row(client, project, row_hash, cfg.data.remote))
+            what = f"source {source}" if source else f"row {row_hash}"
+            if as_json:
+                print(json.dumps({"query": {"source": source, "row_hash": row_hash}, "versions": hits}, indent=2))
+                return
+            if not hits:
+                print(f"no registered model version learned from {what}")
+                return
+            print(f"{len(hits)} model version(s) learned from {what}:")
+            for h in hits:
+                extra = h.get("error") or (f"matched by {h['matched_by']}, sha256 {h['sha256'][:16]}…" if source
+                                           else f"in {h['split']}")
+                print(f"  {h['model']} v{h['version']}" + (f" ({', '.join(h['aliases'])})" if h.get("aliases") else "")
+                      + f": {extra}")
+            return
+        if not model:
+            _fail("give a MODEL (models:/NAME@champion, models:/NAME/3 or a run id), or --source / --row-hash", 2)
+        result = au.audit(client, project, model, cfg.data.remote)
+    except au.AuditError as exc:
+        _fail(str(exc), 2)
+    if report:
+        report.write_text(au.html_report(result), encoding="utf-8")
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        print("\n".join(au.tree_lines(result)))
+        print()
+        if result.ok:
+            print("lineage verified: every link holds" + (f"; report: {report}" if report else ""))
+    if not result.ok:
+        for link in result.broken:
+            print(f"BROKEN {link.name}: {link.detail}", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Data versions: status, SQL exports, restore.")
 app.add_typer(data_app, name="data")
 
 
@@ -294,6 +354,47 @@ def data_fetch(
             except SourceError as exc:
                 _fail(str(exc))
             print(f"{src.name}: {exp.rows} rows -> {exp.path} ({'changed' if exp.changed else 'unchanged'})")
+
+
+@data_app.command("restore")
+def data_restore(
+    model: str = typer.Argument(..., help="models:/NAME@alias, models:/NAME/VERSION or a run id"),
+    to: Path = typer.Option(..., "--to", help="an empty (or new) directory"),
+    every_stage: bool = typer.Option(False, "--all", help="every recorded data output (collected, cleaned, "
+                                                          "splits) under DIR/<its path>, not just the splits"),
+    config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
+    project: Path = typer.Option(Path("."), "--project", "-p"),
+) -> None:
+    """Write the exact train/validation/test files a model version learned from, byte for byte,
+    from the DVC cache or remote, whatever data/ holds now."""
+    cfg, project = _registry(config, project)
+    from ftpipe import audit as au
+    from ftpipe import registry
+
+    if to.exists() and any(to.iterdir()):
+        _fail(f"{to}: not empty; restore writes into an empty or new directory", 2)
+    client = registry.client()
+    try:
+        v = au.resolve(client, model)
+        doc, _, problems = au.recorded_lineage(client, v)
+        outputs = {k[len("ftpipe.dvc."):]: md5 for k, md5 in doc.items() if k.startswith("ftpipe.dvc.")}
+        wanted = outputs if every_stage else {k: m for k, m in outputs.items() if k == au.SPLITS_KEY}
+        if not wanted:
+            _fail(f"{v.name} v{v.version}: no data version recorded", 2)
+        store = au.Store(project, cfg.data.remote)
+        try:
+            to.mkdir(parents=True, exist_ok=True)
+            for key, md5 in sorted(wanted.items()):
+                dest = to / key.split(":", 1)[1] if every_stage else to
+                files = au.restore_output(store, md5, dest)
+                print(f"{key} {md5}: {len(files)} files, {sum(f['bytes'] for f in files):,} bytes -> {dest}")
+        finally:
+            store.close()
+    except au.AuditError as exc:
+        _fail(str(exc), 1)
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
+    print(f"restored the data {v.name} v{v.version} learned from; every file re-hashed to its recorded md5")
 
 
 def main() -> None:  # pragma: no cover

@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from ftpipe import gate, registry
+from ftpipe.audit import write_record
 from ftpipe.config import EvalConfig, PipelineConfig, RegistryConfig
 from ftpipe.lineage import Lineage
 
@@ -48,6 +49,8 @@ def register_candidate(reg: RegistryConfig, run_id: str, model_dir: str, lineage
     tags = lineage.tags() | {"ftpipe.method": method, "ftpipe.run_id": run_id, gate.TEST_SET_TAG: test_sha}
     tags |= {f"ftpipe.metric.{k}": f"{v:.6g}" for k, v in metrics.items() if not k.startswith("slice.")}
     registry.tag_version(reg.model_name, version.version, tags)
+    # the immutable twin of the lineage tags (`ftpipe lineage` names any tag edited later)
+    write_record(registry.client(), run_id, tags)
     registry.client().set_tag(run_id, "ftpipe.model_version", version.version)
     get_run_logger().info(f"registered {reg.model_name} version {version.version} as challenger")
     return version

@@ -1,0 +1,179 @@
+"""Lineage audits on a real project (git, DVC with a local remote, MLflow, Prefect, GX):
+three data versions (the default source; + a drop; the drop swapped for another), then
+`ftpipe lineage` verifies each link and names every broken one, `ftpipe data restore`
+writes the exact bytes of the first version, and the reverse queries find exactly the
+versions that used a source file or a row."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, make_project, mlflow_client, run_cli
+
+MODEL = "ftpipe-dates"
+SPLITS = ("train", "validation", "test")
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def lp(tmp_path_factory, prefect_server):
+    """The project after three runs, and the bytes of the first version's splits."""
+    project = make_project(tmp_path_factory.mktemp("lineage"))
+    drops = (REPO / "data/drops/drop-0002.jsonl").read_text().splitlines(keepends=True)
+    _ok(run_cli(["run", "train.max_steps=1"], project, prefect_server))
+    first = {n: _sha(project / f"data/splits/{n}.jsonl") for n in SPLITS}
+    (project / "data/incoming/drop-a.jsonl").write_text("".join(drops[:150]))
+    _ok(run_cli(["run", "train.max_steps=1"], project, prefect_server))
+    (project / "data/incoming/drop-a.jsonl").unlink()
+    (project / "data/incoming/drop-b.jsonl").write_text("".join(drops[150:300]))
+    _ok(run_cli(["run", "train.max_steps=1"], project, prefect_server))
+    return {"project": project, "first": first, "env": prefect_server}
+
+
+def _lineage(lp, *args):
+    return run_cli(["lineage", *args], lp["project"], lp["env"])
+
+
+def test_whole_chain_verifies_as_tree_json_and_report(lp):
+    project = lp["project"]
+    out = _ok(_lineage(lp, f"models:/{MODEL}/3"))
+    for part in ("git ", "config: ", "collect:data/collected", "clean:data/cleaned", "split:data/splits",
+                 "raw_validation", "cleaned_validation", "data/incoming/drop-b.jsonl", "data/sources/dates.jsonl",
+                 "quarantine:", "Prefect flow run", "lineage verified"):
+        assert part in out, part
+    assert "BROKEN" not in out
+
+    doc = json.loads(_ok(_lineage(lp, f"models:/{MODEL}@challenger", "--json")))
+    assert doc["ok"] and doc["broken"] == [] and doc["model"]["version"] == "3"
+    assert doc["record"] == "immutable run record"
+    lock = __import__("yaml").safe_load((project / "dvc.lock").read_text())["stages"]
+    assert {d["key"]: d["md5"] for d in doc["data"]} == {
+        f"{s}:{lock[s]['outs'][0]['path']}": lock[s]["outs"][0]["md5"] for s in ("collect", "clean", "split")}
+    assert all(d["in_cache"] == d["objects"] == d["in_remote"] for d in doc["data"])
+    assert {s["path"] for s in doc["sources"]} == {"data/sources/dates.jsonl", "data/incoming/drop-b.jsonl"}
+    assert doc["gx"]["raw_validation"]["success"] and doc["gx"]["cleaned_validation"]["success"]
+    assert doc["quarantine"]["read"] == doc["quarantine"]["kept"] + doc["quarantine"]["quarantined"]
+    assert doc["prefect_flow_run"]["found"] is True and "Completed" in doc["prefect_flow_run"]["state"]
+
+    run_id = mlflow_client(project).get_model_version(MODEL, "1").run_id
+    by_run = json.loads(_ok(_lineage(lp, run_id, "--json", "--report", str(project / "audit.html"))))
+    assert by_run["model"]["version"] == "1" and by_run["ok"]
+    page = (project / "audit.html").read_text()
+    assert "Chain whole" in page and run_id in page and "dates.jsonl" in page
+    assert "<script" not in page and "<link" not in page and "src=" not in page   # self-contained
+
+    bad = _lineage(lp, f"models:/{MODEL}/99")
+    assert bad.returncode == 2 and f"{MODEL}" in bad.stderr
+
+
+def test_restore_writes_the_first_versions_bytes_after_two_later_versions(lp, tmp_path):
+    project = lp["project"]
+    now = {n: _sha(project / f"data/splits/{n}.jsonl") for n in SPLITS}
+    assert now != lp["first"]                                  # data/ has moved on
+    out = _ok(run_cli(["data", "restore", f"models:/{MODEL}/1", "--to", str(tmp_path / "v1")], project))
+    assert "re-hashed" in out
+    assert {n: _sha(tmp_path / "v1" / f"{n}.jsonl") for n in SPLITS} == lp["first"]
+    _ok(run_cli(["data", "restore", f"models:/{MODEL}/2", "--to", str(tmp_path / "v2all"), "--all"], project))
+    assert (tmp_path / "v2all/data/collected/snapshot.jsonl").is_file()
+    assert (tmp_path / "v2all/data/splits/train.jsonl").is_file()
+    refused = run_cli(["data", "restore", f"models:/{MODEL}/1", "--to", str(tmp_path / "v1")], project)
+    assert refused.returncode == 2 and "not empty" in refused.stderr
+
+
+def test_reverse_queries_find_exactly_the_versions_that_used_a_source_or_row(lp, tmp_path):
+    project = lp["project"]
+
+    def versions(*args):
+        doc = json.loads(_ok(_lineage(lp, *args, "--json")))
+        return sorted(h["version"] for h in doc["versions"])
+
+    assert versions("--source", "data/incoming/drop-a.jsonl") == ["2"]      # gone from disk: by recorded path
+    assert versions("--source", "data/incoming/drop-b.jsonl") == ["3"]
+    assert versions("--source", "data/sources/dates.jsonl") == ["1", "2", "3"]
+    copy = tmp_path / "renamed.jsonl"                                      # the same bytes elsewhere: by content
+    shutil.copy(project / "data/incoming/drop-b.jsonl", copy)
+    assert versions("--source", str(copy)) == ["3"]
+    assert versions("--source", "data/incoming/never-there.jsonl") == []
+
+    _ok(run_cli(["data", "restore", f"models:/{MODEL}/2", "--to", str(tmp_path / "v2")], project))
+    rows = [json.loads(x) for n in SPLITS for x in (tmp_path / "v2" / f"{n}.jsonl").read_text().splitlines()]
+    from_drop = next(r for r in rows if r["_source"] == "data/incoming/drop-a.jsonl")
+    from_dates = next(r for r in rows if r["_source"] == "data/sources/dates.jsonl")
+    assert versions("--row-hash", from_drop["_hash"]) == ["2"]
+    assert versions("--row-hash", from_dates["_hash"]) == ["1", "2", "3"]
+    text = _ok(_lineage(lp, "--row-hash", from_drop["_hash"]))
+    assert f"{MODEL} v2" in text
+
+
+def _broken(lp, version="1"):
+    proc = _lineage(lp, f"models:/{MODEL}/{version}")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    return proc.stderr
+
+
+def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path):
+    project = lp["project"]
+    client = mlflow_client(project)
+    tags = client.get_model_version(MODEL, "1").tags
+    splits_md5 = tags["ftpipe.dvc.split:data/splits"]
+    listing_of = lambda md5: json.loads((project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).read_text())  # noqa: E731
+    obj = lambda base, md5: project / base / "files/md5" / md5[:2] / md5[2:]  # noqa: E731
+
+    # 1. a tampered cache object
+    train_md5 = next(e["md5"] for e in listing_of(splits_md5) if e["relpath"] == "train.jsonl")
+    cached = obj(".dvc/cache", train_md5)
+    original = cached.read_bytes()
+    os.chmod(cached, stat.S_IWUSR | stat.S_IRUSR)
+    cached.write_bytes(original.replace(b"March", b"Marhc", 1))
+    err = _broken(lp)
+    assert "data split:data/splits: cache object for train.jsonl re-hashes to" in err
+    assert err.count("BROKEN") == 1
+    # the remote still holds the true bytes: restore takes them from there
+    _ok(run_cli(["data", "restore", f"models:/{MODEL}/1", "--to", str(tmp_path / "r")], project))
+    assert _sha(tmp_path / "r/train.jsonl") == lp["first"]["train"]
+    cached.write_bytes(original)
+
+    # 2. a deleted remote object
+    collect_md5 = tags["ftpipe.dvc.collect:data/collected"]
+    snap_md5 = next(e["md5"] for e in listing_of(collect_md5) if e["relpath"] == "snapshot.jsonl")
+    remote = obj("dvc-remote", snap_md5)
+    moved = remote.rename(tmp_path / "remote-object")
+    err = _broken(lp)
+    assert f"data collect:data/collected: snapshot.jsonl ({snap_md5}) is missing from remote 'local'" in err
+    assert err.count("BROKEN") == 1
+    moved.rename(remote)
+
+    # 3. a changed source file
+    src = project / "data/sources/dates.jsonl"
+    before = src.read_bytes()
+    src.write_bytes(before + b'{"instruction": "Convert 2001-01-01 to words.", "input": "", "output": "January 1, 2001"}\n')
+    err = _broken(lp)
+    assert "source data/sources/dates.jsonl: changed since training" in err and err.count("BROKEN") == 1
+    src.write_bytes(before)
+
+    # 4. a rewritten tag: named, and the audit keeps to the immutable record
+    other = client.get_model_version(MODEL, "3").tags["ftpipe.dvc.split:data/splits"]
+    client.set_model_version_tag(MODEL, "1", "ftpipe.dvc.split:data/splits", other)
+    err = _broken(lp)
+    assert (f"tag ftpipe.dvc.split:data/splits on {MODEL} v1 was rewritten: recorded '{splits_md5}', "
+            f"now '{other}'") in err and err.count("BROKEN") == 1
+    restored = tmp_path / "after-rewrite"
+    _ok(run_cli(["data", "restore", f"models:/{MODEL}/1", "--to", str(restored)], project))
+    assert _sha(restored / "train.jsonl") == lp["first"]["train"]
+    client.set_model_version_tag(MODEL, "1", "ftpipe.dvc.split:data/splits", splits_md5)
+
+    _ok(_lineage(lp, f"models:/{MODEL}/1"))              # every repair: whole again
