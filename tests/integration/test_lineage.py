@@ -95,39 +95,47 @@ def test_restore_writes_the_first_versions_bytes_after_two_later_versions(lp, tm
 
 
 def test_reverse_queries_find_exactly_the_versions_that_used_a_source_or_row(lp, tmp_path):
+    from ftpipe import audit
+
     project = lp["project"]
+    client = mlflow_client(project)
+    doc = json.loads(_ok(_lineage(lp, "--source", "data/incoming/drop-a.jsonl", "--json")))
+    assert [h["version"] for h in doc["versions"]] == ["2"]                # gone from disk: by recorded path
 
-    def versions(*args):
-        doc = json.loads(_ok(_lineage(lp, *args, "--json")))
-        return sorted(h["version"] for h in doc["versions"])
+    def by_source(path):
+        return sorted(h["version"] for h in audit.versions_with_source(client, project, path))
 
-    assert versions("--source", "data/incoming/drop-a.jsonl") == ["2"]      # gone from disk: by recorded path
-    assert versions("--source", "data/incoming/drop-b.jsonl") == ["3"]
-    assert versions("--source", "data/sources/dates.jsonl") == ["1", "2", "3"]
+    assert by_source("data/incoming/drop-b.jsonl") == ["3"]
+    assert by_source("data/sources/dates.jsonl") == ["1", "2", "3"]
     copy = tmp_path / "renamed.jsonl"                                      # the same bytes elsewhere: by content
     shutil.copy(project / "data/incoming/drop-b.jsonl", copy)
-    assert versions("--source", str(copy)) == ["3"]
-    assert versions("--source", "data/incoming/never-there.jsonl") == []
+    assert by_source(str(copy)) == ["3"]
+    assert by_source("data/incoming/never-there.jsonl") == []
 
     _ok(run_cli(["data", "restore", f"models:/{MODEL}/2", "--to", str(tmp_path / "v2")], project))
     rows = [json.loads(x) for n in SPLITS for x in (tmp_path / "v2" / f"{n}.jsonl").read_text().splitlines()]
     from_drop = next(r for r in rows if r["_source"] == "data/incoming/drop-a.jsonl")
     from_dates = next(r for r in rows if r["_source"] == "data/sources/dates.jsonl")
-    assert versions("--row-hash", from_drop["_hash"]) == ["2"]
-    assert versions("--row-hash", from_dates["_hash"]) == ["1", "2", "3"]
+    by_row = lambda h: sorted(x["version"] for x in audit.versions_with_row(client, project, h))  # noqa: E731
+    assert by_row(from_dates["_hash"]) == ["1", "2", "3"]
+    assert by_row("0" * 64) == []
     text = _ok(_lineage(lp, "--row-hash", from_drop["_hash"]))
-    assert f"{MODEL} v2" in text
+    assert f"1 model version(s) learned from row {from_drop['_hash']}" in text and f"{MODEL} v2" in text
 
 
-def _broken(lp, version="1"):
-    proc = _lineage(lp, f"models:/{MODEL}/{version}")
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    return proc.stderr
+def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path, monkeypatch):
+    from ftpipe import audit
 
-
-def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path):
     project = lp["project"]
     client = mlflow_client(project)
+    for k, v in lp["env"].items():
+        monkeypatch.setenv(k, v)
+
+    def _broken(version="1"):   # the audit in-process; the CLI's exit code and stderr checked once, below
+        res = audit.audit(client, project, f"models:/{MODEL}/{version}")
+        assert not res.ok
+        return "\n".join(f"BROKEN {link.name}: {link.detail}" for link in res.broken)
+
     tags = client.get_model_version(MODEL, "1").tags
     splits_md5 = tags["ftpipe.dvc.split:data/splits"]
     listing_of = lambda md5: json.loads((project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).read_text())  # noqa: E731
@@ -139,7 +147,9 @@ def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path):
     original = cached.read_bytes()
     os.chmod(cached, stat.S_IWUSR | stat.S_IRUSR)
     cached.write_bytes(original.replace(b"March", b"Marhc", 1))
-    err = _broken(lp)
+    proc = _lineage(lp, f"models:/{MODEL}/1")
+    assert proc.returncode == 1 and "BROKEN data split:data/splits" in proc.stderr
+    err = _broken()
     assert "data split:data/splits: cache object for train.jsonl re-hashes to" in err
     assert err.count("BROKEN") == 1
     # the remote still holds the true bytes: restore takes them from there
@@ -152,7 +162,7 @@ def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path):
     snap_md5 = next(e["md5"] for e in listing_of(collect_md5) if e["relpath"] == "snapshot.jsonl")
     remote = obj("dvc-remote", snap_md5)
     moved = remote.rename(tmp_path / "remote-object")
-    err = _broken(lp)
+    err = _broken()
     assert f"data collect:data/collected: snapshot.jsonl ({snap_md5}) is missing from remote 'local'" in err
     assert err.count("BROKEN") == 1
     moved.rename(remote)
@@ -161,19 +171,24 @@ def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path):
     src = project / "data/sources/dates.jsonl"
     before = src.read_bytes()
     src.write_bytes(before + b'{"instruction": "Convert 2001-01-01 to words.", "input": "", "output": "January 1, 2001"}\n')
-    err = _broken(lp)
+    err = _broken()
     assert "source data/sources/dates.jsonl: changed since training" in err and err.count("BROKEN") == 1
     src.write_bytes(before)
 
     # 4. a rewritten tag: named, and the audit keeps to the immutable record
     other = client.get_model_version(MODEL, "3").tags["ftpipe.dvc.split:data/splits"]
     client.set_model_version_tag(MODEL, "1", "ftpipe.dvc.split:data/splits", other)
-    err = _broken(lp)
+    err = _broken()
     assert (f"tag ftpipe.dvc.split:data/splits on {MODEL} v1 was rewritten: recorded '{splits_md5}', "
             f"now '{other}'") in err and err.count("BROKEN") == 1
     restored = tmp_path / "after-rewrite"
-    _ok(run_cli(["data", "restore", f"models:/{MODEL}/1", "--to", str(restored)], project))
+    store = audit.Store(project)
+    try:
+        audit.restore_output(store, audit.recorded_lineage(client, audit.resolve(client, f"models:/{MODEL}/1"))[0]
+                             ["ftpipe.dvc.split:data/splits"], restored)
+    finally:
+        store.close()
     assert _sha(restored / "train.jsonl") == lp["first"]["train"]
     client.set_model_version_tag(MODEL, "1", "ftpipe.dvc.split:data/splits", splits_md5)
 
-    _ok(_lineage(lp, f"models:/{MODEL}/1"))              # every repair: whole again
+    assert audit.audit(client, project, f"models:/{MODEL}/1").ok          # every repair: whole again
