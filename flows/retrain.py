@@ -23,9 +23,23 @@ from tasks.data import (DataVersion, clean_data, clean_report_path, collect_data
                         split_data, split_paths, validate_cleaned_data, validate_data)
 from ftpipe.gate import EvalReport, PromotionResult
 from tasks.evaluation import evaluate_all
+from tasks.incremental import champion_weights, plan_increment, record_skip
+from ftpipe.incremental import Increment
 from tasks.registry import (finish_run, promote_candidate, publish_reports, register_candidate,
                             start_run)
 from tasks.training import train_candidate
+
+
+@dataclass(frozen=True)
+class SkippedRun:
+    """A scheduled / --if-new-data run that found too little new data: nothing trained."""
+    run_id: str
+    message: str
+    new_rows: int
+    min_new_rows: int
+    champion: str | None
+    tracking_uri: str
+    experiment: str
 
 
 @dataclass(frozen=True)
@@ -47,19 +61,23 @@ class RetrainResult:
     train_seconds: float
     report: EvalReport
     promotion: PromotionResult
+    increment: Increment | None = None
 
 
 def lineage_of(cfg: PipelineConfig, root: Path, base_id: str, base_revision: str,
                data: DataVersion, hashes: dict[str, str], quality: str,
-               flow_run_id: str) -> Lineage:
+               flow_run_id: str, start_from: str = "scratch") -> Lineage:
     commit, dirty = git_commit(root)
     return Lineage(git_commit=commit, git_dirty=dirty, config_hash=cfg.hash(),
                    base_model=base_id, base_model_revision=base_revision, data_hashes=hashes,
-                   gx_verdict=quality, manifest=data.manifest, prefect_flow_run=flow_run_id)
+                   gx_verdict=quality, manifest=data.manifest, prefect_flow_run=flow_run_id,
+                   start_from=start_from)
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(cfg: PipelineConfig, root: str = ".") -> RetrainResult:
+def retrain(cfg: PipelineConfig, root: str = ".", require_new_data: bool = False) -> RetrainResult | SkippedRun:
+    """require_new_data (scheduled runs, `ftpipe run --if-new-data`): with a champion and
+    fewer than schedule.min_new_rows new rows, end as skipped before training."""
     from ftpipe import registry
 
     root = str(Path(root).resolve())
@@ -77,15 +95,32 @@ def retrain(cfg: PipelineConfig, root: str = ".") -> RetrainResult:
         pushed = push_data(cfg.data, root, ["collect", "clean", "split"]
                            + (["base_model"] if base.built is not None else []))
         splits = split_paths(root)
-        candidate = train_candidate(cfg.model, cfg.lora, cfg.train, base.path, splits, run_id,
-                                    root, split.hashes.get("split:data/splits", ""))
+        splits_md5 = split.hashes.get("split:data/splits", "")
+        inc = plan_increment(cfg, root, splits_md5, run_id)
+        if require_new_data and inc.champion and inc.new_rows < cfg.schedule.min_new_rows:
+            message = f"skipped: {inc.new_rows} new rows < {cfg.schedule.min_new_rows}"
+            record_skip(run_id, message, inc)
+            finish_run(run_id, "FINISHED")
+            return SkippedRun(run_id, message, inc.new_rows, cfg.schedule.min_new_rows, inc.champion,
+                              registry.tracking_uri(cfg.registry, Path(root)), cfg.registry.experiment)
+        train_cfg, train_base, train_splits = cfg.train, base.path, splits
+        if inc.start_from == "champion":
+            train_base = champion_weights(cfg.registry, inc.champion_version, root)
+            train_splits = splits | {"train": inc.train_path}
+            if cfg.incremental.max_steps:
+                train_cfg = train_cfg.model_copy(update={"max_steps": cfg.incremental.max_steps})
+        candidate = train_candidate(cfg.model, cfg.lora, train_cfg, train_base, train_splits, run_id,
+                                    root, f"{splits_md5}:{inc.start_from}:{inc.champion_version}")
         report = evaluate_all(cfg.eval, cfg.model, cfg.registry, base.path, candidate.model_dir,
                               splits["test"], cfg.train.max_seq_len, run_id, root)
         hashes = data.stage.hashes | cleaned.hashes | split.hashes
         verdict = (f"passed (raw_snapshot {checked.evaluated} + cleaned {checked_clean.evaluated} "
                    "expectations)")
+        start = "scratch" if inc.start_from == "scratch" else (
+            f"champion models:/{cfg.registry.model_name}/{inc.champion_version}: {inc.new_train_rows} new "
+            f"training rows + {inc.replay_rows} replayed")
         lineage = lineage_of(cfg, Path(root), base.id, base.revision, data, hashes, verdict,
-                             flow_run_id)
+                             flow_run_id, start)
         metrics = report.candidate.metrics() | {"train_loss": candidate.train_loss}
         version = register_candidate(cfg.registry, run_id, candidate.model_dir, lineage,
                                      metrics, cfg.train.method, report.test_sha)
@@ -108,7 +143,22 @@ def retrain(cfg: PipelineConfig, root: str = ".") -> RetrainResult:
         quality=checked, cleaned_quality=checked_clean,
         split_counts=json.loads((Path(root) / "data/splits/counts.json").read_text()),
         pushed=pushed.remote if pushed else None, train_loss=candidate.train_loss, val_loss=candidate.val_loss,
-        train_seconds=candidate.seconds, report=report, promotion=promotion)
+        train_seconds=candidate.seconds, report=report, promotion=promotion, increment=inc)
+
+
+@flow(name="scheduled-retrain", log_prints=True)
+def scheduled_retrain(root: str = ".", config: str = "params.yaml") -> dict:
+    """What `ftpipe schedule` serves: the retrain flow on the project's params.yaml, skipping
+    when fewer than schedule.min_new_rows rows are new since the champion's data."""
+    root_path = Path(root).resolve()
+    cfg_path = Path(config) if Path(config).is_absolute() else root_path / config
+    # the retrain body runs inside this flow run (its tasks are this run's tasks)
+    res = retrain.fn(load_config(cfg_path), str(root_path), require_new_data=True)
+    if isinstance(res, SkippedRun):
+        return {"status": "skipped", "message": res.message, "run_id": res.run_id}
+    p = res.promotion
+    return {"status": "promoted" if p.decision.promote else "refused", "version": p.version,
+            "message": p.decision.summary(), "run_id": res.run_id}
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from pathlib import Path
 RECORD_PARAM = "ftpipe.lineage_sha256"
 RECORD_ARTIFACT = "lineage/lineage.json"
 LINEAGE_KEYS = ("ftpipe.git_commit", "ftpipe.git_dirty", "ftpipe.config_hash", "ftpipe.base_model",
-                "ftpipe.base_model_revision", "ftpipe.gx_verdict", "ftpipe.prefect_flow_run")
+                "ftpipe.base_model_revision", "ftpipe.gx_verdict", "ftpipe.prefect_flow_run",
+                "ftpipe.start_from")
 SPLITS_KEY = "split:data/splits"
 
 
@@ -395,7 +396,8 @@ def audit(client, root: Path, ref: str, remote: str | None = None) -> Audit:
                               f"config hash {cfg_hash} " + ("re-computes from the run's config/params.yaml"
                                                             if again == cfg_hash else f"!= {again} computed "
                                                             "from the run's config/params.yaml")))
-        base = {"id": doc.get("ftpipe.base_model", ""), "revision": doc.get("ftpipe.base_model_revision", "")}
+        base = {"id": doc.get("ftpipe.base_model", ""), "revision": doc.get("ftpipe.base_model_revision", ""),
+                "start_from": doc.get("ftpipe.start_from", "scratch")}
         # data
         store = Store(root, remote)
         try:
@@ -541,6 +543,7 @@ def tree_lines(a: Audit) -> list[str]:
              f"    ├── code: git {a.code['git_commit']}" + (" (dirty)" if a.code["dirty"] else "") + m("code"),
              f"    ├── config: {a.config['hash']}" + m("config"),
              f"    ├── base model: {a.base_model['id']} @ {a.base_model['revision']}",
+             f"    ├── trained from: {a.base_model.get('start_from', 'scratch')}",
              "    ├── data version (DVC)"]
     for i, d in enumerate(a.data):
         last = i == len(a.data) - 1

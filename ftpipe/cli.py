@@ -76,6 +76,8 @@ def run(
     overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. train.max_steps=200"),
     config: Path = typer.Option(Path("params.yaml"), "--config", "-c", help="the params file"),
     project: Path = typer.Option(Path("."), "--project", "-p", help="project root (dvc.yaml, data/)"),
+    if_new_data: bool = typer.Option(False, "--if-new-data", help="end as skipped (nothing trained) when fewer "
+                                     "than schedule.min_new_rows rows are new since the champion's data"),
 ) -> None:
     """Run the retrain flow: data stages, GX gate, fine-tune, evaluate, register, promote."""
     _quiet_env()
@@ -91,17 +93,52 @@ def run(
     from ftpipe.training import TrainingDiverged
 
     os.chdir(project)
-    from flows.retrain import retrain
+    from flows.retrain import SkippedRun, retrain
 
     try:
-        result = retrain(cfg, root=str(project))
+        result = retrain(cfg, root=str(project), require_new_data=if_new_data)
     except QualityGateFailed as exc:
         _fail(f"{exc}\nNo model was trained and no alias moved.")
     except (SourceError, StageFailed) as exc:
         _fail(f"{exc}\nNo model was trained and no alias moved.")
     except TrainingDiverged as exc:
         _fail(str(exc))
+    if isinstance(result, SkippedRun):
+        print(f"{result.message} since the champion ({result.champion}): nothing trained, no alias moved. "
+              f"MLflow run {result.run_id} (tag ftpipe.skipped)")
+        return
     print_summary(result)
+
+
+@app.command()
+def schedule(
+    config: Path = typer.Option(Path("params.yaml"), "--config", "-c", help="the params file"),
+    project: Path = typer.Option(Path("."), "--project", "-p", help="project root (dvc.yaml, data/)"),
+    name: str = typer.Option("ftpipe-retrain", help="the deployment's name"),
+) -> None:
+    """Serve the retrain flow as a Prefect deployment on schedule.cron (schedule.timezone) from
+    this machine, until stopped. Each run skips when too little data is new (schedule.min_new_rows).
+    Needs a Prefect server (PREFECT_API_URL); `prefect.yaml` describes the same deployment for a work pool."""
+    _quiet_env()
+    project = project.resolve()
+    if not (project / "dvc.yaml").is_file():
+        _fail(f"{project} is not an ftpipe project (no dvc.yaml); pass --project", 2)
+    cfg_path = _config_path(config, project)
+    cfg = _load(cfg_path, [], project)
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail("PREFECT_API_URL is not set: a served deployment needs a Prefect server "
+              "(`prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`)", 2)
+    os.chdir(project)
+    sys.path.insert(0, str(project))
+    from prefect.schedules import Cron
+
+    from flows.retrain import scheduled_retrain
+
+    print(f"serving deployment scheduled-retrain/{name}: cron '{cfg.schedule.cron}' ({cfg.schedule.timezone}), "
+          f"min_new_rows {cfg.schedule.min_new_rows}, project {project}", flush=True)
+    scheduled_retrain.serve(name=name, schedule=Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone),
+                            parameters={"root": str(project), "config": str(cfg_path.resolve())},
+                            tags=["ftpipe"], print_starting_message=False)
 
 
 @app.command()

@@ -329,7 +329,33 @@ class RegistryConfig(_Section):
 class ScheduleConfig(_Section):
     cron: str = "0 3 * * *"
     timezone: str = "UTC"
+    # A scheduled or --if-new-data run with fewer new rows (by content hash, since the
+    # champion's data version) ends as "skipped" before training.
     min_new_rows: int = Field(1, ge=0)
+
+    @model_validator(mode="after")
+    def _checks(self) -> "ScheduleConfig":
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        problems = []
+        if len(self.cron.split()) != 5:
+            problems.append(f"schedule.cron: {self.cron!r} is not a 5-field cron expression")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            problems.append(f"schedule.timezone: unknown time zone {self.timezone!r} (e.g. UTC, Europe/Paris)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class IncrementalConfig(_Section):
+    # champion: with a champion and new rows, train from the champion's weights on the new
+    # training rows plus a replay sample of earlier ones; scratch: from model.base on all rows.
+    start_from: Literal["champion", "scratch"] = "champion"
+    # Share of an incremental training set drawn from rows the champion already saw.
+    replay_ratio: float = Field(0.5, ge=0, lt=1)
+    max_steps: int | None = Field(None, ge=1, description="steps of an incremental run (null: train.max_steps)")
 
 
 class PipelineConfig(_Section):
@@ -341,6 +367,7 @@ class PipelineConfig(_Section):
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    incremental: IncrementalConfig = IncrementalConfig()
 
     @model_validator(mode="after")
     def _cross_field(self) -> "PipelineConfig":

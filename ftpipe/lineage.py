@@ -23,6 +23,7 @@ class Lineage:
     gx_verdict: str
     manifest: dict = field(default_factory=dict)
     prefect_flow_run: str = ""
+    start_from: str = "scratch"          # or "champion models:/NAME/V: N new training rows + M replayed"
 
     def tags(self) -> dict[str, str]:
         tags = {
@@ -33,6 +34,7 @@ class Lineage:
             "ftpipe.base_model_revision": self.base_model_revision,
             "ftpipe.gx_verdict": self.gx_verdict,
             "ftpipe.prefect_flow_run": self.prefect_flow_run,
+            "ftpipe.start_from": self.start_from,
         }
         for key, md5 in self.data_hashes.items():
             tags[f"ftpipe.dvc.{key}"] = md5

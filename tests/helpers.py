@@ -32,6 +32,7 @@ TINY = {
     "train": {"method": "lora", "max_steps": 120, "batch_size": 16, "lr": 0.01,
               "warmup_steps": 5, "log_every": 20},
     "eval": {"batch_size": 64, "max_new_tokens": 12, "max_examples": 64},
+    "incremental": {"start_from": "scratch"},      # tests of incremental runs switch it on
     "registry.promotion": {"primary_metric": "eval_loss", "min_improvement": 0.0,
                            "min_gain_over_base": 0.0, "thresholds": {}},
 }

@@ -1,0 +1,62 @@
+"""Incremental learning: what is new since the champion's data version (by row content
+hash), and the training file of an incremental run (the new training rows plus a replay
+sample of rows the champion already saw). No Prefect or MLflow here."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Increment:
+    champion: str | None           # "NAME vN"
+    champion_version: str | None
+    new_rows: int                  # rows (any split) not in the champion's data version
+    new_train_rows: int
+    replay_rows: int
+    start_from: str                # "champion" | "scratch"
+    train_path: str | None         # the incremental training file; None: data/splits/train.jsonl
+    reason: str
+
+
+def _hashes(lines: list[bytes]) -> list[str]:
+    return [json.loads(x)["_hash"] for x in lines]
+
+
+def plan(splits_dir: Path, champion: str | None, champion_version: str | None,
+         champion_rows: set[str] | None, start_from: str, replay_ratio: float, seed: int,
+         out_dir: Path) -> Increment:
+    """Count new rows against the champion's rows and, for an incremental run, write its
+    training file to out_dir/train.jsonl (deterministic for the same data and seed)."""
+    lines = {n: [x for x in (splits_dir / f"{n}.jsonl").read_bytes().splitlines() if x.strip()] for n in SPLITS}
+    if champion is None or champion_rows is None:
+        total = sum(len(v) for v in lines.values())
+        why = "no champion yet" if champion is None else f"the data of {champion} is in neither the DVC cache nor the remote"
+        return Increment(champion, champion_version, total, len(lines["train"]), 0, "scratch", None,
+                         f"{why}: training from the base model on all {len(lines['train'])} training rows")
+    new = {n: [x for x, h in zip(v, _hashes(v)) if h not in champion_rows] for n, v in lines.items()}
+    n_new = sum(len(v) for v in new.values())
+    if start_from == "scratch":
+        return Increment(champion, champion_version, n_new, len(new["train"]), 0, "scratch", None,
+                         f"incremental.start_from is scratch: training from the base model on all "
+                         f"{len(lines['train'])} training rows")
+    if not new["train"]:
+        return Increment(champion, champion_version, n_new, 0, 0, "scratch", None,
+                         f"no new training rows since {champion}: training from the base model on all rows")
+    old = [x for x, h in zip(lines["train"], _hashes(lines["train"])) if h in champion_rows]
+    want = round(len(new["train"]) * replay_ratio / (1 - replay_ratio)) if replay_ratio else 0
+    replay = random.Random(seed).sample(old, min(want, len(old)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = new["train"] + replay
+    random.Random(seed + 1).shuffle(rows)
+    path = out_dir / "train.jsonl"
+    tmp = path.with_suffix(".part")
+    tmp.write_bytes(b"".join(x + b"\n" for x in rows))
+    tmp.replace(path)
+    return Increment(champion, champion_version, n_new, len(new["train"]), len(replay), "champion", str(path),
+                     f"from {champion}'s weights on {len(new['train'])} new training rows + {len(replay)} replayed")

@@ -1,0 +1,57 @@
+"""Prefect tasks of incremental learning: what is new since the champion, its weights, and
+the record of a skipped run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from ftpipe import registry
+from ftpipe.config import PipelineConfig, RegistryConfig
+from ftpipe.incremental import Increment, plan
+
+
+@task(name="plan-increment", cache_policy=NO_CACHE)
+def plan_increment(cfg: PipelineConfig, root: str, splits_md5: str, run_id: str) -> Increment:
+    """New rows (by content hash) since the champion's data version, and for an incremental
+    run its training file: the new training rows plus incremental.replay_ratio of replay."""
+    from ftpipe.audit import SPLITS_KEY, Store, split_rows
+
+    champ = registry.version_by_alias(cfg.registry.model_name, registry.CHAMPION)
+    rows = None
+    if champ is not None:
+        tags = registry.client().get_model_version(champ.name, champ.version).tags or {}
+        md5 = tags.get(f"ftpipe.dvc.{SPLITS_KEY}")
+        if md5:
+            store = Store(Path(root), cfg.data.remote)
+            try:
+                found = split_rows(store, md5)
+            finally:
+                store.close()
+            rows = set(found) if found is not None else None
+    out = Path(root) / "runs" / f"increment-{splits_md5.removesuffix('.dir')[:12]}-v{champ.version if champ else 0}"
+    inc = plan(Path(root) / "data/splits", f"{champ.name} v{champ.version}" if champ else None,
+               champ.version if champ else None, rows, cfg.incremental.start_from,
+               cfg.incremental.replay_ratio, cfg.train.seed, out)
+    registry.client().set_tag(run_id, "ftpipe.new_rows", str(inc.new_rows))
+    get_run_logger().info(f"new rows since {inc.champion or 'no champion'}: {inc.new_rows}; {inc.reason}")
+    return inc
+
+
+@task(name="champion-weights", cache_policy=NO_CACHE)
+def champion_weights(reg: RegistryConfig, version: str, root: str) -> str:
+    """The champion's merged checkpoint, downloaded once per version under runs/."""
+    dst = Path(root) / "runs" / f"champion-v{version}"
+    hf = registry.download_model(reg.model_name, version, dst)
+    get_run_logger().info(f"training from {reg.model_name} v{version}'s weights ({hf})")
+    return hf
+
+
+@task(name="record-skip", cache_policy=NO_CACHE)
+def record_skip(run_id: str, message: str, inc: Increment) -> None:
+    c = registry.client()
+    c.set_tag(run_id, "ftpipe.skipped", message)
+    c.set_tag(run_id, "mlflow.note.content", f"{message} (since {inc.champion}); nothing trained")
+    get_run_logger().info(f"{message} since {inc.champion}: nothing trained, no alias moved")

@@ -1,0 +1,110 @@
+"""Incremental retraining through the CLI and a served Prefect deployment (real Prefect
+server, MLflow, DVC): a first run from scratch; a drop with too few new rows ends as
+skipped (recorded in MLflow, nothing registered); a bigger drop trains from the champion's
+weights on the new rows plus replay; the deployment `ftpipe schedule` serves runs when
+triggered through the Prefect API."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.helpers import BIN, REPO, make_project, mlflow_client, run_cli
+
+MODEL = "ftpipe-dates"
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _runs(project):
+    c = mlflow_client(project)
+    exp = c.get_experiment_by_name("ftpipe")
+    return c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, prefect_server):
+    p = make_project(tmp_path_factory.mktemp("incr"), {
+        "incremental": {"start_from": "champion", "replay_ratio": 0.5, "max_steps": 20},
+        "schedule": {"min_new_rows": 20}})
+    _ok(run_cli(["run", "--if-new-data"], p, prefect_server))             # no champion: trains from scratch
+    return p
+
+
+def test_too_few_new_rows_skip_then_enough_train_from_the_champion(project, prefect_server):
+    c = mlflow_client(project)
+    assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    drops = (REPO / "data/drops/drop-0002.jsonl").read_text().splitlines(keepends=True)
+
+    (project / "data/incoming/small.jsonl").write_text("".join(drops[:5]))
+    out = _ok(run_cli(["run", "--if-new-data"], project, prefect_server))
+    assert "skipped: 5 new rows < 20" in out and "nothing trained" in out
+    skipped = _runs(project)[0]
+    assert skipped.data.tags["ftpipe.skipped"] == "skipped: 5 new rows < 20"
+    assert len(c.search_model_versions(f"name = '{MODEL}'")) == 1          # nothing registered
+
+    (project / "data/incoming/big.jsonl").write_text("".join(drops[5:125]))
+    _ok(run_cli(["run", "--if-new-data"], project, prefect_server))
+    v2 = c.get_model_version(MODEL, "2")
+    run = c.get_run(v2.run_id)
+    assert run.data.tags["ftpipe.new_rows"] == "125"                       # 5 + 120, every split
+    start = v2.tags["ftpipe.start_from"]
+    assert start.startswith(f"champion models:/{MODEL}/1: ")
+    n_new, n_replay = (int(x.split()[0]) for x in start.split(": ", 1)[1].split(" + "))
+    assert 90 <= n_new <= 125 and n_replay == n_new                        # replay_ratio 0.5
+    train_file = next((project / "runs").glob("increment-*-v1/train.jsonl"))
+    rows = [json.loads(x) for x in train_file.read_text().splitlines()]
+    assert len(rows) == n_new + n_replay
+    assert sum(r["_source"].startswith("data/incoming/") for r in rows) == n_new
+    assert json.loads(run_cli(["lineage", f"models:/{MODEL}/2", "--json"], project, prefect_server).stdout)[
+        "base_model"]["start_from"] == start
+
+
+def test_served_deployment_runs_when_triggered_through_the_api(project, prefect_server):
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    env |= prefect_server
+    import re
+
+    import yaml
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["schedule"]["min_new_rows"] = 100000      # every triggered run skips: cheap, and the same each time
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    served = subprocess.Popen([str(BIN / "ftpipe"), "schedule", "--project", str(project)], cwd=project, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.deployments import run_deployment
+
+        os.environ.update(prefect_server)
+        with get_client(sync_client=True) as client:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    dep = client.read_deployment_by_name("scheduled-retrain/ftpipe-retrain")
+                    break
+                except Exception:  # noqa: BLE001 - not registered yet
+                    assert served.poll() is None, served.stdout.read()
+                    assert time.time() < deadline, "deployment never registered"
+                    time.sleep(2)
+            assert dep.schedules and dep.schedules[0].schedule.cron == "0 3 * * *"
+            assert dep.schedules[0].schedule.timezone == "UTC"
+        before = len(_runs(project))
+        fr = run_deployment("scheduled-retrain/ftpipe-retrain", timeout=600)
+        assert fr.state.is_completed(), fr.state
+        newest = _runs(project)[0]
+        assert len(_runs(project)) == before + 1
+        assert re.fullmatch(r"skipped: \d+ new rows < 100000", newest.data.tags["ftpipe.skipped"])
+        assert newest.data.tags["ftpipe.prefect_flow_run"] == str(fr.id)       # the triggered run's record
+    finally:
+        served.terminate()
+        try:
+            served.wait(30)
+        except subprocess.TimeoutExpired:
+            served.kill()
