@@ -22,6 +22,15 @@ def _ok(proc):
     return proc.stdout
 
 
+def _always_skip(project):
+    """Triggered runs below: every one skips (cheap, and the same each time)."""
+    import yaml
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["schedule"]["min_new_rows"] = 100000
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def _runs(project):
     c = mlflow_client(project)
     exp = c.get_experiment_by_name("ftpipe")
@@ -71,11 +80,7 @@ def test_served_deployment_runs_when_triggered_through_the_api(project, prefect_
     env |= prefect_server
     import re
 
-    import yaml
-
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["schedule"]["min_new_rows"] = 100000      # every triggered run skips: cheap, and the same each time
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _always_skip(project)
     served = subprocess.Popen([str(BIN / "ftpipe"), "schedule", "--project", str(project)], cwd=project, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -108,3 +113,41 @@ def test_served_deployment_runs_when_triggered_through_the_api(project, prefect_
             served.wait(30)
         except subprocess.TimeoutExpired:
             served.kill()
+
+
+def test_prefect_yaml_deploys_to_a_process_work_pool_and_a_worker_runs_it(project, prefect_server):
+    import re
+    import shutil
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    _always_skip(project)
+    for rel in ("flows", "tasks", "prefect.yaml"):          # the project as the repo has it
+        src = REPO / rel
+        (shutil.copytree(src, project / rel, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+         if src.is_dir() else shutil.copy2(src, project / rel))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    env |= prefect_server
+    prefect = str(BIN / "prefect")
+
+    def sh(*args, timeout=300):
+        proc = subprocess.run([prefect, *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    sh("work-pool", "create", "ftpipe-process", "--type", "process", "--overwrite")
+    sh("--no-prompt", "deploy", "--all")
+    os.environ.update(prefect_server)
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("scheduled-retrain/ftpipe-retrain")
+        assert dep.work_pool_name == "ftpipe-process"
+        assert dep.schedules[0].schedule.cron == "0 3 * * *" and dep.schedules[0].schedule.timezone == "UTC"
+    fr = run_deployment("scheduled-retrain/ftpipe-retrain", timeout=0)   # queued for the pool
+    sh("worker", "start", "--pool", "ftpipe-process", "--run-once", timeout=600)
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(fr.id).state
+    assert state.is_completed(), state
+    newest = _runs(project)[0]
+    assert newest.data.tags["ftpipe.prefect_flow_run"] == str(fr.id)
+    assert re.fullmatch(r"skipped: \d+ new rows < 100000", newest.data.tags["ftpipe.skipped"])
