@@ -103,8 +103,12 @@ def resolve(client, ref: str) -> Version:
 def all_versions(client) -> list[Version]:
     out = []
     for rm in client.search_registered_models():
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (client.get_registered_model(rm.name).aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
         for mv in client.search_model_versions(f"name = '{rm.name}'"):
-            out.append(_version(mv))
+            v = _version(mv)   # (search results carry no aliases)
+            out.append(Version(v.name, v.version, v.run_id, tuple(sorted(aliases.get(v.version, []))), v.tags, v.created))
     return sorted(out, key=lambda v: (v.name, int(v.version)))
 
 
@@ -156,9 +160,13 @@ def recorded_lineage(client, v: Version) -> tuple[dict, str, list[str]]:
                               f"param {RECORD_PARAM} (the artifact was altered)"]
     problems = []
     for key in sorted(set(doc) | set(tags)):
-        if doc.get(key) != tags.get(key):
+        if key not in tags:
+            problems.append(f"tag {key} on {v.name} v{v.version} was removed: recorded {doc[key]!r}")
+        elif key not in doc:
+            problems.append(f"tag {key} on {v.name} v{v.version} was added after registration: {tags[key]!r}")
+        elif doc[key] != tags[key]:
             problems.append(f"tag {key} on {v.name} v{v.version} was rewritten: recorded "
-                            f"{doc.get(key)!r}, now {tags.get(key)!r}")
+                            f"{doc[key]!r}, now {tags[key]!r}")
     return doc, "immutable run record", problems
 
 
@@ -208,10 +216,14 @@ class Store:
 
     def read(self, oid: str) -> bytes | None:
         """An object's bytes from wherever a copy re-hashes correctly (cache first)."""
+        got = self.read_from(oid)
+        return got[0] if got else None
+
+    def read_from(self, oid: str) -> tuple[bytes, str] | None:
         for where in ("cache", "remote"):
             if self.check(where, oid) == "ok":
                 with self._open(where, oid) as f:
-                    return f.read()
+                    return f.read(), where
         return None
 
     def listing(self, md5: str) -> list[dict] | None:
@@ -259,16 +271,17 @@ def restore_output(store: Store, md5: str, dest: Path) -> list[dict]:
         raise AuditError(f"data version {md5} is in neither the DVC cache nor {store.where()}")
     out = []
     for e in listing:
-        data = store.read(e["md5"])
-        if data is None:
+        got = store.read_from(e["md5"])
+        if got is None:
             raise AuditError(f"{e['relpath']} ({e['md5']}) of data version {md5}: no copy in the cache or "
                              f"{store.where()} re-hashes to its recorded md5")
+        data, where = got
         path = dest / e["relpath"]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
         tmp.write_bytes(data)
         tmp.replace(path)
-        out.append({"path": str(path), "md5": e["md5"], "bytes": len(data)})
+        out.append({"path": str(path), "md5": e["md5"], "bytes": len(data), "from": where})
     return out
 
 
@@ -314,6 +327,8 @@ class Audit:
     quarantine: dict
     prefect_flow_run: dict
     links: list[Link] = field(default_factory=list)
+    project: str = ""
+    audited_at: str = ""
 
     @property
     def ok(self) -> bool:
@@ -385,10 +400,9 @@ def audit(client, root: Path, ref: str, remote: str | None = None) -> Audit:
         else:
             import yaml
 
-            from ftpipe.config import PipelineConfig
-
-            try:
-                again = PipelineConfig.model_validate(yaml.safe_load(logged.read_text())).hash()
+            try:   # the hash of the logged document itself: later config fields do not change it
+                blob = json.dumps(yaml.safe_load(logged.read_text()), sort_keys=True).encode()
+                again = hashlib.sha256(blob).hexdigest()[:16]
             except Exception as exc:  # noqa: BLE001 - an unreadable config is a broken link
                 again = f"unreadable ({type(exc).__name__})"
             config["rehash"] = again
@@ -467,7 +481,10 @@ def audit(client, root: Path, ref: str, remote: str | None = None) -> Audit:
         run.close()
     model = {"name": v.name, "version": v.version, "aliases": list(v.aliases), "created": v.created,
              "run_id": v.run_id}
-    return Audit(model, run_d, source, code, config, base, data, gx, sources, quarantine, flow, links)
+    import datetime as dt
+
+    return Audit(model, run_d, source, code, config, base, data, gx, sources, quarantine, flow, links,
+                 str(root), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
 
 # ------------------------------------------------------------------ reverse queries
@@ -486,7 +503,7 @@ def versions_with_source(client, root: Path, path: str) -> list[dict]:
         rel = full.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
         rel = p.as_posix()
-    sha = sha256_path(full) if full.exists() else None
+    sha = sha256_path(full) if full.is_file() else None
     out = []
     for v in all_versions(client):
         doc, _, _ = recorded_lineage(client, v)
@@ -495,10 +512,20 @@ def versions_with_source(client, root: Path, path: str) -> list[dict]:
                 continue
             src = k[len("ftpipe.source."):]
             digest = val.split()[0].removeprefix("sha256:")
-            how = "path" if src == rel else ("content" if sha and digest == sha else None)
-            if how:
-                out.append({"model": v.name, "version": v.version, "aliases": list(v.aliases),
-                            "source": src, "sha256": digest, "matched_by": how, "run_id": v.run_id})
+            if src == rel:
+                how = "path"
+            elif full.is_dir() and src.startswith(rel.rstrip("/") + "/"):
+                how = "folder"
+            elif sha and digest == sha:
+                how = "content"
+            else:
+                continue
+            note = ""
+            if how == "path":
+                note = ("no file there now" if not full.exists() else
+                        "the file there now has other bytes" if sha != digest else "the file there now is the same")
+            out.append({"model": v.name, "version": v.version, "aliases": list(v.aliases), "source": src,
+                        "sha256": digest, "matched_by": how, "now": note, "run_id": v.run_id})
     return out
 
 
@@ -550,11 +577,11 @@ def tree_lines(a: Audit) -> list[str]:
         lines.append(f"    │   {'└' if last else '├'}── {d['key']}: {d['md5']} ({len(d['files'])} files)" + m(f"data {d['key']}"))
     lines.append("    ├── GX: " + a.gx.get("verdict", ""))
     for name in ("raw_validation", "cleaned_validation"):
-        lines.append(f"    │   ├── {name}" + m(f"gx {name}"))
+        lines.append(f"    │   {'└' if name == 'cleaned_validation' else '├'}── {name}" + m(f"gx {name}"))
     lines.append("    ├── sources")
-    for s in a.sources:
-        lines.append(f"    │   ├── {s['path']}  {s['size'] or '?'} bytes, {s['rows'] if s['rows'] is not None else '?'} rows, "
-                     f"sha256 {s['sha256'][:16]}…" + m(f"source {s['path']}"))
+    for i, s in enumerate(a.sources):
+        lines.append(f"    │   {'└' if i == len(a.sources) - 1 else '├'}── {s['path']}  {s['size'] or '?'} bytes, "
+                     f"{s['rows'] if s['rows'] is not None else '?'} rows, sha256 {s['sha256'][:16]}…" + m(f"source {s['path']}"))
     q = a.quarantine
     lines.append(f"    ├── quarantine: {q.get('quarantined', '?')} of {q.get('read', '?')} rows"
                  + (f" ({', '.join(f'{k}: {n}' for k, n in sorted((q.get('reasons') or {}).items()))})" if q.get("reasons") else "")
@@ -570,7 +597,7 @@ def html_report(a: Audit) -> str:
                    for l in a.links)
     srcs = "".join(f"<tr><td>{e(s['path'])}</td><td>{e(str(s['size']))}</td><td>{e(str(s['rows']))}</td>"
                    f"<td><code>{e(s['sha256'])}</code></td><td>{e(s['state'])}</td></tr>" for s in a.sources)
-    data = "".join(f"<tr><td>{e(d['key'])}</td><td><code>{e(d['md5'])}</code></td><td>{e(', '.join(d['files']))}</td>"
+    data = "".join(f"<tr><td>{e(d['key'])}</td><td><code>{e(d['md5'])}</code></td><td>{'<br>'.join(e(f) for f in d['files'])}</td>"
                    f"<td>{d['in_cache']}/{d['objects']}</td><td>{'—' if d['in_remote'] is None else str(d['in_remote']) + '/' + str(d['objects'])}</td></tr>"
                    for d in a.data)
     q = a.quarantine
@@ -584,6 +611,7 @@ tr.warn td{{background:#ffe}}.verdict{{font-size:1.2em;font-weight:bold;color:{'
 pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>
 <h1>Lineage audit: {e(a.model['name'])} v{e(a.model['version'])}</h1>
 <p class="verdict">{e(verdict)}</p>
+<p>Audited {e(a.audited_at)} in <code>{e(a.project)}</code>.</p>
 <p>Aliases: {e(', '.join(a.model['aliases']) or 'none')} · registered {e(a.model['created'])} ·
 run <code>{e(a.run['id'])}</code> ({e(a.run['status'])}) · lineage read from the {e(a.record)}</p>
 <h2>Chain</h2><pre>{e(chr(10).join(tree_lines(a)))}</pre>

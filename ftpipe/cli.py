@@ -305,15 +305,26 @@ def lineage(
     list every version that learned from a file or a row."""
     import json
 
+    import re
+
+    if source is not None and row_hash is not None:
+        _fail("--source and --row-hash: one query at a time", 2)
+    if (source is not None or row_hash is not None) and (model or report):
+        _fail("--source / --row-hash list versions: give no MODEL and no --report with them", 2)
+    if row_hash is not None and not re.fullmatch(r"[0-9a-f]{64}", row_hash):
+        _fail(f"--row-hash {row_hash!r}: a row hash is the 64 lowercase hex digits of a row's `_hash` "
+              "(in data/splits/*.jsonl)", 2)
+    if source is not None and not source.strip():
+        _fail("--source: give a path", 2)
+    if report and not report.parent.resolve().is_dir():
+        _fail(f"--report {report}: folder {report.parent} does not exist", 2)
     cfg, project = _registry(config, project)
     from ftpipe import audit as au
     from ftpipe import registry
 
     client = registry.client()
     try:
-        if source or row_hash:
-            if model:
-                _fail("give a MODEL or --source/--row-hash, not both", 2)
+        if source is not None or row_hash is not None:
             hits = (au.versions_with_source(client, project, source) if source
                     else au.versions_with_row(client, project, row_hash, cfg.data.remote))
             what = f"source {source}" if source else f"row {row_hash}"
@@ -321,12 +332,18 @@ def lineage(
                 print(json.dumps({"query": {"source": source, "row_hash": row_hash}, "versions": hits}, indent=2))
                 return
             if not hits:
-                print(f"no registered model version learned from {what}")
+                where = "" if row_hash or (Path(source).exists() or (project / source).exists()) else \
+                    " (no file there now either)"
+                print(f"no registered model version saw {what}{where}")
                 return
-            print(f"{len(hits)} model version(s) learned from {what}:")
+            print(f"{len(hits)} model version(s) saw {what}:")
             for h in hits:
-                extra = h.get("error") or (f"matched by {h['matched_by']}, sha256 {h['sha256'][:16]}…" if source
-                                           else f"in {h['split']}")
+                if source:
+                    extra = (f"{h['source']}, matched by {h['matched_by']}, sha256 {h['sha256'][:16]}…"
+                             + (f" ({h['now']})" if h.get("now") else ""))
+                else:
+                    extra = h.get("error") or ("trained on it (train split)" if h["split"] == "train" else
+                                               f"in its {h['split']} split (evaluated on, not trained on)")
                 print(f"  {h['model']} v{h['version']}" + (f" ({', '.join(h['aliases'])})" if h.get("aliases") else "")
                       + f": {extra}")
             return
@@ -346,8 +363,39 @@ def lineage(
             print("lineage verified: every link holds" + (f"; report: {report}" if report else ""))
     if not result.ok:
         for link in result.broken:
-            print(f"BROKEN {link.name}: {link.detail}", file=sys.stderr)
+            print(f"BROKEN {link.detail}" if link.detail.startswith(link.name) else f"BROKEN {link.name}: {link.detail}",
+                  file=sys.stderr)
         raise typer.Exit(1)
+
+
+@app.command("prefect-server")
+def prefect_server(
+    db: Optional[str] = typer.Option(None, "--db", help="postgresql://USER@HOST:PORT/DB (default: SQLite "
+                                                        "in PROJECT/.prefect/prefect.db)"),
+    host: str = typer.Option("127.0.0.1", help="bind address"),
+    port: int = typer.Option(4200, help="port"),
+    project: Path = typer.Option(Path("."), "--project", "-p"),
+) -> None:
+    """Start a Prefect server for `ftpipe schedule` and the UI of runs: SQLite in the project by
+    default, PostgreSQL with --db (the database must exist: `createdb -h HOST -U USER DB`)."""
+    _quiet_env()
+    project = project.resolve()
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    home = project / ".prefect"
+    home.mkdir(exist_ok=True)
+    env["PREFECT_HOME"] = str(home)
+    if db:
+        if not db.startswith(("postgresql://", "postgresql+asyncpg://", "postgres://")):
+            _fail(f"--db {db!r}: expected postgresql://USER@HOST:PORT/DB", 2)
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = "postgresql+asyncpg://" + db.split("://", 1)[1]
+    else:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+    bindir = Path(sys.executable).parent
+    print(f"Prefect server on http://{host}:{port} ({'PostgreSQL ' + db if db else 'SQLite ' + str(home / 'prefect.db')}); "
+          f"then: export PREFECT_API_URL=http://{host}:{port}/api", flush=True)
+    cmd = [str(bindir / "prefect"), "server", "start", "--host", host, "--port", str(port)]
+    os.execve(cmd[0], cmd, env)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Data versions: status, SQL exports, restore.")
@@ -408,27 +456,47 @@ def data_restore(
     from ftpipe import audit as au
     from ftpipe import registry
 
+    import shutil
+    import tempfile
+
+    if to.exists() and not to.is_dir():
+        _fail(f"{to}: a file; restore writes into an empty or new directory", 2)
     if to.exists() and any(to.iterdir()):
         _fail(f"{to}: not empty; restore writes into an empty or new directory", 2)
+    if not to.resolve().parent.is_dir():
+        _fail(f"{to}: folder {to.resolve().parent} does not exist", 2)
     client = registry.client()
     try:
         v = au.resolve(client, model)
-        doc, _, problems = au.recorded_lineage(client, v)
-        outputs = {k[len("ftpipe.dvc."):]: md5 for k, md5 in doc.items() if k.startswith("ftpipe.dvc.")}
-        wanted = outputs if every_stage else {k: m for k, m in outputs.items() if k == au.SPLITS_KEY}
-        if not wanted:
-            _fail(f"{v.name} v{v.version}: no data version recorded", 2)
-        store = au.Store(project, cfg.data.remote)
-        try:
-            to.mkdir(parents=True, exist_ok=True)
-            for key, md5 in sorted(wanted.items()):
-                dest = to / key.split(":", 1)[1] if every_stage else to
-                files = au.restore_output(store, md5, dest)
-                print(f"{key} {md5}: {len(files)} files, {sum(f['bytes'] for f in files):,} bytes -> {dest}")
-        finally:
-            store.close()
     except au.AuditError as exc:
-        _fail(str(exc), 1)
+        _fail(str(exc), 2)
+    doc, _, problems = au.recorded_lineage(client, v)
+    outputs = {k[len("ftpipe.dvc."):]: md5 for k, md5 in doc.items() if k.startswith("ftpipe.dvc.")}
+    wanted = outputs if every_stage else {k: m for k, m in outputs.items() if k == au.SPLITS_KEY}
+    if not wanted:
+        _fail(f"{v.name} v{v.version}: no data version recorded", 2)
+    # written next to DIR, moved into place only when every file re-hashed: never half a restore
+    staging = Path(tempfile.mkdtemp(dir=to.resolve().parent, prefix=f".{to.name}.restoring-"))
+    store = au.Store(project, cfg.data.remote)
+    try:
+        lines = []
+        for key, md5 in sorted(wanted.items()):
+            dest = staging / key.split(":", 1)[1] if every_stage else staging
+            files = au.restore_output(store, md5, dest)
+            remote = sum(f["from"] == "remote" for f in files)
+            lines.append(f"{key} {md5}: {len(files)} files, {sum(f['bytes'] for f in files):,} bytes"
+                         + (f" ({remote} from {store.where()}: no good copy in the cache)" if remote else ""))
+        if to.exists():
+            to.rmdir()
+        staging.rename(to)
+    except au.AuditError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        _fail(f"{exc}\nnothing written to {to}", 1)
+    finally:
+        store.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    for line in lines:
+        print(f"{line} -> {to}")
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
     print(f"restored the data {v.name} v{v.version} learned from; every file re-hashed to its recorded md5")

@@ -346,7 +346,7 @@ def list_models(reg: RegistryConfig) -> list[dict]:
     for mv in registry.versions(reg.model_name):
         tags = mv.tags or {}
         out.append({
-            "version": mv.version, "aliases": sorted(by_version.get(str(mv.version), [])),
+            "version": str(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),
             "created": time.strftime("%Y-%m-%d %H:%M", time.gmtime(mv.creation_timestamp / 1000)),
             "method": tags.get("ftpipe.method", ""),
             m: float(tags[f"ftpipe.metric.{m}"]) if f"ftpipe.metric.{m}" in tags else None,

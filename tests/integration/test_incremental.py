@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.helpers import BIN, REPO, make_project, mlflow_client, run_cli
+from tests.helpers import BIN, REPO, TINY, free_port, make_project, mlflow_client, run_cli, wait_http
 
 MODEL = "ftpipe-dates"
 
@@ -40,13 +40,17 @@ def _runs(project):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, prefect_server):
     p = make_project(tmp_path_factory.mktemp("incr"), {
-        "incremental": {"start_from": "champion", "replay_ratio": 0.5, "max_steps": 20},
-        "schedule": {"min_new_rows": 20}})
+        "incremental": {"start_from": "champion", "replay_ratio": 0.5, "max_steps": 80},
+        "schedule": {"min_new_rows": 20}, "registry.promotion": TINY["registry.promotion"] | {"max_forgetting": 0.2}})
     _ok(run_cli(["run", "--if-new-data"], p, prefect_server))             # no champion: trains from scratch
     return p
 
 
-def test_too_few_new_rows_skip_then_enough_train_from_the_champion(project, prefect_server):
+def test_skip_then_a_forgetting_drop_is_refused_then_new_data_promotes(project, prefect_server):
+    """Over three incoming drops after the first champion: too few rows skip; a drop crafted
+    to make the model forget (the same questions, wrong answers) trains from the champion and
+    the gate refuses it for forgetting; with that drop removed, good new rows train from the
+    champion on new rows + replay and promote."""
     c = mlflow_client(project)
     assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "1"
     drops = (REPO / "data/drops/drop-0002.jsonl").read_text().splitlines(keepends=True)
@@ -58,36 +62,53 @@ def test_too_few_new_rows_skip_then_enough_train_from_the_champion(project, pref
     assert skipped.data.tags["ftpipe.skipped"] == "skipped: 5 new rows < 20"
     assert len(c.search_model_versions(f"name = '{MODEL}'")) == 1          # nothing registered
 
+    bad = [json.loads(x) | {"output": "banana banana banana"} for x in drops[200:400]]
+    (project / "data/incoming/bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    out = _ok(run_cli(["run", "--if-new-data", "incremental.replay_ratio=0", "incremental.max_steps=40"],
+                      project, prefect_server))
+    v2 = c.get_model_version(MODEL, "2")
+    assert v2.tags["ftpipe.start_from"].startswith(f"champion models:/{MODEL}/1: ")
+    assert v2.tags["ftpipe.start_from"].endswith(" + 0 replayed")
+    assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "1"   # refused, and why:
+    assert v2.tags["ftpipe.decision"] == "refuse", v2.tags.get("ftpipe.decision.summary")
+    failed = [r["rule"] for r in json.loads(v2.tags["ftpipe.decision.reasons"]) if not r["passed"]]
+    assert "forgetting" in failed, v2.tags["ftpipe.decision.summary"]
+    assert "on an earlier test set" in v2.description and "> allowed 0.2" in v2.description
+
+    (project / "data/incoming/bad.jsonl").unlink()                          # the bad drop is withdrawn
     (project / "data/incoming/big.jsonl").write_text("".join(drops[5:125]))
     _ok(run_cli(["run", "--if-new-data"], project, prefect_server))
-    v2 = c.get_model_version(MODEL, "2")
-    run = c.get_run(v2.run_id)
-    assert run.data.tags["ftpipe.new_rows"] == "125"                       # 5 + 120, every split
-    start = v2.tags["ftpipe.start_from"]
+    v3 = c.get_model_version(MODEL, "3")
+    run = c.get_run(v3.run_id)
+    assert run.data.tags["ftpipe.new_rows"] == "125"                       # 5 + 120 since v1, every split
+    start = v3.tags["ftpipe.start_from"]
     assert start.startswith(f"champion models:/{MODEL}/1: ")
     n_new, n_replay = (int(x.split()[0]) for x in start.split(": ", 1)[1].split(" + "))
     assert 90 <= n_new <= 125 and n_replay == n_new                        # replay_ratio 0.5
-    train_file = next((project / "runs").glob("increment-*-v1/train.jsonl"))
-    rows = [json.loads(x) for x in train_file.read_text().splitlines()]
+    md5 = v3.tags["ftpipe.dvc.split:data/splits"]
+    rows = (project / "runs" / f"increment-{md5[:12]}-v1" / "train.jsonl").read_text().splitlines()
     assert len(rows) == n_new + n_replay
-    assert sum(r["_source"].startswith("data/incoming/") for r in rows) == n_new
-    assert json.loads(run_cli(["lineage", f"models:/{MODEL}/2", "--json"], project, prefect_server).stdout)[
+    assert sum(json.loads(r)["_source"].startswith("data/incoming/") for r in rows) == n_new
+    assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "3", v3.description
+    assert json.loads(run_cli(["lineage", f"models:/{MODEL}/3", "--json"], project, prefect_server).stdout)[
         "base_model"]["start_from"] == start
 
 
-def test_served_deployment_runs_when_triggered_through_the_api(project, prefect_server):
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    env |= prefect_server
+def _serve_and_trigger(project, prefect_env: dict):
+    """`ftpipe schedule` against this Prefect server; one run triggered through its API."""
     import re
 
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
     _always_skip(project)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    env |= prefect_env
     served = subprocess.Popen([str(BIN / "ftpipe"), "schedule", "--project", str(project)], cwd=project, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    saved = {k: os.environ.get(k) for k in prefect_env}
+    os.environ.update(prefect_env)
     try:
-        from prefect.client.orchestration import get_client
-        from prefect.deployments import run_deployment
-
-        os.environ.update(prefect_server)
         with get_client(sync_client=True) as client:
             deadline = time.time() + 120
             while True:
@@ -107,12 +128,49 @@ def test_served_deployment_runs_when_triggered_through_the_api(project, prefect_
         assert len(_runs(project)) == before + 1
         assert re.fullmatch(r"skipped: \d+ new rows < 100000", newest.data.tags["ftpipe.skipped"])
         assert newest.data.tags["ftpipe.prefect_flow_run"] == str(fr.id)       # the triggered run's record
+        return fr
     finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         served.terminate()
         try:
             served.wait(30)
         except subprocess.TimeoutExpired:
             served.kill()
+
+
+def test_served_deployment_runs_when_triggered_through_the_api(project, prefect_server):
+    _serve_and_trigger(project, prefect_server)
+
+
+def test_the_same_on_a_prefect_server_backed_by_postgresql(project):
+    import psycopg
+
+    pg, db = "postgresql://postgres@127.0.0.1:5432", f"ftpipe_prefect_{os.getpid()}"
+    with psycopg.connect(f"{pg}/postgres", autocommit=True) as con:
+        con.execute(f"DROP DATABASE IF EXISTS {db}")
+        con.execute(f"CREATE DATABASE {db}")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    server = subprocess.Popen([str(BIN / "ftpipe"), "prefect-server", "--db", f"{pg}/{db}", "--port", str(port),
+                               "--project", str(project)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", 180, server)
+        fr = _serve_and_trigger(project, {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
+        with psycopg.connect(f"{pg}/{db}") as con:                         # the run is in PostgreSQL
+            assert con.execute("SELECT state_type FROM flow_run WHERE id = %s", (fr.id,)).fetchone()[0] == "COMPLETED"
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        with psycopg.connect(f"{pg}/postgres", autocommit=True) as con:
+            con.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
 
 def test_prefect_yaml_deploys_to_a_process_work_pool_and_a_worker_runs_it(project, prefect_server):

@@ -113,14 +113,16 @@ def test_reverse_queries_find_exactly_the_versions_that_used_a_source_or_row(lp,
     assert by_source("data/incoming/never-there.jsonl") == []
 
     _ok(run_cli(["data", "restore", f"models:/{MODEL}/2", "--to", str(tmp_path / "v2")], project))
-    rows = [json.loads(x) for n in SPLITS for x in (tmp_path / "v2" / f"{n}.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) | {"__split": n} for n in SPLITS
+            for x in (tmp_path / "v2" / f"{n}.jsonl").read_text().splitlines()]
     from_drop = next(r for r in rows if r["_source"] == "data/incoming/drop-a.jsonl")
     from_dates = next(r for r in rows if r["_source"] == "data/sources/dates.jsonl")
     by_row = lambda h: sorted(x["version"] for x in audit.versions_with_row(client, project, h))  # noqa: E731
     assert by_row(from_dates["_hash"]) == ["1", "2", "3"]
     assert by_row("0" * 64) == []
     text = _ok(_lineage(lp, "--row-hash", from_drop["_hash"]))
-    assert f"1 model version(s) learned from row {from_drop['_hash']}" in text and f"{MODEL} v2" in text
+    assert f"1 model version(s) saw row {from_drop['_hash']}:\n  {MODEL} v2" in text
+    assert ("trained on it" if from_drop["__split"] == "train" else "evaluated on, not trained on") in text
 
 
 def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path, monkeypatch):
@@ -155,6 +157,14 @@ def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path, monkeypatch):
     # the remote still holds the true bytes: restore takes them from there
     _ok(run_cli(["data", "restore", f"models:/{MODEL}/1", "--to", str(tmp_path / "r")], project))
     assert _sha(tmp_path / "r/train.jsonl") == lp["first"]["train"]
+
+    # ... and with the remote copy gone too, restore fails naming the file, writing nothing
+    remote_train = obj("dvc-remote", train_md5)
+    hidden = remote_train.rename(tmp_path / "remote-train")
+    failed = run_cli(["data", "restore", f"models:/{MODEL}/1", "--to", str(tmp_path / "half")], project)
+    assert failed.returncode == 1 and f"train.jsonl ({train_md5})" in failed.stderr
+    assert not (tmp_path / "half").exists() and not list(tmp_path.glob(".half.*"))
+    hidden.rename(remote_train)
     cached.write_bytes(original)
 
     # 2. a deleted remote object
