@@ -129,7 +129,6 @@ def schedule(
         _fail("PREFECT_API_URL is not set: a served deployment needs a Prefect server "
               "(`prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`)", 2)
     os.chdir(project)
-    sys.path.insert(0, str(project))
     from prefect.schedules import Cron
 
     from flows.retrain import scheduled_retrain

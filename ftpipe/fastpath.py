@@ -237,6 +237,12 @@ def compile_layers(model, log=lambda msg: None) -> int:
 
     if not torch.cuda.is_available():
         return 0
+    # Every decoder layer shares one code object, so its graphs (training and no-grad
+    # validation, static then dynamic shapes, each model a process trains) count against one
+    # recompile limit; torch's default of 8 was hit by one test process training 4 models.
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = base.get_decoder().layers if hasattr(base, "get_decoder") else []
     for layer in layers:

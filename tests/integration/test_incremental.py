@@ -94,47 +94,53 @@ def test_skip_then_a_forgetting_drop_is_refused_then_new_data_promotes(project, 
         "base_model"]["start_from"] == start
 
 
-def _serve_and_trigger(project, prefect_env: dict):
-    """`ftpipe schedule` against this Prefect server; one run triggered through its API."""
-    import re
+TRIGGER = """
+import json, sys, time
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
 
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
+with get_client(sync_client=True) as client:
+    deadline = time.time() + 120
+    while True:
+        try:
+            dep = client.read_deployment_by_name("scheduled-retrain/ftpipe-retrain")
+            break
+        except Exception:
+            if time.time() > deadline:
+                sys.exit("deployment never registered")
+            time.sleep(2)
+    sched = dep.schedules[0].schedule
+fr = run_deployment("scheduled-retrain/ftpipe-retrain", timeout=600)
+print(json.dumps({"id": str(fr.id), "state": fr.state.type.value, "message": fr.state.message,
+                  "cron": sched.cron, "timezone": sched.timezone, "pool": dep.work_pool_name}))
+"""
+
+
+def _serve_and_trigger(project, prefect_env: dict) -> dict:
+    """`ftpipe schedule` against this Prefect server; one run triggered through its API (from a
+    separate process: Prefect's settings are fixed per process)."""
+    import re
+    import sys
 
     _always_skip(project)
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
+                                                             "PREFECT_API_URL", "PREFECT_HOME")}
     env |= prefect_env
     served = subprocess.Popen([str(BIN / "ftpipe"), "schedule", "--project", str(project)], cwd=project, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    saved = {k: os.environ.get(k) for k in prefect_env}
-    os.environ.update(prefect_env)
     try:
-        with get_client(sync_client=True) as client:
-            deadline = time.time() + 120
-            while True:
-                try:
-                    dep = client.read_deployment_by_name("scheduled-retrain/ftpipe-retrain")
-                    break
-                except Exception:  # noqa: BLE001 - not registered yet
-                    assert served.poll() is None, served.stdout.read()
-                    assert time.time() < deadline, "deployment never registered"
-                    time.sleep(2)
-            assert dep.schedules and dep.schedules[0].schedule.cron == "0 3 * * *"
-            assert dep.schedules[0].schedule.timezone == "UTC"
         before = len(_runs(project))
-        fr = run_deployment("scheduled-retrain/ftpipe-retrain", timeout=600)
-        assert fr.state.is_completed(), fr.state
+        proc = subprocess.run([sys.executable, "-c", TRIGGER], env=env, capture_output=True, text=True, timeout=700)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        fr = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert (fr["cron"], fr["timezone"]) == ("0 3 * * *", "UTC")
+        assert fr["state"] == "COMPLETED", fr
         newest = _runs(project)[0]
         assert len(_runs(project)) == before + 1
         assert re.fullmatch(r"skipped: \d+ new rows < 100000", newest.data.tags["ftpipe.skipped"])
-        assert newest.data.tags["ftpipe.prefect_flow_run"] == str(fr.id)       # the triggered run's record
+        assert newest.data.tags["ftpipe.prefect_flow_run"] == fr["id"]         # the triggered run's record
         return fr
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         served.terminate()
         try:
             served.wait(30)
@@ -162,7 +168,7 @@ def test_the_same_on_a_prefect_server_backed_by_postgresql(project):
         wait_http(f"http://127.0.0.1:{port}/api/health", 180, server)
         fr = _serve_and_trigger(project, {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
         with psycopg.connect(f"{pg}/{db}") as con:                         # the run is in PostgreSQL
-            assert con.execute("SELECT state_type FROM flow_run WHERE id = %s", (fr.id,)).fetchone()[0] == "COMPLETED"
+            assert con.execute("SELECT state_type FROM flow_run WHERE id = %s", (fr["id"],)).fetchone()[0] == "COMPLETED"
     finally:
         server.terminate()
         try:
