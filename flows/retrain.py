@@ -23,8 +23,8 @@ from tasks.data import (DataVersion, clean_data, clean_report_path, collect_data
                         split_data, split_paths, validate_cleaned_data, validate_data)
 from ftpipe.gate import EvalReport, PromotionResult
 from tasks.evaluation import evaluate_all
-from tasks.incremental import champion_weights, plan_increment, record_skip
-from ftpipe.incremental import Increment
+from tasks.incremental import champion_weights, last_tried, plan_increment, record_skip
+from ftpipe.incremental import Increment, scaled_steps, skip_reason
 from tasks.registry import (finish_run, promote_candidate, publish_reports, register_candidate,
                             start_run)
 from tasks.training import train_candidate
@@ -97,8 +97,9 @@ def retrain(cfg: PipelineConfig, root: str = ".", require_new_data: bool = False
         splits = split_paths(root)
         splits_md5 = split.hashes.get("split:data/splits", "")
         inc = plan_increment(cfg, root, splits_md5, run_id)
-        if require_new_data and inc.champion and inc.new_rows < cfg.schedule.min_new_rows:
-            message = f"skipped: {inc.new_rows} new rows < {cfg.schedule.min_new_rows}"
+        message = skip_reason(inc, cfg.schedule.min_new_rows, last_tried(cfg, splits_md5)) \
+            if require_new_data else None
+        if message:
             record_skip(run_id, message, inc)
             finish_run(run_id, "FINISHED")
             return SkippedRun(run_id, message, inc.new_rows, cfg.schedule.min_new_rows, inc.champion,
@@ -107,8 +108,8 @@ def retrain(cfg: PipelineConfig, root: str = ".", require_new_data: bool = False
         if inc.start_from == "champion":
             train_base = champion_weights(cfg.registry, inc.champion_version, root)
             train_splits = splits | {"train": inc.train_path}
-            if cfg.incremental.max_steps:
-                train_cfg = train_cfg.model_copy(update={"max_steps": cfg.incremental.max_steps})
+            train_cfg = train_cfg.model_copy(update={"max_steps": cfg.incremental.max_steps
+                                                     or scaled_steps(cfg.train.max_steps, inc)})
         candidate = train_candidate(cfg.model, cfg.lora, train_cfg, train_base, train_splits, run_id,
                                     root, f"{splits_md5}:{inc.start_from}:{inc.champion_version}")
         report = evaluate_all(cfg.eval, cfg.model, cfg.registry, base.path, candidate.model_dir,

@@ -277,6 +277,8 @@ def restore_output(store: Store, md5: str, dest: Path) -> list[dict]:
                              f"{store.where()} re-hashes to its recorded md5")
         data, where = got
         path = dest / e["relpath"]
+        if not path.resolve().is_relative_to(dest.resolve()):
+            raise AuditError(f"data version {md5}: listed file {e['relpath']!r} would land outside {dest}")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
         tmp.write_bytes(data)
@@ -365,7 +367,12 @@ def _flow_run(flow_run_id: str) -> tuple[bool | None, str]:
     except Exception as exc:  # noqa: BLE001
         name = type(exc).__name__
         if name == "ObjectNotFound":
-            return False, f"not found on the Prefect server ({os.environ.get('PREFECT_API_URL') or 'local database'})"
+            from prefect.settings import PREFECT_API_URL
+
+            if not PREFECT_API_URL.value():   # Prefect's default local database: maybe not where it ran
+                return None, ("not checked: not in Prefect's local database; set PREFECT_API_URL to the "
+                              "server the flow ran on")
+            return False, f"not found on the Prefect server {PREFECT_API_URL.value()}"
         return None, f"not checked: {name}: {str(exc)[:120]}"
 
 
@@ -526,6 +533,30 @@ def versions_with_source(client, root: Path, path: str) -> list[dict]:
                         "the file there now has other bytes" if sha != digest else "the file there now is the same")
             out.append({"model": v.name, "version": v.version, "aliases": list(v.aliases), "source": src,
                         "sha256": digest, "matched_by": how, "now": note, "run_id": v.run_id})
+    return out
+
+
+def with_descendants(client, hits: list[dict]) -> list[dict]:
+    """Add every version trained from the weights of a hit (incremental runs record
+    `ftpipe.start_from: champion models:/NAME/V: ...`), transitively: it carries what they saw."""
+    import re
+
+    versions = all_versions(client)
+    seen = {(h["model"], h["version"]) for h in hits}
+    out = list(hits)
+    grew = True
+    while grew:
+        grew = False
+        for v in versions:
+            if (v.name, v.version) in seen:
+                continue
+            doc, _, _ = recorded_lineage(client, v)
+            m = re.match(r"champion models:/([^/]+)/(\d+)", doc.get("ftpipe.start_from", ""))
+            if m and (m.group(1), m.group(2)) in seen:
+                seen.add((v.name, v.version))
+                out.append({"model": v.name, "version": v.version, "aliases": list(v.aliases),
+                            "via": f"models:/{m.group(1)}/{m.group(2)}", "run_id": v.run_id})
+                grew = True
     return out
 
 

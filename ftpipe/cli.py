@@ -123,9 +123,11 @@ def schedule(
     project = project.resolve()
     if not (project / "dvc.yaml").is_file():
         _fail(f"{project} is not an ftpipe project (no dvc.yaml); pass --project", 2)
-    cfg_path = _config_path(config, project)
+    cfg_path = _config_path(config, project).resolve()     # before the chdir below
     cfg = _load(cfg_path, [], project)
-    if not os.environ.get("PREFECT_API_URL"):
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
         _fail("PREFECT_API_URL is not set: a served deployment needs a Prefect server "
               "(`prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`)", 2)
     os.chdir(project)
@@ -136,8 +138,9 @@ def schedule(
     print(f"serving deployment scheduled-retrain/{name}: cron '{cfg.schedule.cron}' ({cfg.schedule.timezone}), "
           f"min_new_rows {cfg.schedule.min_new_rows}, project {project}", flush=True)
     scheduled_retrain.serve(name=name, schedule=Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone),
-                            parameters={"root": str(project), "config": str(cfg_path.resolve())},
-                            tags=["ftpipe"], print_starting_message=False)
+                            parameters={"root": str(project), "config": str(cfg_path)},
+                            tags=["ftpipe"], print_starting_message=False,
+                            global_limit=1)   # one retrain at a time in this workspace
 
 
 @app.command()
@@ -326,10 +329,15 @@ def lineage(
         if source is not None or row_hash is not None:
             hits = (au.versions_with_source(client, project, source) if source
                     else au.versions_with_row(client, project, row_hash, cfg.data.remote))
+            hits = au.with_descendants(client, hits)
             what = f"source {source}" if source else f"row {row_hash}"
             if as_json:
                 print(json.dumps({"query": {"source": source, "row_hash": row_hash}, "versions": hits}, indent=2))
                 return
+            unknown = [h for h in hits if h.get("error")]
+            hits = [h for h in hits if not h.get("error")]
+            for h in unknown:
+                print(f"warning: {h['model']} v{h['version']}: {h['error']}: not searched", file=sys.stderr)
             if not hits:
                 where = "" if row_hash or (Path(source).exists() or (project / source).exists()) else \
                     " (no file there now either)"
@@ -337,12 +345,14 @@ def lineage(
                 return
             print(f"{len(hits)} model version(s) saw {what}:")
             for h in hits:
-                if source:
+                if h.get("via"):
+                    extra = f"trained from the weights of {h['via']}, which saw it"
+                elif source:
                     extra = (f"{h['source']}, matched by {h['matched_by']}, sha256 {h['sha256'][:16]}…"
                              + (f" ({h['now']})" if h.get("now") else ""))
                 else:
-                    extra = h.get("error") or ("trained on it (train split)" if h["split"] == "train" else
-                                               f"in its {h['split']} split (evaluated on, not trained on)")
+                    extra = ("trained on it (train split)" if h["split"] == "train" else
+                             f"in its {h['split']} split (evaluated on, not trained on)")
                 print(f"  {h['model']} v{h['version']}" + (f" ({', '.join(h['aliases'])})" if h.get("aliases") else "")
                       + f": {extra}")
             return
@@ -391,7 +401,10 @@ def prefect_server(
     else:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
     bindir = Path(sys.executable).parent
-    print(f"Prefect server on http://{host}:{port} ({'PostgreSQL ' + db if db else 'SQLite ' + str(home / 'prefect.db')}); "
+    import re
+
+    shown = re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", db) if db else None
+    print(f"Prefect server on http://{host}:{port} ({'PostgreSQL ' + shown if db else 'SQLite ' + str(home / 'prefect.db')}); "
           f"then: export PREFECT_API_URL=http://{host}:{port}/api", flush=True)
     cmd = [str(bindir / "prefect"), "server", "start", "--host", host, "--port", str(port)]
     os.execve(cmd[0], cmd, env)
@@ -446,6 +459,7 @@ def data_restore(
     to: Path = typer.Option(..., "--to", help="an empty (or new) directory"),
     every_stage: bool = typer.Option(False, "--all", help="every recorded data output (collected, cleaned, "
                                                           "splits) under DIR/<its path>, not just the splits"),
+    force: bool = typer.Option(False, "--force", help="restore even when the lineage record and the tags disagree"),
     config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
     project: Path = typer.Option(Path("."), "--project", "-p"),
 ) -> None:
@@ -470,7 +484,11 @@ def data_restore(
     except au.AuditError as exc:
         _fail(str(exc), 2)
     doc, _, problems = au.recorded_lineage(client, v)
-    outputs = {k[len("ftpipe.dvc."):]: md5 for k, md5 in doc.items() if k.startswith("ftpipe.dvc.")}
+    if problems and not force:
+        _fail("the lineage of " + f"{v.name} v{v.version} does not hold:\n" + "\n".join(problems)
+              + "\n(`ftpipe lineage` for the whole audit; --force restores what the record says anyway)", 1)
+    outputs = {k[len("ftpipe.dvc."):]: md5 for k, md5 in doc.items() if k.startswith("ftpipe.dvc.")
+               and ":" in k[len("ftpipe.dvc."):]}
     wanted = outputs if every_stage else {k: m for k, m in outputs.items() if k == au.SPLITS_KEY}
     if not wanted:
         _fail(f"{v.name} v{v.version}: no data version recorded", 2)

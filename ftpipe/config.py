@@ -355,7 +355,9 @@ class IncrementalConfig(_Section):
     start_from: Literal["champion", "scratch"] = "champion"
     # Share of an incremental training set drawn from rows the champion already saw.
     replay_ratio: float = Field(0.5, ge=0, lt=1)
-    max_steps: int | None = Field(None, ge=1, description="steps of an incremental run (null: train.max_steps)")
+    # Steps of an incremental run; null: train.max_steps scaled to the incremental set's size
+    # (the same number of epochs a full run makes).
+    max_steps: int | None = Field(None, ge=1)
 
 
 class PipelineConfig(_Section):

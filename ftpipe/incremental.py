@@ -22,6 +22,8 @@ class Increment:
     start_from: str                # "champion" | "scratch"
     train_path: str | None         # the incremental training file; None: data/splits/train.jsonl
     reason: str
+    train_rows: int = 0            # all rows of the current training split
+    champion_data_missing: bool = False
 
 
 def _hashes(lines: list[bytes]) -> list[str]:
@@ -38,16 +40,18 @@ def plan(splits_dir: Path, champion: str | None, champion_version: str | None,
         total = sum(len(v) for v in lines.values())
         why = "no champion yet" if champion is None else f"the data of {champion} is in neither the DVC cache nor the remote"
         return Increment(champion, champion_version, total, len(lines["train"]), 0, "scratch", None,
-                         f"{why}: training from the base model on all {len(lines['train'])} training rows")
+                         f"{why}: training from the base model on all {len(lines['train'])} training rows",
+                         len(lines["train"]), champion is not None)
     new = {n: [x for x, h in zip(v, _hashes(v)) if h not in champion_rows] for n, v in lines.items()}
     n_new = sum(len(v) for v in new.values())
     if start_from == "scratch":
         return Increment(champion, champion_version, n_new, len(new["train"]), 0, "scratch", None,
                          f"incremental.start_from is scratch: training from the base model on all "
-                         f"{len(lines['train'])} training rows")
+                         f"{len(lines['train'])} training rows", len(lines["train"]))
     if not new["train"]:
         return Increment(champion, champion_version, n_new, 0, 0, "scratch", None,
-                         f"no new training rows since {champion}: training from the base model on all rows")
+                         f"no new training rows since {champion}: training from the base model on all rows",
+                         len(lines["train"]))
     old = [x for x, h in zip(lines["train"], _hashes(lines["train"])) if h in champion_rows]
     want = round(len(new["train"]) * replay_ratio / (1 - replay_ratio)) if replay_ratio else 0
     replay = random.Random(seed).sample(old, min(want, len(old)))
@@ -59,4 +63,27 @@ def plan(splits_dir: Path, champion: str | None, champion_version: str | None,
     tmp.write_bytes(b"".join(x + b"\n" for x in rows))
     tmp.replace(path)
     return Increment(champion, champion_version, n_new, len(new["train"]), len(replay), "champion", str(path),
-                     f"from {champion}'s weights on {len(new['train'])} new training rows + {len(replay)} replayed")
+                     f"from {champion}'s weights on {len(new['train'])} new training rows + {len(replay)} replayed",
+                     len(lines["train"]))
+
+
+def skip_reason(inc: Increment, min_new_rows: int, last_tried: str | None) -> str | None:
+    """Why a scheduled / --if-new-data run should not train (None: it should)."""
+    if inc.champion is None:
+        return None
+    if inc.champion_data_missing:
+        return (f"skipped: the data of the champion ({inc.champion}) is in neither the DVC cache nor the "
+                "remote, so what is new cannot be told (`dvc pull`, or run `ftpipe run` to retrain from scratch)")
+    if inc.new_rows < min_new_rows:
+        return f"skipped: {inc.new_rows} new rows < {min_new_rows}"
+    if inc.new_train_rows == 0:
+        return f"skipped: none of the {inc.new_rows} new rows is in the training split"
+    if last_tried:
+        return f"skipped: {last_tried} already trained on this data version with this config"
+    return None
+
+
+def scaled_steps(max_steps: int, inc: Increment) -> int:
+    """train.max_steps scaled to the incremental set: as many epochs as a full run would make."""
+    rows = inc.new_train_rows + inc.replay_rows
+    return max(1, -(-max_steps * rows // max(1, inc.train_rows)))

@@ -37,14 +37,34 @@ def plan_increment(cfg: PipelineConfig, root: str, splits_md5: str, run_id: str)
                cfg.incremental.replay_ratio, cfg.train.seed, out)
     registry.client().set_tag(run_id, "ftpipe.new_rows", str(inc.new_rows))
     get_run_logger().info(f"new rows since {inc.champion or 'no champion'}: {inc.new_rows}; {inc.reason}")
+    if inc.train_path:   # what the candidate trains on, with the run (lineage: restore, deletion requests)
+        registry.client().log_artifact(run_id, inc.train_path, "data/increment")
     return inc
+
+
+@task(name="last-tried", cache_policy=NO_CACHE)
+def last_tried(cfg: PipelineConfig, splits_md5: str) -> str | None:
+    """'NAME vN (decision)' when a version was already trained on this data version with this
+    config: a scheduled run then does not train and register the same candidate again."""
+    from ftpipe.audit import SPLITS_KEY
+
+    for mv in registry.versions(cfg.registry.model_name):
+        tags = mv.tags or {}
+        if tags.get(f"ftpipe.dvc.{SPLITS_KEY}") == splits_md5 and tags.get("ftpipe.config_hash") == cfg.hash():
+            return f"{cfg.registry.model_name} v{mv.version} ({tags.get('ftpipe.decision', 'undecided')})"
+    return None
 
 
 @task(name="champion-weights", cache_policy=NO_CACHE)
 def champion_weights(reg: RegistryConfig, version: str, root: str) -> str:
-    """The champion's merged checkpoint, downloaded once per version under runs/."""
-    dst = Path(root) / "runs" / f"champion-v{version}"
-    hf = registry.download_model(reg.model_name, version, dst)
+    """The champion's merged checkpoint, downloaded once per model and version under runs/."""
+    dst = Path(root) / "runs" / f"champion-{reg.model_name}-v{version}"
+    done = dst / ".complete"
+    if done.is_file() and Path(done.read_text()).is_dir():
+        hf = done.read_text()
+    else:
+        hf = registry.download_model(reg.model_name, version, dst)
+        done.write_text(hf)
     get_run_logger().info(f"training from {reg.model_name} v{version}'s weights ({hf})")
     return hf
 

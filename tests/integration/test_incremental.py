@@ -92,6 +92,12 @@ def test_skip_then_a_forgetting_drop_is_refused_then_new_data_promotes(project, 
     assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "3", v3.description
     assert json.loads(run_cli(["lineage", f"models:/{MODEL}/3", "--json"], project, prefect_server).stdout)[
         "base_model"]["start_from"] == start
+    # a deletion request against v1's data reaches every version trained from v1's weights
+    from ftpipe.audit import with_descendants
+
+    found = with_descendants(c, [{"model": MODEL, "version": "1"}])
+    assert {(h["version"], h.get("via")) for h in found} == {
+        ("1", None), ("2", f"models:/{MODEL}/1"), ("3", f"models:/{MODEL}/1")}
 
 
 TRIGGER = """
