@@ -26,7 +26,7 @@ from tasks.evaluation import evaluate_all
 from tasks.incremental import champion_weights, last_tried, plan_increment, record_skip
 from ftpipe.incremental import Increment, scaled_steps, skip_reason
 from tasks.registry import (finish_run, promote_candidate, publish_reports, register_candidate,
-                            start_run)
+                            registered_candidate, start_run)
 from tasks.training import train_candidate
 
 
@@ -112,6 +112,14 @@ def retrain(cfg: PipelineConfig, root: str = ".", require_new_data: bool = False
                                                      or scaled_steps(cfg.train.max_steps, inc)})
         candidate = train_candidate(cfg.model, cfg.lora, train_cfg, train_base, train_splits, run_id,
                                     root, f"{splits_md5}:{inc.start_from}:{inc.champion_version}")
+        prior = registered_candidate(cfg.registry, candidate.model_dir, run_id)
+        if prior is not None and prior[1]:   # these weights are registered and decided already
+            message = (f"skipped: {cfg.registry.model_name} v{prior[0].version} already holds these weights "
+                       f"(same recipe, same data; decided '{prior[1]}'), nothing registered")
+            record_skip(run_id, message, inc)
+            finish_run(run_id, "FINISHED")
+            return SkippedRun(run_id, message, inc.new_rows, cfg.schedule.min_new_rows, inc.champion,
+                              registry.tracking_uri(cfg.registry, Path(root)), cfg.registry.experiment)
         report = evaluate_all(cfg.eval, cfg.model, cfg.registry, base.path, candidate.model_dir,
                               splits["test"], cfg.train.max_seq_len, run_id, root)
         hashes = data.stage.hashes | cleaned.hashes | split.hashes
@@ -123,8 +131,8 @@ def retrain(cfg: PipelineConfig, root: str = ".", require_new_data: bool = False
         lineage = lineage_of(cfg, Path(root), base.id, base.revision, data, hashes, verdict,
                              flow_run_id, start)
         metrics = report.candidate.metrics() | {"train_loss": candidate.train_loss}
-        version = register_candidate(cfg.registry, run_id, candidate.model_dir, lineage,
-                                     metrics, cfg.train.method, report.test_sha)
+        version = prior[0] if prior is not None else register_candidate(
+            cfg.registry, run_id, candidate.model_dir, lineage, metrics, cfg.train.method, report.test_sha)
         checks = {"data_gate": checked.success and checked_clean.success,
                   "train_loss_finite": math.isfinite(candidate.train_loss)}
         promotion = promote_candidate(cfg.registry, cfg.eval, run_id, version.version, report, checks,

@@ -104,7 +104,8 @@ def run(
     except TrainingDiverged as exc:
         _fail(str(exc))
     if isinstance(result, SkippedRun):
-        print(f"{result.message} since the champion ({result.champion}): nothing trained, no alias moved. "
+        champ = f" (champion: {result.champion})" if result.champion else ""
+        print(f"{result.message}{champ}: nothing trained, no alias moved. "
               f"MLflow run {result.run_id} (tag ftpipe.skipped)")
         return
     print_summary(result)

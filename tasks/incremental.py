@@ -50,8 +50,10 @@ def last_tried(cfg: PipelineConfig, splits_md5: str) -> str | None:
 
     for mv in registry.versions(cfg.registry.model_name):
         tags = mv.tags or {}
-        if tags.get(f"ftpipe.dvc.{SPLITS_KEY}") == splits_md5 and tags.get("ftpipe.config_hash") == cfg.hash():
-            return f"{cfg.registry.model_name} v{mv.version} ({tags.get('ftpipe.decision', 'undecided')})"
+        # undecided: a run crashed between registering and the gate; the next run finishes it
+        if tags.get(f"ftpipe.dvc.{SPLITS_KEY}") == splits_md5 and tags.get("ftpipe.config_hash") == cfg.hash() \
+                and tags.get("ftpipe.decision"):
+            return f"{cfg.registry.model_name} v{mv.version} ({tags['ftpipe.decision']})"
     return None
 
 
@@ -73,5 +75,6 @@ def champion_weights(reg: RegistryConfig, version: str, root: str) -> str:
 def record_skip(run_id: str, message: str, inc: Increment) -> None:
     c = registry.client()
     c.set_tag(run_id, "ftpipe.skipped", message)
-    c.set_tag(run_id, "mlflow.note.content", f"{message} (since {inc.champion}); nothing trained")
-    get_run_logger().info(f"{message} since {inc.champion}: nothing trained, no alias moved")
+    champ = f" (champion: {inc.champion})" if inc.champion else ""
+    c.set_tag(run_id, "mlflow.note.content", f"{message}{champ}; nothing trained")
+    get_run_logger().info(f"{message}{champ}: nothing trained, no alias moved")

@@ -42,11 +42,37 @@ def start_run(cfg: PipelineConfig, root: str, flow_run_id: str) -> str:
     return run.info.run_id
 
 
+CANDIDATE_TAG = "ftpipe.candidate"   # the training key (runs/train-KEY): one version per trained candidate
+
+
+@task(name="find-registered", cache_policy=NO_CACHE)
+def registered_candidate(reg: RegistryConfig, model_dir: str, run_id: str) -> tuple[registry.VersionInfo, str] | None:
+    """The version that already holds these weights (same training key: same recipe, same
+    data), with its gate decision ('' when a crashed run registered it but never decided):
+    a run started again never registers the same candidate twice."""
+    key = Path(model_dir).parent.name
+    for mv in registry.versions(reg.model_name):
+        tags = mv.tags or {}
+        if tags.get(CANDIDATE_TAG) == key:
+            decision = tags.get("ftpipe.decision", "")
+            c = registry.client()
+            c.set_tag(run_id, "ftpipe.model_version", str(mv.version))
+            c.set_tag(run_id, "ftpipe.reused_version", f"{reg.model_name} v{mv.version}")
+            get_run_logger().info(
+                f"{reg.model_name} version {mv.version} (run {mv.run_id}) already holds these weights ({key}): "
+                + (f"decided '{decision}'; nothing registered" if decision else
+                   "registered by a run that stopped before the gate; the gate decides on it now"))
+            return registry.VersionInfo(mv.name, str(mv.version), mv.run_id, tuple(mv.aliases or ())), decision
+    return None
+
+
 @task(name="register", cache_policy=NO_CACHE)
 def register_candidate(reg: RegistryConfig, run_id: str, model_dir: str, lineage: Lineage,
                        metrics: dict[str, float], method: str, test_sha: str) -> registry.VersionInfo:
+    key = Path(model_dir).parent.name
     version = registry.log_model(run_id, model_dir, reg.model_name)
-    tags = lineage.tags() | {"ftpipe.method": method, "ftpipe.run_id": run_id, gate.TEST_SET_TAG: test_sha}
+    tags = lineage.tags() | {"ftpipe.method": method, "ftpipe.run_id": run_id, gate.TEST_SET_TAG: test_sha,
+                             CANDIDATE_TAG: key}
     tags |= {f"ftpipe.metric.{k}": f"{v:.6g}" for k, v in metrics.items() if not k.startswith("slice.")}
     registry.tag_version(reg.model_name, version.version, tags)
     # the immutable twin of the lineage tags (`ftpipe lineage` names any tag edited later)

@@ -7,8 +7,10 @@ import hashlib
 import json
 from pathlib import Path
 
+from dataclasses import dataclass
+
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
 from ftpipe.launch import train
@@ -49,9 +51,29 @@ def plot_loss(result: TrainResult, path: Path) -> Path:
     return path
 
 
-@task(name="fine-tune", cache_policy=NO_CACHE)
-def train_candidate(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, base_path: str,
-                    splits: dict[str, str], run_id: str, root: str, data_hash: str) -> TrainResult:
+@dataclass
+class TrainingCache(CachePolicy):
+    """A training's cache key is its recipe and its data (training_dir's key), never the run:
+    a flow run started again after a crash past training gets the finished result back from
+    the project's result store instead of training again (checkpoints cover a crash during)."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
+        model = inputs["model"].model_copy(update={"base": inputs["base_path"]})
+        return training_dir(inputs["root"], model, inputs["lora"], inputs["train_cfg"], inputs["data_hash"]).name
+
+
+def result_store(root: str) -> Path:
+    """Where Prefect persists cached task results: inside the project, so a CLI run and a
+    served deployment's run of the same project share them (JSON, never pickle)."""
+    path = Path(root) / "runs" / "prefect-results"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@task(name="fine-tune", cache_policy=TrainingCache(), persist_result=True, result_serializer="json")
+def fine_tune(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, base_path: str,
+              splits: dict[str, str], run_id: str, root: str, data_hash: str) -> TrainResult:
+    """Train (or resume from the last checkpoint); metrics stream to the run that trains."""
     logger = get_run_logger()
     mlflow_client = client()
 
@@ -65,6 +87,33 @@ def train_candidate(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig
                    log=logger.info, on_metrics=on_metrics)
     if result.resumed_from:
         logger.info(f"resumed from the checkpoint at step {result.resumed_from}")
+    return result
+
+
+def train_candidate(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, base_path: str,
+                    splits: dict[str, str], run_id: str, root: str, data_hash: str) -> TrainResult:
+    """The candidate of this flow run: trained, resumed, or (same recipe and data, weights
+    still on disk) the cached result of an earlier run; then logged to this run."""
+    args = (model, lora, train_cfg, base_path, splits, run_id, root, data_hash)
+    cached = fine_tune.with_options(result_storage=result_store(root))
+    result = cached(*args)
+    if not (Path(result.model_dir) / "config.json").is_file():   # cached, but the weights are gone
+        get_run_logger().warning(f"the cached training's weights are gone ({result.model_dir}): training again")
+        result = cached.with_options(refresh_cache=True)(*args)
+    return log_training(run_id, result)
+
+
+@task(name="log-training", cache_policy=NO_CACHE)
+def log_training(run_id: str, result: TrainResult) -> TrainResult:
+    mlflow_client = client()
+    out_dir = Path(result.model_dir).parent
+    if not mlflow_client.get_metric_history(run_id, "train_loss"):   # trained by an earlier run
+        get_run_logger().info(f"training reused: {out_dir.name} finished in an earlier flow run "
+                              "(same recipe, same data); its loss history is copied to this run")
+        for step, loss in result.loss_history:
+            mlflow_client.log_metric(run_id, "train_loss", loss, step=step)
+        for step, loss in result.val_history:
+            mlflow_client.log_metric(run_id, "val_loss_step", loss, step=step)
     mlflow_client.log_metric(run_id, "train_seconds", result.seconds)
     mlflow_client.log_metric(run_id, "train_tokens", result.tokens)
     if result.val_loss is not None:

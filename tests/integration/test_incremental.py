@@ -1,16 +1,18 @@
-"""Incremental retraining through the CLI and a served Prefect deployment (real Prefect
-server, MLflow, DVC): a first run from scratch; a drop with too few new rows ends as
-skipped (recorded in MLflow, nothing registered); a bigger drop trains from the champion's
-weights on the new rows plus replay; the deployment `ftpipe schedule` serves runs when
-triggered through the Prefect API."""
+"""Scheduled and incremental retraining (real Prefect server, MLflow, DVC): the deployment
+`ftpipe schedule` serves, triggered through the Prefect API over three incoming drops and a
+too-small one; the same on a Prefect server backed by PostgreSQL; prefect.yaml deployed to a
+process work pool; `ftpipe run --if-new-data`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
-import time
+import sys
 
 import pytest
+import yaml
 
 from tests.helpers import BIN, REPO, TINY, free_port, make_project, mlflow_client, run_cli, wait_http
 
@@ -34,70 +36,9 @@ def _always_skip(project):
 def _runs(project):
     c = mlflow_client(project)
     exp = c.get_experiment_by_name("ftpipe")
+    if exp is None:
+        return []
     return c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, prefect_server):
-    p = make_project(tmp_path_factory.mktemp("incr"), {
-        "incremental": {"start_from": "champion", "replay_ratio": 0.5, "max_steps": 80},
-        "schedule": {"min_new_rows": 20}, "registry.promotion": TINY["registry.promotion"] | {"max_forgetting": 0.2}})
-    _ok(run_cli(["run", "--if-new-data"], p, prefect_server))             # no champion: trains from scratch
-    return p
-
-
-def test_skip_then_a_forgetting_drop_is_refused_then_new_data_promotes(project, prefect_server):
-    """Over three incoming drops after the first champion: too few rows skip; a drop crafted
-    to make the model forget (the same questions, wrong answers) trains from the champion and
-    the gate refuses it for forgetting; with that drop removed, good new rows train from the
-    champion on new rows + replay and promote."""
-    c = mlflow_client(project)
-    assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "1"
-    drops = (REPO / "data/drops/drop-0002.jsonl").read_text().splitlines(keepends=True)
-
-    (project / "data/incoming/small.jsonl").write_text("".join(drops[:5]))
-    out = _ok(run_cli(["run", "--if-new-data"], project, prefect_server))
-    assert "skipped: 5 new rows < 20" in out and "nothing trained" in out
-    skipped = _runs(project)[0]
-    assert skipped.data.tags["ftpipe.skipped"] == "skipped: 5 new rows < 20"
-    assert len(c.search_model_versions(f"name = '{MODEL}'")) == 1          # nothing registered
-
-    bad = [json.loads(x) | {"output": "banana banana banana"} for x in drops[200:400]]
-    (project / "data/incoming/bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
-    out = _ok(run_cli(["run", "--if-new-data", "incremental.replay_ratio=0", "incremental.max_steps=40"],
-                      project, prefect_server))
-    v2 = c.get_model_version(MODEL, "2")
-    assert v2.tags["ftpipe.start_from"].startswith(f"champion models:/{MODEL}/1: ")
-    assert v2.tags["ftpipe.start_from"].endswith(" + 0 replayed")
-    assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "1"   # refused, and why:
-    assert v2.tags["ftpipe.decision"] == "refuse", v2.tags.get("ftpipe.decision.summary")
-    failed = [r["rule"] for r in json.loads(v2.tags["ftpipe.decision.reasons"]) if not r["passed"]]
-    assert "forgetting" in failed, v2.tags["ftpipe.decision.summary"]
-    assert "on an earlier test set" in v2.description and "> allowed 0.2" in v2.description
-
-    (project / "data/incoming/bad.jsonl").unlink()                          # the bad drop is withdrawn
-    (project / "data/incoming/big.jsonl").write_text("".join(drops[5:125]))
-    _ok(run_cli(["run", "--if-new-data"], project, prefect_server))
-    v3 = c.get_model_version(MODEL, "3")
-    run = c.get_run(v3.run_id)
-    assert run.data.tags["ftpipe.new_rows"] == "125"                       # 5 + 120 since v1, every split
-    start = v3.tags["ftpipe.start_from"]
-    assert start.startswith(f"champion models:/{MODEL}/1: ")
-    n_new, n_replay = (int(x.split()[0]) for x in start.split(": ", 1)[1].split(" + "))
-    assert 90 <= n_new <= 125 and n_replay == n_new                        # replay_ratio 0.5
-    md5 = v3.tags["ftpipe.dvc.split:data/splits"]
-    rows = (project / "runs" / f"increment-{md5[:12]}-v1" / "train.jsonl").read_text().splitlines()
-    assert len(rows) == n_new + n_replay
-    assert sum(json.loads(r)["_source"].startswith("data/incoming/") for r in rows) == n_new
-    assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "3", v3.description
-    assert json.loads(run_cli(["lineage", f"models:/{MODEL}/3", "--json"], project, prefect_server).stdout)[
-        "base_model"]["start_from"] == start
-    # a deletion request against v1's data reaches every version trained from v1's weights
-    from ftpipe.audit import with_descendants
-
-    found = with_descendants(c, [{"model": MODEL, "version": "1"}])
-    assert {(h["version"], h.get("via")) for h in found} == {
-        ("1", None), ("2", f"models:/{MODEL}/1"), ("3", f"models:/{MODEL}/1")}
 
 
 TRIGGER = """
@@ -116,36 +57,38 @@ with get_client(sync_client=True) as client:
                 sys.exit("deployment never registered")
             time.sleep(2)
     sched = dep.schedules[0].schedule
-fr = run_deployment("scheduled-retrain/ftpipe-retrain", timeout=600)
+fr = run_deployment("scheduled-retrain/ftpipe-retrain", parameters=json.loads(sys.argv[1]), timeout=600)
 print(json.dumps({"id": str(fr.id), "state": fr.state.type.value, "message": fr.state.message,
                   "cron": sched.cron, "timezone": sched.timezone, "pool": dep.work_pool_name}))
 """
 
 
-def _serve_and_trigger(project, prefect_env: dict) -> dict:
-    """`ftpipe schedule` against this Prefect server; one run triggered through its API (from a
-    separate process: Prefect's settings are fixed per process)."""
-    import re
-    import sys
-
-    _always_skip(project)
+@contextlib.contextmanager
+def serving(project, prefect_env: dict):
+    """`ftpipe schedule` against a Prefect server; yields trigger(**parameters): one run of the
+    deployment through the Prefect API, from a separate process (Prefect's settings are fixed
+    per process), returning the flow run and the MLflow run it made."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
                                                              "PREFECT_API_URL", "PREFECT_HOME")}
     env |= prefect_env
     served = subprocess.Popen([str(BIN / "ftpipe"), "schedule", "--project", str(project)], cwd=project, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+
+    def trigger(**parameters) -> tuple[dict, object]:
         before = len(_runs(project))
-        proc = subprocess.run([sys.executable, "-c", TRIGGER], env=env, capture_output=True, text=True, timeout=700)
+        proc = subprocess.run([sys.executable, "-c", TRIGGER, json.dumps(parameters)], env=env,
+                              capture_output=True, text=True, timeout=700)
         assert proc.returncode == 0, proc.stderr[-3000:]
         fr = json.loads(proc.stdout.strip().splitlines()[-1])
         assert (fr["cron"], fr["timezone"]) == ("0 3 * * *", "UTC")
         assert fr["state"] == "COMPLETED", fr
-        newest = _runs(project)[0]
-        assert len(_runs(project)) == before + 1
-        assert re.fullmatch(r"skipped: \d+ new rows < 100000", newest.data.tags["ftpipe.skipped"])
-        assert newest.data.tags["ftpipe.prefect_flow_run"] == fr["id"]         # the triggered run's record
-        return fr
+        runs = _runs(project)
+        assert len(runs) == before + 1
+        assert runs[0].data.tags["ftpipe.prefect_flow_run"] == fr["id"]      # the triggered run's record
+        return fr, runs[0]
+
+    try:
+        yield trigger
     finally:
         served.terminate()
         try:
@@ -154,8 +97,88 @@ def _serve_and_trigger(project, prefect_env: dict) -> dict:
             served.kill()
 
 
-def test_served_deployment_runs_when_triggered_through_the_api(project, prefect_server):
-    _serve_and_trigger(project, prefect_server)
+def _skips(project, prefect_env):
+    """One triggered run that skips (the cheap check of a served deployment)."""
+    _always_skip(project)
+    with serving(project, prefect_env) as trigger:
+        fr, run = trigger()
+    assert re.fullmatch(r"skipped: \d+ new rows < 100000", run.data.tags["ftpipe.skipped"])
+    return fr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("incr"), {
+        "incremental": {"start_from": "champion", "replay_ratio": 0.5, "max_steps": 80},
+        "schedule": {"min_new_rows": 20}, "registry.promotion": TINY["registry.promotion"] | {"max_forgetting": 0.2}})
+
+
+def test_three_drops_through_the_served_deployment(project, prefect_server):
+    """The deployment `ftpipe schedule` serves, triggered through the Prefect API over three
+    incoming drops: the first promotes (no champion yet: from scratch); too few new rows skip;
+    the second drop, crafted to make the model forget (the same kind of questions, wrong
+    answers), trains from the champion and the gate refuses it for forgetting; with it
+    withdrawn, the third trains from the champion on new rows + replay and promotes."""
+    c = mlflow_client(project)
+    drops = (REPO / "data/drops/drop-0002.jsonl").read_text().splitlines(keepends=True)
+    with serving(project, prefect_server) as trigger:
+        (project / "data/incoming/drop-1.jsonl").write_text("".join(drops[400:500]))
+        fr, run = trigger()
+        assert "ftpipe.skipped" not in run.data.tags
+        assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "1"
+        assert c.get_model_version(MODEL, "1").tags["ftpipe.start_from"] == "scratch"
+
+        (project / "data/incoming/small.jsonl").write_text("".join(drops[:5]))
+        fr, run = trigger()
+        assert run.data.tags["ftpipe.skipped"] == "skipped: 5 new rows < 20"
+        assert "nothing trained" in run.data.tags["mlflow.note.content"]
+        assert len(c.search_model_versions(f"name = '{MODEL}'")) == 1          # nothing registered
+
+        bad = [json.loads(x) | {"output": "banana banana banana"} for x in drops[200:400]]
+        (project / "data/incoming/drop-2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["incremental"] |= {"replay_ratio": 0, "max_steps": 40}
+        (project / "params-forget.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        trigger(config="params-forget.yaml")
+        v2 = c.get_model_version(MODEL, "2")
+        assert v2.tags["ftpipe.start_from"].startswith(f"champion models:/{MODEL}/1: ")
+        assert v2.tags["ftpipe.start_from"].endswith(" + 0 replayed")
+        assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "1"   # refused, and why:
+        assert v2.tags["ftpipe.decision"] == "refuse", v2.tags.get("ftpipe.decision.summary")
+        failed = [r["rule"] for r in json.loads(v2.tags["ftpipe.decision.reasons"]) if not r["passed"]]
+        assert "forgetting" in failed, v2.tags["ftpipe.decision.summary"]
+        assert "on an earlier test set" in v2.description and "> allowed 0.2" in v2.description
+
+        (project / "data/incoming/drop-2.jsonl").unlink()                      # the bad drop is withdrawn
+        (project / "data/incoming/drop-3.jsonl").write_text("".join(drops[5:125]))
+        fr, run = trigger()
+    v3 = c.get_model_version(MODEL, "3")
+    assert v3.run_id == run.info.run_id
+    assert run.data.tags["ftpipe.new_rows"] == "125"                       # 5 + 120 since v1, every split
+    start = v3.tags["ftpipe.start_from"]
+    assert start.startswith(f"champion models:/{MODEL}/1: ")
+    n_new, n_replay = (int(x.split()[0]) for x in start.split(": ", 1)[1].split(" + "))
+    assert 90 <= n_new <= 125 and n_replay == n_new                        # replay_ratio 0.5
+    md5 = v3.tags["ftpipe.dvc.split:data/splits"]
+    rows = (project / "runs" / f"increment-{md5[:12]}-v1" / "train.jsonl").read_text().splitlines()
+    assert len(rows) == n_new + n_replay
+    new_files = ("data/incoming/small.jsonl", "data/incoming/drop-3.jsonl")
+    assert sum(json.loads(r)["_source"].startswith(new_files) for r in rows) == n_new
+    assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "3", v3.description
+    assert json.loads(run_cli(["lineage", f"models:/{MODEL}/3", "--json"], project, prefect_server).stdout)[
+        "base_model"]["start_from"] == start
+    # a deletion request against v1's data reaches every version trained from v1's weights
+    from ftpipe.audit import with_descendants
+
+    found = with_descendants(c, [{"model": MODEL, "version": "1"}])
+    assert {(h["version"], h.get("via")) for h in found} == {
+        ("1", None), ("2", f"models:/{MODEL}/1"), ("3", f"models:/{MODEL}/1")}
+
+
+def test_if_new_data_from_the_cli(project, prefect_server):
+    """`ftpipe run --if-new-data` (what a file-arrival hook calls): nothing new skips, says why."""
+    out = _ok(run_cli(["run", "--if-new-data"], project, prefect_server))
+    assert "skipped: 0 new rows < 20" in out and "nothing trained" in out
 
 
 def test_the_same_on_a_prefect_server_backed_by_postgresql(project):
@@ -172,7 +195,7 @@ def test_the_same_on_a_prefect_server_backed_by_postgresql(project):
                               stderr=subprocess.STDOUT, text=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", 180, server)
-        fr = _serve_and_trigger(project, {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
+        fr = _skips(project, {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
         with psycopg.connect(f"{pg}/{db}") as con:                         # the run is in PostgreSQL
             assert con.execute("SELECT state_type FROM flow_run WHERE id = %s", (fr["id"],)).fetchone()[0] == "COMPLETED"
     finally:
