@@ -96,7 +96,7 @@ def retrain(cfg: PipelineConfig, root: str = ".", require_new_data: bool = False
                            + (["base_model"] if base.built is not None else []))
         splits = split_paths(root)
         splits_md5 = split.hashes.get("split:data/splits", "")
-        inc = plan_increment(cfg, root, splits_md5, run_id)
+        inc = plan_increment(cfg, root, splits_md5, run_id, base.id, base.revision)
         message = skip_reason(inc, cfg.schedule.min_new_rows, last_tried(cfg, splits_md5)) \
             if require_new_data else None
         if message:

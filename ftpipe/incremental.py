@@ -32,9 +32,10 @@ def _hashes(lines: list[bytes]) -> list[str]:
 
 def plan(splits_dir: Path, champion: str | None, champion_version: str | None,
          champion_rows: set[str] | None, start_from: str, replay_ratio: float, seed: int,
-         out_dir: Path) -> Increment:
+         out_dir: Path, base_changed: str | None = None) -> Increment:
     """Count new rows against the champion's rows and, for an incremental run, write its
-    training file to out_dir/train.jsonl (deterministic for the same data and seed)."""
+    training file to out_dir/train.jsonl (deterministic for the same data and seed).
+    base_changed: why the champion's weights cannot be the start (another base model)."""
     lines = {n: [x for x in (splits_dir / f"{n}.jsonl").read_bytes().splitlines() if x.strip()] for n in SPLITS}
     if champion is None or champion_rows is None:
         total = sum(len(v) for v in lines.values())
@@ -44,6 +45,10 @@ def plan(splits_dir: Path, champion: str | None, champion_version: str | None,
                          len(lines["train"]), champion is not None)
     new = {n: [x for x, h in zip(v, _hashes(v)) if h not in champion_rows] for n, v in lines.items()}
     n_new = sum(len(v) for v in new.values())
+    if start_from == "champion" and base_changed:
+        return Increment(champion, champion_version, n_new, len(new["train"]), 0, "scratch", None,
+                         f"{base_changed}: training from the new base model on all {len(lines['train'])} "
+                         "training rows", len(lines["train"]))
     if start_from == "scratch":
         return Increment(champion, champion_version, n_new, len(new["train"]), 0, "scratch", None,
                          f"incremental.start_from is scratch: training from the base model on all "

@@ -14,15 +14,21 @@ from ftpipe.incremental import Increment, plan
 
 
 @task(name="plan-increment", cache_policy=NO_CACHE)
-def plan_increment(cfg: PipelineConfig, root: str, splits_md5: str, run_id: str) -> Increment:
+def plan_increment(cfg: PipelineConfig, root: str, splits_md5: str, run_id: str,
+                   base_id: str, base_revision: str) -> Increment:
     """New rows (by content hash) since the champion's data version, and for an incremental
-    run its training file: the new training rows plus incremental.replay_ratio of replay."""
+    run its training file: the new training rows plus incremental.replay_ratio of replay.
+    A champion fine-tuned from another base model (id or revision) is never the start."""
     from ftpipe.audit import SPLITS_KEY, Store, split_rows
 
     champ = registry.version_by_alias(cfg.registry.model_name, registry.CHAMPION)
-    rows = None
+    rows, base_changed = None, None
     if champ is not None:
         tags = registry.client().get_model_version(champ.name, champ.version).tags or {}
+        was = (tags.get("ftpipe.base_model"), tags.get("ftpipe.base_model_revision"))
+        if was[0] is not None and was != (base_id, base_revision):
+            base_changed = (f"the base model changed since {champ.name} v{champ.version} "
+                            f"({was[0]}@{was[1]} -> {base_id}@{base_revision})")
         md5 = tags.get(f"ftpipe.dvc.{SPLITS_KEY}")
         if md5:
             store = Store(Path(root), cfg.data.remote)
@@ -34,7 +40,7 @@ def plan_increment(cfg: PipelineConfig, root: str, splits_md5: str, run_id: str)
     out = Path(root) / "runs" / f"increment-{splits_md5.removesuffix('.dir')[:12]}-v{champ.version if champ else 0}"
     inc = plan(Path(root) / "data/splits", f"{champ.name} v{champ.version}" if champ else None,
                champ.version if champ else None, rows, cfg.incremental.start_from,
-               cfg.incremental.replay_ratio, cfg.train.seed, out)
+               cfg.incremental.replay_ratio, cfg.train.seed, out, base_changed)
     registry.client().set_tag(run_id, "ftpipe.new_rows", str(inc.new_rows))
     get_run_logger().info(f"new rows since {inc.champion or 'no champion'}: {inc.new_rows}; {inc.reason}")
     if inc.train_path:   # what the candidate trains on, with the run (lineage: restore, deletion requests)
