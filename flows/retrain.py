@@ -27,6 +27,7 @@ from tasks.incremental import champion_weights, last_tried, plan_increment, reco
 from ftpipe.incremental import Increment, scaled_steps, skip_reason
 from tasks.registry import (finish_run, promote_candidate, publish_reports, register_candidate,
                             registered_candidate, start_run)
+from tasks.io import io
 from tasks.training import train_candidate
 
 
@@ -82,42 +83,42 @@ def retrain(cfg: PipelineConfig, root: str = ".", require_new_data: bool = False
 
     root = str(Path(root).resolve())
     flow_run_id = str(flow_run.get_id() or "local")
-    run_id = start_run(cfg, root, flow_run_id)
+    run_id = io(start_run, cfg.registry)(cfg, root, flow_run_id)
     try:
         base = prepare_base_model(cfg.model, root)
         fetch_sql_sources(cfg.data, root)
         data = collect_data(root)
-        checked = validate_data(cfg.quality, data, root, run_id)
+        checked = io(validate_data, cfg.registry)(cfg.quality, data, root, run_id)
         cleaned = clean_data(root)
         split = split_data(root)
-        log_data_reports(root, run_id)
-        checked_clean = validate_cleaned_data(cfg.quality, cfg.data, root, run_id)
-        pushed = push_data(cfg.data, root, ["collect", "clean", "split"]
+        io(log_data_reports, cfg.registry)(root, run_id)
+        checked_clean = io(validate_cleaned_data, cfg.registry)(cfg.quality, cfg.data, root, run_id)
+        pushed = io(push_data, cfg.registry)(cfg.data, root, ["collect", "clean", "split"]
                            + (["base_model"] if base.built is not None else []))
         splits = split_paths(root)
         splits_md5 = split.hashes.get("split:data/splits", "")
-        inc = plan_increment(cfg, root, splits_md5, run_id, base.id, base.revision)
-        message = skip_reason(inc, cfg.schedule.min_new_rows, last_tried(cfg, splits_md5)) \
+        inc = io(plan_increment, cfg.registry)(cfg, root, splits_md5, run_id, base.id, base.revision)
+        message = skip_reason(inc, cfg.schedule.min_new_rows, io(last_tried, cfg.registry)(cfg, splits_md5)) \
             if require_new_data else None
         if message:
-            record_skip(run_id, message, inc)
-            finish_run(run_id, "FINISHED")
+            io(record_skip, cfg.registry)(run_id, message, inc)
+            io(finish_run, cfg.registry)(run_id, "FINISHED")
             return SkippedRun(run_id, message, inc.new_rows, cfg.schedule.min_new_rows, inc.champion,
                               registry.tracking_uri(cfg.registry, Path(root)), cfg.registry.experiment)
         train_cfg, train_base, train_splits = cfg.train, base.path, splits
         if inc.start_from == "champion":
-            train_base = champion_weights(cfg.registry, inc.champion_version, root)
+            train_base = io(champion_weights, cfg.registry)(cfg.registry, inc.champion_version, root)
             train_splits = splits | {"train": inc.train_path}
             train_cfg = train_cfg.model_copy(update={"max_steps": cfg.incremental.max_steps
                                                      or scaled_steps(cfg.train.max_steps, inc)})
         candidate = train_candidate(cfg.model, cfg.lora, train_cfg, train_base, train_splits, run_id,
-                                    root, f"{splits_md5}:{inc.start_from}:{inc.champion_version}")
-        prior = registered_candidate(cfg.registry, candidate.model_dir, run_id)
+                                    root, f"{splits_md5}:{inc.start_from}:{inc.champion_version}", cfg.registry)
+        prior = io(registered_candidate, cfg.registry)(cfg.registry, candidate.model_dir, run_id)
         if prior is not None and prior[1]:   # these weights are registered and decided already
             message = (f"skipped: {cfg.registry.model_name} v{prior[0].version} already holds these weights "
                        f"(same recipe, same data; decided '{prior[1]}'), nothing registered")
-            record_skip(run_id, message, inc)
-            finish_run(run_id, "FINISHED")
+            io(record_skip, cfg.registry)(run_id, message, inc)
+            io(finish_run, cfg.registry)(run_id, "FINISHED")
             return SkippedRun(run_id, message, inc.new_rows, cfg.schedule.min_new_rows, inc.champion,
                               registry.tracking_uri(cfg.registry, Path(root)), cfg.registry.experiment)
         report = evaluate_all(cfg.eval, cfg.model, cfg.registry, base.path, candidate.model_dir,
@@ -131,19 +132,22 @@ def retrain(cfg: PipelineConfig, root: str = ".", require_new_data: bool = False
         lineage = lineage_of(cfg, Path(root), base.id, base.revision, data, hashes, verdict,
                              flow_run_id, start)
         metrics = report.candidate.metrics() | {"train_loss": candidate.train_loss}
-        version = prior[0] if prior is not None else register_candidate(
+        version = prior[0] if prior is not None else io(register_candidate, cfg.registry)(
             cfg.registry, run_id, candidate.model_dir, lineage, metrics, cfg.train.method, report.test_sha)
         checks = {"data_gate": checked.success and checked_clean.success,
                   "train_loss_finite": math.isfinite(candidate.train_loss)}
-        promotion = promote_candidate(cfg.registry, cfg.eval, run_id, version.version, report, checks,
+        promotion = io(promote_candidate, cfg.registry)(cfg.registry, cfg.eval, run_id, version.version, report, checks,
                                       cfg.train.max_seq_len, root)
         report = promotion.report
-        publish_reports(cfg, run_id, version.version, promotion,
+        io(publish_reports, cfg.registry)(cfg, run_id, version.version, promotion,
                         str(Path(candidate.model_dir).parent / "loss_curve.png"), root)
-    except BaseException:
-        finish_run(run_id, "FAILED")
-        raise
-    finish_run(run_id, "FINISHED")
+    except BaseException as exc:
+        try:   # a failed run is marked so; when MLflow itself is what failed, the error says it
+            finish_run(run_id, "FAILED")
+        except Exception as also:   # noqa: BLE001
+            print(f"(could not mark MLflow run {run_id} FAILED: {type(also).__name__}: {also})")
+        raise exc
+    io(finish_run, cfg.registry)(run_id, "FINISHED")
     clean_report = json.loads(clean_report_path(root).read_text())
     return RetrainResult(
         run_id=run_id, experiment=cfg.registry.experiment,

@@ -103,12 +103,35 @@ def run(
         _fail(f"{exc}\nNo model was trained and no alias moved.")
     except TrainingDiverged as exc:
         _fail(str(exc))
+    except Exception as exc:   # noqa: BLE001 - classified below, else re-raised as is
+        from ftpipe.retry import disk_full, is_transient
+
+        if disk_full(exc):
+            _fail(f"the disk is full ({_first_line(exc)}).\nNo version was registered and no alias moved; "
+                  "free space (the MLflow artifact store, runs/, the DVC cache) and run again: finished "
+                  "training is reused, not repeated.")
+        if is_transient(exc):
+            _fail(f"MLflow / the DVC remote did not answer after {cfg.registry.io_retries} retries "
+                  f"({_first_line(exc)}).\nNo alias moved; a version is only ever registered whole. Run "
+                  "again when it answers: finished training is reused, a registered candidate is not "
+                  "registered twice.")
+        raise
     if isinstance(result, SkippedRun):
         champ = f" (champion: {result.champion})" if result.champion else ""
         print(f"{result.message}{champ}: nothing trained, no alias moved. "
               f"MLflow run {result.run_id} (tag ftpipe.skipped)")
         return
     print_summary(result)
+
+
+def _first_line(exc: BaseException) -> str:
+    from ftpipe.retry import chain
+
+    for e in chain(exc):   # the error as raised (its causes follow in the log)
+        text = f"{type(e).__name__}: {e}".strip()
+        if text:
+            return text.splitlines()[0][:400]
+    return type(exc).__name__
 
 
 @app.command()

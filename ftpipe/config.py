@@ -321,6 +321,10 @@ class RegistryConfig(_Section):
     experiment: str = "ftpipe"
     model_name: str = "ftpipe-dates"
     promotion: PromotionConfig = PromotionConfig()
+    # Tasks that talk to MLflow / DVC remotes are retried on transient failures (a server
+    # restarting, a dropped connection) after 5, 10, 20 s; never on deterministic ones.
+    io_retries: int = Field(3, ge=0, le=10)
+    io_retry_delay_s: float = Field(5.0, ge=0)
     # Written into every version's model card.
     intended_use: str = ("Research and internal evaluation of fine-tuned instruction following on the "
                          "training data's task. Not evaluated for safety, bias or out-of-domain use.")

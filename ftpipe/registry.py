@@ -101,8 +101,10 @@ def download_model(name: str, version: str, dst: Path) -> str:
     return str(hf_dirs[0])
 
 
-def log_model(run_id: str, model_dir: str, name: str) -> VersionInfo:
-    """Log the checkpoint as a pyfunc model in the run and register a new version."""
+def log_model(run_id: str, model_dir: str, name: str, tags: dict[str, str] | None = None) -> VersionInfo:
+    """Log the checkpoint as a pyfunc model in the run, then register a new version with all
+    its tags in one call: a failure before that call (upload, full disk, lost server)
+    leaves no version, and no version ever exists without its lineage tags."""
     import mlflow
     import pandas as pd
 
@@ -125,7 +127,6 @@ def log_model(run_id: str, model_dir: str, name: str) -> VersionInfo:
             # Models from code: the version stores this file, not a pickle of an object.
             python_model=str(Path(__file__).with_name("serving_model.py")),
             artifacts={"model": model_dir},
-            registered_model_name=name,
             signature=signature,
             input_example=example,
             # ftpipe's own code travels with the model, so serving needs only these.
@@ -135,7 +136,13 @@ def log_model(run_id: str, model_dir: str, name: str) -> VersionInfo:
         )
     # Leaving start_run() ended the run; it is still in progress until the flow says otherwise.
     client().update_run(run_id, status="RUNNING")
-    version = str(info.registered_model_version)
+    try:
+        client().create_registered_model(name)
+    except Exception as exc:   # already there (the usual case)
+        if "RESOURCE_ALREADY_EXISTS" not in str(getattr(exc, "error_code", "")) and "already exists" not in str(exc):
+            raise
+    mv = client().create_model_version(name, info.model_uri, run_id=run_id, tags=tags or {}, model_id=info.model_id)
+    version = str(mv.version)
     client().set_registered_model_alias(name, CHALLENGER, version)
     return VersionInfo(name, version, run_id, (CHALLENGER,), info.model_id)
 

@@ -279,20 +279,42 @@ def _save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, state: dict, 
     torch.save({"optimizer": optimizer, "scheduler": sched.state_dict(), "rng": rng},
                tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state))
+    # what resuming verifies first: a file cut short or flipped on disk is caught, not loaded
+    (tmp / "checksums.json").write_text(json.dumps({f.name: _sha256(f) for f in sorted(tmp.iterdir())}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(ckpt_dir.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _latest_checkpoint(ckpt_dir: Path, fingerprint: str) -> Path | None:
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _checkpoints(ckpt_dir: Path, fingerprint: str, say: Callable[[str], None]) -> list[Path]:
+    """This recipe's checkpoints, newest first, each verified against its checksums; a
+    corrupt one is named in the log and the next older one is used instead."""
+    good = []
     for d in sorted(ckpt_dir.glob("step-*"), reverse=True):
         try:
-            if json.loads((d / "state.json").read_text()).get("fingerprint") == fingerprint:
-                return d
-        except (OSError, json.JSONDecodeError):
+            state = json.loads((d / "state.json").read_text())
+            if state.get("fingerprint") != fingerprint:
+                continue
+            sums = json.loads((d / "checksums.json").read_text()) if (d / "checksums.json").exists() else {}
+            bad = [name for name, digest in sums.items() if _sha256(d / name) != digest]
+            if bad:
+                raise ValueError(f"{', '.join(bad)} does not match its checksum")
+        except (OSError, ValueError) as exc:   # json errors are ValueErrors
+            say(f"checkpoint {d} is corrupt ({exc}): skipped, an older one is used")
             continue
-    return None
+        good.append(d)
+    return good
 
 
 def _load_trainable(model, path: Path) -> None:
@@ -485,11 +507,11 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
              "best_val": None, "best_step": None, "bad_evals": 0, "elapsed": 0.0,
              "fingerprint": fingerprint}
     resumed_from = None
-    latest = _latest_checkpoint(ckpt_dir, fingerprint) if train_cfg.resume else None
-    if latest is not None:
+    for latest in (_checkpoints(ckpt_dir, fingerprint, say) if train_cfg.resume else [])[:1]:
         state = json.loads((latest / "state.json").read_text())
         _load_trainable(core, latest / "trainable.safetensors")
-        saved = torch.load(latest / "optimizer.pt", weights_only=False)
+        # tensors and plain containers only: no pickled code runs from a checkpoint
+        saved = torch.load(latest / "optimizer.pt", weights_only=True)
         if _is_fsdp(core):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

@@ -70,13 +70,12 @@ def registered_candidate(reg: RegistryConfig, model_dir: str, run_id: str) -> tu
 def register_candidate(reg: RegistryConfig, run_id: str, model_dir: str, lineage: Lineage,
                        metrics: dict[str, float], method: str, test_sha: str) -> registry.VersionInfo:
     key = Path(model_dir).parent.name
-    version = registry.log_model(run_id, model_dir, reg.model_name)
     tags = lineage.tags() | {"ftpipe.method": method, "ftpipe.run_id": run_id, gate.TEST_SET_TAG: test_sha,
                              CANDIDATE_TAG: key}
     tags |= {f"ftpipe.metric.{k}": f"{v:.6g}" for k, v in metrics.items() if not k.startswith("slice.")}
-    registry.tag_version(reg.model_name, version.version, tags)
     # the immutable twin of the lineage tags (`ftpipe lineage` names any tag edited later)
     write_record(registry.client(), run_id, tags)
+    version = registry.log_model(run_id, model_dir, reg.model_name, tags)
     registry.client().set_tag(run_id, "ftpipe.model_version", version.version)
     get_run_logger().info(f"registered {reg.model_name} version {version.version} as challenger")
     return version

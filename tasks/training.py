@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 from dataclasses import dataclass
@@ -12,10 +13,11 @@ from dataclasses import dataclass
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
-from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
+from ftpipe.config import LoraConfig, ModelConfig, RegistryConfig, TrainConfig
 from ftpipe.launch import train
 from ftpipe.registry import client
 from ftpipe.training import TrainResult
+from tasks.io import io
 
 
 def training_dir(root: str, model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig,
@@ -77,9 +79,20 @@ def fine_tune(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, base
     logger = get_run_logger()
     mlflow_client = client()
 
+    unreachable = []
+
     def on_metrics(step: int, metrics: dict) -> None:
-        for key, value in metrics.items():
-            mlflow_client.log_metric(run_id, key, value, step=step)
+        # Training never dies because MLflow does: the history is in the result, and
+        # log-training copies what did not get through once MLflow answers again.
+        if unreachable:
+            return
+        try:
+            for key, value in metrics.items():
+                mlflow_client.log_metric(run_id, key, value, step=step)
+        except Exception as exc:   # noqa: BLE001
+            unreachable.append(step)
+            logger.warning(f"MLflow did not take the metrics of step {step} ({type(exc).__name__}: "
+                           f"{str(exc)[:200]}); training goes on, the history is logged after training")
 
     model = model.model_copy(update={"base": base_path})
     out_dir = training_dir(root, model, lora, train_cfg, data_hash)
@@ -91,7 +104,8 @@ def fine_tune(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, base
 
 
 def train_candidate(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, base_path: str,
-                    splits: dict[str, str], run_id: str, root: str, data_hash: str) -> TrainResult:
+                    splits: dict[str, str], run_id: str, root: str, data_hash: str,
+                    reg: RegistryConfig | None = None) -> TrainResult:
     """The candidate of this flow run: trained, resumed, or (same recipe and data, weights
     still on disk) the cached result of an earlier run; then logged to this run."""
     args = (model, lora, train_cfg, base_path, splits, run_id, root, data_hash)
@@ -100,20 +114,27 @@ def train_candidate(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig
     if not (Path(result.model_dir) / "config.json").is_file():   # cached, but the weights are gone
         get_run_logger().warning(f"the cached training's weights are gone ({result.model_dir}): training again")
         result = cached.with_options(refresh_cache=True)(*args)
-    return log_training(run_id, result)
+    return (io(log_training, reg) if reg else log_training)(run_id, result)
 
 
 @task(name="log-training", cache_policy=NO_CACHE)
 def log_training(run_id: str, result: TrainResult) -> TrainResult:
     mlflow_client = client()
     out_dir = Path(result.model_dir).parent
-    if not mlflow_client.get_metric_history(run_id, "train_loss"):   # trained by an earlier run
-        get_run_logger().info(f"training reused: {out_dir.name} finished in an earlier flow run "
-                              "(same recipe, same data); its loss history is copied to this run")
-        for step, loss in result.loss_history:
-            mlflow_client.log_metric(run_id, "train_loss", loss, step=step)
-        for step, loss in result.val_history:
-            mlflow_client.log_metric(run_id, "val_loss_step", loss, step=step)
+    logged = {m.step for m in mlflow_client.get_metric_history(run_id, "train_loss")}
+    missing = [(step, loss) for step, loss in result.loss_history if step not in logged]
+    if missing:   # trained by an earlier flow run, or MLflow was away while training
+        get_run_logger().info(f"{len(missing)} of {len(result.loss_history)} loss points of {out_dir.name} "
+                              "were not on this run (trained earlier, or MLflow was unreachable): logged now")
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        points = [Metric("train_loss", loss, now, step) for step, loss in missing]
+        val_logged = {m.step for m in mlflow_client.get_metric_history(run_id, "val_loss")}
+        points += [Metric("val_loss", loss, now, step) for step, loss in result.val_history
+                   if step not in val_logged]
+        for i in range(0, len(points), 1000):
+            mlflow_client.log_batch(run_id, metrics=points[i:i + 1000])
     mlflow_client.log_metric(run_id, "train_seconds", result.seconds)
     mlflow_client.log_metric(run_id, "train_tokens", result.tokens)
     if result.val_loss is not None:
