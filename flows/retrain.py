@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 from ftpipe.config import PipelineConfig, load_config
 from ftpipe.lineage import Lineage, git_commit
 from ftpipe.quality import QualityResult
+from ftpipe.runlock import project_lock
 from tasks.data import (DataVersion, clean_data, clean_report_path, collect_data,
                         fetch_sql_sources, log_data_reports, prepare_base_model, push_data,
                         split_data, split_paths, validate_cleaned_data, validate_data)
@@ -79,9 +80,14 @@ def lineage_of(cfg: PipelineConfig, root: Path, base_id: str, base_revision: str
 def retrain(cfg: PipelineConfig, root: str = ".", require_new_data: bool = False) -> RetrainResult | SkippedRun:
     """require_new_data (scheduled runs, `ftpipe run --if-new-data`): with a champion and
     fewer than schedule.min_new_rows new rows, end as skipped before training."""
+    root = str(Path(root).resolve())
+    with project_lock(Path(root), log=print):   # one retrain at a time per project
+        return _retrain(cfg, root, require_new_data)
+
+
+def _retrain(cfg: PipelineConfig, root: str, require_new_data: bool) -> RetrainResult | SkippedRun:
     from ftpipe import registry
 
-    root = str(Path(root).resolve())
     flow_run_id = str(flow_run.get_id() or "local")
     run_id = io(start_run, cfg.registry)(cfg, root, flow_run_id)
     try:
@@ -112,7 +118,7 @@ def retrain(cfg: PipelineConfig, root: str = ".", require_new_data: bool = False
             train_cfg = train_cfg.model_copy(update={"max_steps": cfg.incremental.max_steps
                                                      or scaled_steps(cfg.train.max_steps, inc)})
         candidate = train_candidate(cfg.model, cfg.lora, train_cfg, train_base, train_splits, run_id,
-                                    root, f"{splits_md5}:{inc.start_from}:{inc.champion_version}", cfg.registry)
+                                    root, f"{splits_md5}:" + ("scratch" if inc.start_from == "scratch" else f"champion:{inc.champion_version}"), cfg.registry)
         prior = io(registered_candidate, cfg.registry)(cfg.registry, candidate.model_dir, run_id)
         if prior is not None and prior[1]:   # these weights are registered and decided already
             message = (f"skipped: {cfg.registry.model_name} v{prior[0].version} already holds these weights "

@@ -36,7 +36,9 @@ def _quiet_env() -> None:
 def _fail(message: str, code: int = 1) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    from ftpipe.secrets import redact
+
+    Console(stderr=True).print(f"[bold red]error:[/] {redact(message)}", highlight=False, markup=True)
     raise typer.Exit(code)
 
 

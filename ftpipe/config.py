@@ -56,6 +56,12 @@ class SourceConfig(_Section):
         if self.type == "sql":
             if not (self.url and self.query):
                 raise ValueError("a sql source needs url and query")
+            from ftpipe.secrets import literal_password
+
+            if literal_password(self.url):
+                raise ValueError("url holds a literal password: write it as ${DB_PASSWORD} (any variable "
+                                 "name) and set that variable where the pipeline runs; params.yaml is "
+                                 "logged to MLflow and Prefect, the variable's value never is")
             if not self.name:
                 raise ValueError("a sql source needs a name (its export is data/sources/sql/<name>.jsonl)")
             if self.path:
@@ -169,7 +175,8 @@ class ModelConfig(_Section):
     double_quant: bool = True             # nf4: quantize the quantization constants too
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # nf4 matmuls; auto = train.precision
     attn_implementation: str | None = None  # None: transformers' default (sdpa); or flash_attention_2
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False       # run the model repo's own Python code: only for repos you trust
+    allow_pickle_weights: bool = False    # load .bin/.pt weights (pickle: can run code); safetensors only if false
     build: BuildConfig = BuildConfig()
 
 
@@ -317,7 +324,7 @@ class PromotionConfig(_Section):
 
 
 class RegistryConfig(_Section):
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under mlflow/
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under mlflow/; ${VARS} expanded
     experiment: str = "ftpipe"
     model_name: str = "ftpipe-dates"
     promotion: PromotionConfig = PromotionConfig()
@@ -325,6 +332,16 @@ class RegistryConfig(_Section):
     # restarting, a dropped connection) after 5, 10, 20 s; never on deterministic ones.
     io_retries: int = Field(3, ge=0, le=10)
     io_retry_delay_s: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _no_literal_password(self) -> "RegistryConfig":
+        from ftpipe.secrets import literal_password
+
+        if literal_password(self.tracking_uri):
+            raise ValueError("tracking_uri holds a literal password: write it as ${MLFLOW_DB_PASSWORD} (any "
+                             "variable name) and set that variable, or leave tracking_uri null and export "
+                             "MLFLOW_TRACKING_URI")
+        return self
     # Written into every version's model card.
     intended_use: str = ("Research and internal evaluation of fine-tuned instruction following on the "
                          "training data's task. Not evaluated for safety, bias or out-of-domain use.")

@@ -123,7 +123,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return [done[j] for j in range(len(prompts))]
 
 
-def load_for_eval(model_dir: str, revision: str | None = None, trust_remote_code: bool = False):
+def load_for_eval(model_dir: str, revision: str | None = None, trust_remote_code: bool = False,
+                  allow_pickle_weights: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -132,7 +133,7 @@ def load_for_eval(model_dir: str, revision: str | None = None, trust_remote_code
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, revision=revision, dtype=dtype, use_safetensors=True,
+        model_dir, revision=revision, dtype=dtype, use_safetensors=None if allow_pickle_weights else True,
         trust_remote_code=trust_remote_code,
         device_map={"": 0} if torch.cuda.is_available() else None)
     return model, tok
@@ -206,11 +207,12 @@ def evaluate_loaded(model, tok, rows: list[dict], cfg: EvalConfig, max_seq_len: 
 
 def evaluate_model(model_dir: str, rows: list[dict], cfg: EvalConfig, max_seq_len: int = 256,
                    revision: str | None = None, trust_remote_code: bool = False,
-                   name: str | None = None, regression: dict[str, list[dict]] | None = None
+                   name: str | None = None, regression: dict[str, list[dict]] | None = None,
+                   allow_pickle_weights: bool = False
                    ) -> ModelScores | tuple[ModelScores, dict[str, ModelScores]]:
     """Score one checkpoint on `rows`; with `regression` ({set id: rows}) also on each of
     those sets (loading the model once) and return (scores, {set id: scores})."""
-    model, tok = load_for_eval(model_dir, revision, trust_remote_code)
+    model, tok = load_for_eval(model_dir, revision, trust_remote_code, allow_pickle_weights)
     label = name or str(Path(model_dir))
     scores = evaluate_loaded(model, tok, rows, cfg, max_seq_len, label)
     if regression is None:

@@ -132,7 +132,8 @@ def evaluate_all(cfg: EvalConfig, model: ModelConfig, reg: RegistryConfig, base_
     regression = regression_sets(reg.model_name, sha, cache_dir, log)
     if regression:
         log(f"regression sets: {', '.join(f'{k} ({len(v)} rows)' for k, v in regression.items())}")
-    base = evaluate_model(base_path, rows, cfg, max_seq_len, model.revision, model.trust_remote_code, name="base")
+    base = evaluate_model(base_path, rows, cfg, max_seq_len, model.revision, model.trust_remote_code, name="base",
+                         allow_pickle_weights=model.allow_pickle_weights)
     candidate, cand_reg = evaluate_model(candidate_dir, rows, cfg, max_seq_len, name="candidate",
                                          regression=regression)
     champ = registry.version_by_alias(reg.model_name, registry.CHAMPION)

@@ -35,7 +35,7 @@ class RegistryError(RuntimeError):
 def tracking_uri(cfg: RegistryConfig, root: Path) -> str:
     """Config, else $MLFLOW_TRACKING_URI, else the SQLite store under mlflow/."""
     if cfg.tracking_uri:
-        return cfg.tracking_uri
+        return os.path.expandvars(cfg.tracking_uri)
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{(root / 'mlflow' / 'mlflow.db').resolve()}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ftpipe.secrets import redact
+
 from rich.console import Console
 from rich.table import Table
 
@@ -105,5 +107,5 @@ def print_summary(result, console: Console | None = None) -> None:
                   f"{', '.join(p.aliases) or '—'}; champion: "
                   f"{'v' + p.champion_after if p.champion_after else '—'} "
                   f"(was {'v' + p.champion_before if p.champion_before else '—'})")
-    console.print(f"MLflow run {r.run_id} in experiment '{r.experiment}' at {r.tracking_uri}")
+    console.print(f"MLflow run {r.run_id} in experiment '{r.experiment}' at {redact(r.tracking_uri)}")
     console.print("Open the UI:  make ui   (or .venv/bin/python mlflow/launch.py; then http://127.0.0.1:5000)")

@@ -73,10 +73,28 @@ def pick_dtype(precision: str):
     return torch.float32
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights(path: str | Path, allow_pickle: bool = False) -> None:
+    """A local checkpoint must hold safetensors weights unless pickles are allowed: loading a
+    pickle (pytorch_model.bin) runs whatever code it carries."""
+    p = Path(path)
+    if allow_pickle or not p.is_dir() or any(p.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"{p} holds no safetensors weights, only {', '.join(pickles)} (pickle, which runs code "
+                         "when loaded). Convert it to safetensors, or set model.allow_pickle_weights: true "
+                         "if you trust where it came from.")
+
+
 def load_base(model_cfg: ModelConfig, dtype, for_training: bool = True, device_index: int = 0):
     """The base model and tokenizer through the one `from_pretrained` path (hub id or dir)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    check_weights(model_cfg.base, model_cfg.allow_pickle_weights)
 
     kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.base, **kwargs)
@@ -94,7 +112,7 @@ def load_base(model_cfg: ModelConfig, dtype, for_training: bool = True, device_i
     extra = {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
         model_cfg.base, dtype=dtype, quantization_config=quant, device_map=device_map,
-        use_safetensors=True, **kwargs, **extra)
+        use_safetensors=None if model_cfg.allow_pickle_weights else True, **kwargs, **extra)
     return model, tokenizer
 
 

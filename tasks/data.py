@@ -46,6 +46,9 @@ def prepare_base_model(model: ModelConfig, root: str) -> BaseModelRef:
         _log(f"base model {model.base}: {'built' if st.ran else 'up to date, skipped'}")
         return BaseModelRef(str(local), model.base, base_model_revision(model.base, None, root_p), st.ran)
     path = str(local) if local.exists() else model.base
+    from ftpipe.training import check_weights
+
+    check_weights(path, model.allow_pickle_weights)   # before any data work
     return BaseModelRef(path, model.base, base_model_revision(path, model.revision, root_p), None)
 
 
