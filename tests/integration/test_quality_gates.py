@@ -64,8 +64,9 @@ def test_sql_source_exports_collects_and_tracks_changes(tmp_path, pg_table, monk
     assert fetch_sql(tmp_path, src).changed  # new rows: a new export, a new data version
 
 
-def test_sql_errors_name_the_source_and_hide_the_password(tmp_path):
-    bad = SourceConfig(name="qa", type="sql", url="postgresql://postgres:hunter2@127.0.0.1:5432/test",
+def test_sql_errors_name_the_source_and_hide_the_password(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTPIPE_TEST_DB_PASSWORD", "hunter2")
+    bad = SourceConfig(name="qa", type="sql", url="postgresql://postgres:${FTPIPE_TEST_DB_PASSWORD}@127.0.0.1:5432/test",
                        query="SELECT nope FROM no_such_table")
     with pytest.raises(SourceError) as err:
         fetch_sql(tmp_path, bad)

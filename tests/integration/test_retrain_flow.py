@@ -154,29 +154,3 @@ def test_gx_gate_stops_before_training_and_moves_nothing(project, prefect_server
     assert failed.info.status == "FAILED"
     # the GX result that stopped it is on the failed run, for whoever reads it later
     assert "data/raw_validation.json" in [a.path for a in c.list_artifacts(failed.info.run_id, "data")]
-
-
-def test_killed_run_resumes_training_from_its_checkpoint(project, prefect_server):
-    """SIGKILL mid-training, start the same command again: training resumes from the last
-    checkpoint instead of step 0, and the killed attempt moved no alias."""
-    import os
-    import signal
-    import sys
-    import time
-
-    args = ["run", "train.max_steps=160", "train.checkpoint_every=20", "train.log_every=20"]
-    env = os.environ | {"COLUMNS": "200"} | prefect_server
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "ftpipe"), *args, "--project", str(project)],
-                            cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while not list(project.glob("runs/train-*/checkpoints/step-0000040")):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before a checkpoint"
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    c = mlflow_client(project)
-    assert c.get_model_version_by_alias(NAME, "champion").version == 1
-    out = _ok(run_cli(args, project, prefect_server))
-    assert "resuming from" in out and "resumed from the checkpoint at step" in out
-    assert not list(project.glob("runs/train-*/checkpoints"))

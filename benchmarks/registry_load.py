@@ -1,0 +1,165 @@
+"""Registry under load: MLflow on PostgreSQL with 1,000 model versions (each with the tags a
+real ftpipe version carries) and 100,000 metric points; times `ftpipe models` and the
+registry work of a promotion check.
+
+    .venv/bin/python benchmarks/registry_load.py            # PostgreSQL on 127.0.0.1:5432
+    .venv/bin/python benchmarks/registry_load.py --versions 1000 --points 100000 --repeat 5
+
+Populating takes a few minutes; the database (ftpipe_load_<pid>) is dropped at the end
+unless --keep. Prints one JSON document (the figures go to benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PG = "postgresql://postgres@127.0.0.1:5432"
+NAME = "ftpipe-dates"
+
+
+def sql(statement: str) -> None:
+    import psycopg
+
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as con:
+        con.execute(statement)
+
+
+def populate(uri: str, n_versions: int, n_points: int, n_runs: int) -> dict:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = c.create_experiment("ftpipe", artifact_location=Path(tempfile.mkdtemp()).as_uri())
+    c.create_registered_model(NAME)
+    t0 = time.perf_counter()
+    runs = [c.create_run(exp, run_name=f"retrain-{i}").info.run_id for i in range(n_runs)]
+    per_run = n_points // n_runs
+    now = int(time.time() * 1000)
+    for i, run in enumerate(runs):   # a loss curve per run: train_loss / val_loss / learning_rate
+        pts = [Metric(("train_loss", "val_loss", "learning_rate")[k % 3], 3.0 / (1 + k), now + k, k)
+               for k in range(per_run)]
+        for j in range(0, len(pts), 1000):
+            c.log_batch(run, metrics=pts[j:j + 1000])
+    t_metrics = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sha = "a" * 64
+    for v in range(1, n_versions + 1):
+        run = runs[v % n_runs]
+        tags = {  # what tasks/registry.register_candidate and the gate put on a version
+            "ftpipe.git_commit": f"{v:040x}", "ftpipe.git_dirty": "false", "ftpipe.config_hash": f"{v:064x}",
+            "ftpipe.base_model": "models/base", "ftpipe.base_model_revision": "b" * 32,
+            "ftpipe.gx_verdict": "passed (raw_snapshot 9 + cleaned 8 expectations)",
+            "ftpipe.prefect_flow_run": f"{v:032x}", "ftpipe.start_from": "scratch",
+            "ftpipe.dvc.collect:data/collected": f"{v:032x}.dir", "ftpipe.dvc.clean:data/cleaned": f"{v:032x}.dir",
+            "ftpipe.dvc.split:data/splits": f"{v:032x}.dir",
+            "ftpipe.source.data/sources/dates.jsonl": f"sha256:{'c' * 64} rows:3000",
+            "ftpipe.method": "lora", "ftpipe.run_id": run, "ftpipe.test_set_sha256": sha,
+            "ftpipe.candidate": f"train-{v:012x}", "ftpipe.metric.exact_match": "0.9",
+            "ftpipe.metric.eval_loss": "0.5", "ftpipe.metric.token_f1": "0.95",
+            "ftpipe.decision": "refuse", "ftpipe.decision.summary": "refuse: does not beat the champion",
+            "ftpipe.decision.reasons": json.dumps([{"rule": r, "passed": True, "detail": "x" * 80}
+                                                   for r in ("beats_champion", "forgetting", "thresholds")]),
+            "ftpipe.champion_compared": str(max(1, v - 1))}
+        c.create_model_version(NAME, f"models:/m-{v:032x}", run_id=run, tags=tags)
+    c.set_registered_model_alias(NAME, "champion", str(n_versions // 2))
+    return {"seconds_metrics": round(t_metrics, 1), "seconds_versions": round(time.perf_counter() - t0, 1)}
+
+
+def time_cli(uri: str, project: Path, repeat: int) -> dict:
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "COLUMNS": "200"}
+    ftpipe = str(Path(sys.executable).parent / "ftpipe")
+    walls = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = subprocess.run([ftpipe, "models", "--project", str(project)], env=env, capture_output=True, text=True)
+        walls.append(time.perf_counter() - t0)
+        assert out.returncode == 0, out.stderr[-2000:]
+    t0 = time.perf_counter()
+    subprocess.run([ftpipe, "--help"], env=env, capture_output=True, text=True, check=True)
+    help_s = time.perf_counter() - t0
+    return {"models_cli_wall_s": round(statistics.median(walls), 3), "cli_startup_wall_s": round(help_s, 3),
+            "models_line": out.stdout.splitlines()[0] if out.stdout else ""}
+
+
+def time_in_process(uri: str, repeat: int) -> dict:
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    from ftpipe import registry
+    from ftpipe.config import PipelineConfig
+    from ftpipe.gate import list_models, regression_sets
+    from ftpipe.promotion import decide
+
+    reg = PipelineConfig().registry
+    registry.setup(reg, REPO)
+
+    def models():
+        return list_models(reg)[:50]
+
+    def promotion_check():
+        """The registry work of a retrain's promotion path, in order: is this candidate already
+        registered (scan), was this data+config already tried (scan), the regression sets (scan),
+        the champion and its scores, the decision, the promotion lock, the tags and the alias."""
+        scan = registry.versions(NAME)
+        assert not [v for v in scan if (v.tags or {}).get("ftpipe.candidate") == "train-none"]
+        regression_sets(NAME, "a" * 64, Path(tempfile.gettempdir()) / "ftpipe-load-regression")
+        champ = registry.version_by_alias(NAME, registry.CHAMPION)
+        tags = registry.client().get_model_version(NAME, champ.version).tags
+        m = {"exact_match": float(tags["ftpipe.metric.exact_match"]), "eval_loss": 0.5}
+        d = decide({"exact_match": 0.95, "eval_loss": 0.4}, m, {"exact_match": 0.0, "eval_loss": 3.0},
+                   reg.promotion, {"data_gate": True}, {})
+        with registry.PromotionLock(NAME, holder="benchmark"):
+            registry.tag_version(NAME, champ.version, {"ftpipe.benchmark": d.verdict})
+            registry.client().set_registered_model_alias(NAME, registry.CHALLENGER, champ.version)
+        return d
+
+    out = {}
+    for label, fn in (("models_in_process_s", models), ("promotion_check_s", promotion_check)):
+        fn()   # warm: imports, connection pool
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[label] = round(statistics.median(times), 3)
+        out[label.replace("_s", "_max_s")] = round(max(times), 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--versions", type=int, default=1000)
+    ap.add_argument("--points", type=int, default=100_000)
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    db = f"ftpipe_load_{os.getpid()}"
+    sql(f"CREATE DATABASE {db}")
+    uri = f"postgresql://postgres@127.0.0.1:5432/{db}"
+    try:
+        result = {"date": time.strftime("%Y-%m-%d"), "store": "PostgreSQL 15 (MLflow SQLAlchemy store)",
+                  "versions": args.versions, "metric_points": args.points}
+        result |= populate(uri, args.versions, args.points, args.runs)
+        with tempfile.TemporaryDirectory() as tmp:
+            project = Path(tmp)
+            (project / "params.yaml").write_text((REPO / "params.yaml").read_text())
+            result |= time_cli(uri, project, args.repeat)
+        result |= time_in_process(uri, args.repeat)
+        print(json.dumps(result, indent=2))
+    finally:
+        if not args.keep:
+            sql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+if __name__ == "__main__":
+    main()

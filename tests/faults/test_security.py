@@ -1,0 +1,197 @@
+"""Hostile input and secrets: planted secrets never leave a real run (every output grepped);
+servers the project launches bind to 127.0.0.1; remote code and pickled weights are refused
+unless allowed per model; paths from config or a DVC listing cannot escape."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.helpers import BIN, REPO, free_port, make_project, run_cli, wait_http
+
+PG = "postgresql://postgres@127.0.0.1:5432"
+PLANTED = {"FTPIPE_DB_PASSWORD": "pw-planted-7f3a9c51", "HF_TOKEN": "hf_planted_token_8d2e1b44",
+           "AWS_SECRET_ACCESS_KEY": "aws-planted-secret-5c6d7e8f"}
+
+
+def _files(*roots: Path):
+    for root in roots:
+        for p in root.rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                yield p
+
+
+def test_planted_secrets_never_leave_a_run(tmp_path_factory, prefect_server):
+    """A SQL source whose password comes from ${FTPIPE_DB_PASSWORD}, tokens in the environment:
+    after a whole run, no output holds any of them — stdout, stderr, MLflow (params, tags,
+    artifacts, its database file), runs/, data/, the DVC cache and remote, git, and the
+    Prefect server's database and logs."""
+    import psycopg
+
+    table = f"ftpipe_rows_{os.getpid()}"
+    rows = [json.loads(x) for x in (REPO / "data/sources/dates.jsonl").read_text().splitlines()[:300]]
+    with psycopg.connect(f"{PG}/test", autocommit=True) as con:
+        con.execute(f"DROP TABLE IF EXISTS {table}")
+        con.execute(f"CREATE TABLE {table} (instruction text, input text, output text)")
+        with con.cursor() as cur:
+            cur.executemany(f"INSERT INTO {table} VALUES (%s, %s, %s)",
+                            [(r["instruction"], r.get("input", ""), r["output"]) for r in rows])
+    project = make_project(tmp_path_factory.mktemp("secrets"), {"train": {"max_steps": 5}})
+    import yaml
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["sources"].append({
+        "name": "db", "type": "sql", "format": "alpaca",
+        "url": "postgresql+psycopg://postgres:${FTPIPE_DB_PASSWORD}@127.0.0.1:5432/test",
+        "query": f"SELECT instruction, input, output FROM {table}"})
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = run_cli(["run"], project, prefect_server | PLANTED)
+    finally:
+        with psycopg.connect(f"{PG}/test", autocommit=True) as con:
+            con.execute(f"DROP TABLE IF EXISTS {table}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    export = project / "data/sources/sql/db.jsonl"
+    assert len(export.read_text().splitlines()) == 300          # the password really was used
+
+    outputs = {"stdout": proc.stdout.encode(), "stderr": proc.stderr.encode()}
+    remote = project.parent / "dvc-remote"
+    roots = [project, Path(prefect_server["PREFECT_HOME"])] + ([remote] if remote.is_dir() else [])
+    n = 0
+    for f in _files(*roots):
+        outputs[str(f)] = f.read_bytes()
+        n += 1
+    assert n > 100 and any(k.endswith("mlflow.db") for k in outputs) and any(k.endswith("prefect.db") for k in outputs)
+    for name, secret in PLANTED.items():
+        leaks = [where for where, data in outputs.items() if secret.encode() in data]
+        assert not leaks, f"{name} leaked into {leaks}"
+
+
+def test_a_literal_password_in_params_is_refused_without_echoing_it():
+    from ftpipe.config import ConfigError, parse_config
+
+    src = {"name": "db", "type": "sql", "url": "postgresql://u:hunter2-literal@db/x", "query": "SELECT 1"}
+    with pytest.raises(ConfigError) as err:
+        parse_config({"data": {"sources": [{"path": "data/sources/dates.jsonl"}, src]},
+                      "registry": {"tracking_uri": "postgresql://u:other-literal@db/mlflow"}})
+    text = str(err.value)
+    assert "data.sources.1: Value error, url holds a literal password: write it as ${DB_PASSWORD}" in text
+    assert "registry: Value error, tracking_uri holds a literal password" in text
+    assert "hunter2-literal" not in text and "other-literal" not in text
+
+
+def _listening(pid: int) -> set[str]:
+    procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    return {c.laddr.ip for p in procs for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+
+
+@pytest.mark.parametrize("server", ["mlflow", "prefect"])
+def test_servers_the_project_launches_bind_to_localhost(tmp_path, server):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    if server == "mlflow":
+        cmd = [sys.executable, str(REPO / "mlflow/launch.py"), "--backend", f"sqlite:///{tmp_path / 'm.db'}",
+               "--artifacts", str(tmp_path / "a"), "--port", str(port), "--workers", "1"]
+        health = f"http://127.0.0.1:{port}/health"
+    else:
+        project = make_project(tmp_path / "p")
+        cmd = [str(BIN / "ftpipe"), "prefect-server", "--port", str(port), "--project", str(project)]
+        health = f"http://127.0.0.1:{port}/api/health"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_http(health, 180, proc)
+        assert _listening(proc.pid) == {"127.0.0.1"}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from ftpipe.basemodel import build_base_model
+    from ftpipe.config import BuildConfig
+
+    d = tmp_path_factory.mktemp("sec-base") / "base"
+    build_base_model(REPO / "data/corpus/corpus.jsonl", d, BuildConfig(vocab_size=320, hidden_size=64, layers=2,
+                     heads=2, intermediate_size=128, pretrain_steps=0), log=lambda m: None)
+    return d
+
+
+def test_remote_code_never_runs_unless_trusted_per_model(tiny_base, tmp_path):
+    import shutil
+
+    from ftpipe.config import ModelConfig
+    from ftpipe.training import load_base
+
+    d = tmp_path / "custom"
+    shutil.copytree(tiny_base, d)
+    marker = tmp_path / "code-ran"
+    config = json.loads((d / "config.json").read_text())
+    config["model_type"] = "ftpipe-custom"           # an architecture only the repo's code knows
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
+                          "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (d / "config.json").write_text(json.dumps(config))
+    for mod in ("configuration_evil", "modeling_evil"):
+        (d / f"{mod}.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    assert ModelConfig().trust_remote_code is False
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_base(ModelConfig(base=str(d)), None, for_training=False)
+    assert not marker.exists()
+
+
+def test_pickled_weights_are_refused_unless_allowed(tiny_base, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from ftpipe.config import ModelConfig
+    from ftpipe.training import load_base
+
+    d = tmp_path / "pickled"
+    shutil.copytree(tiny_base, d)
+    state = load_file(str(d / "model.safetensors"))
+    torch.save(state, d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"holds no safetensors weights, only pytorch_model\.bin .*"
+                                         r"model\.allow_pickle_weights: true"):
+        load_base(ModelConfig(base=str(d)), torch.float32, for_training=False)
+    model, _ = load_base(ModelConfig(base=str(d), allow_pickle_weights=True), torch.float32, for_training=False)
+    name, tensor = next(iter(state.items()))
+    assert torch.equal(model.state_dict()[name], tensor)
+
+
+def test_paths_from_config_or_a_data_listing_cannot_escape(tmp_path):
+    from ftpipe.audit import AuditError, Store, restore_output
+    from ftpipe.config import ConfigError, parse_config
+
+    for path in ("/etc/passwd", "data/sources/../../../etc/passwd", "../outside.jsonl"):
+        with pytest.raises(ConfigError, match=r"data\.sources\.0: .*leaves the project"):
+            parse_config({"data": {"sources": [{"path": path}]}})
+    # a DVC listing (a .dir object, re-hashing correctly) that names a file outside the target
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run([str(BIN / "dvc"), "init", "--no-scm", "-q"], cwd=repo, check=True)
+    files = repo / ".dvc/cache/files/md5"
+    payload = b'{"x": 1}\n'
+    h = hashlib.md5(payload).hexdigest()
+    (files / h[:2]).mkdir(parents=True, exist_ok=True)
+    (files / h[:2] / h[2:]).write_bytes(payload)
+    listing = json.dumps([{"md5": h, "relpath": "../../escaped.jsonl"}]).encode()
+    d = hashlib.md5(listing).hexdigest()
+    (files / d[:2]).mkdir(parents=True, exist_ok=True)
+    (files / d[:2] / (d[2:] + ".dir")).write_bytes(listing)
+    store = Store(repo)
+    try:
+        dest = tmp_path / "restore" / "to"
+        with pytest.raises(AuditError, match="would land outside"):
+            restore_output(store, d + ".dir", dest)
+    finally:
+        store.close()
+    assert not (tmp_path / "escaped.jsonl").exists() and not (tmp_path / "restore" / "escaped.jsonl").exists()
