@@ -12,6 +12,7 @@ unless --keep. Prints one JSON document (the figures go to benchmarks/RESULTS.md
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -34,6 +35,15 @@ def sql(statement: str) -> None:
         con.execute(statement)
 
 
+# Ten test sets (ten data versions over the registry's life): (sha256, bytes). The gate
+# evaluates on every earlier one; their files sit in the gate's local cache, as after the
+# first promotion that downloaded them.
+TEST_SETS = [(hashlib.sha256(b).hexdigest(), b) for b in
+             (json.dumps({"instruction": f"Convert 20{i:02d}-01-01 to words.", "output": "x"}).encode() + b"\n"
+              for i in range(10))]
+REGRESSION_CACHE = Path(tempfile.gettempdir()) / "ftpipe-load-regression"
+
+
 def populate(uri: str, n_versions: int, n_points: int, n_runs: int) -> dict:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -52,9 +62,9 @@ def populate(uri: str, n_versions: int, n_points: int, n_runs: int) -> dict:
             c.log_batch(run, metrics=pts[j:j + 1000])
     t_metrics = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sha = "a" * 64
     for v in range(1, n_versions + 1):
         run = runs[v % n_runs]
+        sha = TEST_SETS[(v - 1) * len(TEST_SETS) // n_versions][0]   # a new data version every 100 versions
         tags = {  # what tasks/registry.register_candidate and the gate put on a version
             "ftpipe.git_commit": f"{v:040x}", "ftpipe.git_dirty": "false", "ftpipe.config_hash": f"{v:064x}",
             "ftpipe.base_model": "models/base", "ftpipe.base_model_revision": "b" * 32,
@@ -63,15 +73,25 @@ def populate(uri: str, n_versions: int, n_points: int, n_runs: int) -> dict:
             "ftpipe.dvc.collect:data/collected": f"{v:032x}.dir", "ftpipe.dvc.clean:data/cleaned": f"{v:032x}.dir",
             "ftpipe.dvc.split:data/splits": f"{v:032x}.dir",
             "ftpipe.source.data/sources/dates.jsonl": f"sha256:{'c' * 64} rows:3000",
-            "ftpipe.method": "lora", "ftpipe.run_id": run, "ftpipe.test_set_sha256": sha,
+            "ftpipe.method": "lora", "ftpipe.run_id": run, "ftpipe.test_set": sha,
             "ftpipe.candidate": f"train-{v:012x}", "ftpipe.metric.exact_match": "0.9",
             "ftpipe.metric.eval_loss": "0.5", "ftpipe.metric.token_f1": "0.95",
             "ftpipe.decision": "refuse", "ftpipe.decision.summary": "refuse: does not beat the champion",
             "ftpipe.decision.reasons": json.dumps([{"rule": r, "passed": True, "detail": "x" * 80}
                                                    for r in ("beats_champion", "forgetting", "thresholds")]),
             "ftpipe.champion_compared": str(max(1, v - 1))}
-        c.create_model_version(NAME, f"models:/m-{v:032x}", run_id=run, tags=tags)
+        c.create_model_version(NAME, f"{c.get_experiment(exp).artifact_location}/{run}/artifacts/model", run_id=run,
+                               tags=tags)
     c.set_registered_model_alias(NAME, "champion", str(n_versions // 2))
+    REGRESSION_CACHE.mkdir(parents=True, exist_ok=True)
+    for sha, data in TEST_SETS:
+        (REGRESSION_CACHE / f"{sha}.jsonl").write_bytes(data)
+    # what PostgreSQL's autovacuum does on its own after bulk inserts; without fresh planner
+    # statistics a bulk-loaded registry is timed in a state no long-lived database is in
+    import psycopg
+
+    with psycopg.connect(uri, autocommit=True) as con:
+        con.execute("ANALYZE")
     return {"seconds_metrics": round(t_metrics, 1), "seconds_versions": round(time.perf_counter() - t0, 1)}
 
 
@@ -94,23 +114,25 @@ def time_cli(uri: str, project: Path, repeat: int) -> dict:
 def time_in_process(uri: str, repeat: int) -> dict:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     from ftpipe import registry
-    from ftpipe.config import PipelineConfig
+    from ftpipe.config import load_config
     from ftpipe.gate import list_models, regression_sets
     from ftpipe.promotion import decide
 
-    reg = PipelineConfig().registry
+    reg = load_config(REPO / "params.yaml").registry
     registry.setup(reg, REPO)
 
-    def models():
-        return list_models(reg)[:50]
+    def models():   # what `ftpipe models` does (its default --limit 50)
+        return list_models(reg, 50)
 
     def promotion_check():
         """The registry work of a retrain's promotion path, in order: is this candidate already
         registered (scan), was this data+config already tried (scan), the regression sets (scan),
         the champion and its scores, the decision, the promotion lock, the tags and the alias."""
-        scan = registry.versions(NAME)
-        assert not [v for v in scan if (v.tags or {}).get("ftpipe.candidate") == "train-none"]
-        regression_sets(NAME, "a" * 64, Path(tempfile.gettempdir()) / "ftpipe-load-regression")
+        assert not registry.versions_tagged(NAME, {"ftpipe.candidate": "train-new"})        # registered_candidate
+        assert not registry.versions_tagged(NAME, {"ftpipe.dvc.split:data/splits": "new.dir",  # last_tried
+                                                   "ftpipe.config_hash": "new"})
+        sets = regression_sets(NAME, TEST_SETS[-1][0], REGRESSION_CACHE, log=lambda m: None)
+        assert len(sets) == len(TEST_SETS) - 1, sets.keys()
         champ = registry.version_by_alias(NAME, registry.CHAMPION)
         tags = registry.client().get_model_version(NAME, champ.version).tags
         m = {"exact_match": float(tags["ftpipe.metric.exact_match"]), "eval_loss": 0.5}

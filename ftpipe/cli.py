@@ -271,7 +271,7 @@ def models(
     from ftpipe.gate import list_models
     from ftpipe.registry import champion_history
 
-    rows = list_models(cfg.registry)[:limit]
+    rows = list_models(cfg.registry, limit)
     if as_json:
         import json
 

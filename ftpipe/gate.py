@@ -330,8 +330,9 @@ def _get_version(name: str, version: str):
         raise registry.RegistryError(f"{name} has no version {version} (versions: {known})") from None
 
 
-def list_models(reg: RegistryConfig) -> list[dict]:
-    """Every version, newest first: aliases, key metrics, gate decision and its summary."""
+def list_models(reg: RegistryConfig, limit: int | None = None) -> list[dict]:
+    """The newest `limit` versions (all when None), newest first: aliases, key metrics,
+    gate decision and its summary."""
     from mlflow.exceptions import MlflowException
 
     m = reg.promotion.primary_metric
@@ -344,7 +345,7 @@ def list_models(reg: RegistryConfig) -> list[dict]:
     for alias, v in alias_map.items():
         by_version.setdefault(str(v), []).append(alias)
     out = []
-    for mv in registry.versions(reg.model_name):
+    for mv in (registry.newest_versions(reg.model_name, limit) if limit else registry.versions(reg.model_name)):
         tags = mv.tags or {}
         out.append({
             "version": str(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),

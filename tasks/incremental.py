@@ -54,11 +54,11 @@ def last_tried(cfg: PipelineConfig, splits_md5: str) -> str | None:
     config: a scheduled run then does not train and register the same candidate again."""
     from ftpipe.audit import SPLITS_KEY
 
-    for mv in registry.versions(cfg.registry.model_name):
+    for mv in registry.versions_tagged(cfg.registry.model_name, {f"ftpipe.dvc.{SPLITS_KEY}": splits_md5,
+                                                                 "ftpipe.config_hash": cfg.hash()}):
         tags = mv.tags or {}
         # undecided: a run crashed between registering and the gate; the next run finishes it
-        if tags.get(f"ftpipe.dvc.{SPLITS_KEY}") == splits_md5 and tags.get("ftpipe.config_hash") == cfg.hash() \
-                and tags.get("ftpipe.decision"):
+        if tags.get("ftpipe.decision"):
             return f"{cfg.registry.model_name} v{mv.version} ({tags['ftpipe.decision']})"
     return None
 

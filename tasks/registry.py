@@ -51,7 +51,7 @@ def registered_candidate(reg: RegistryConfig, model_dir: str, run_id: str) -> tu
     data), with its gate decision ('' when a crashed run registered it but never decided):
     a run started again never registers the same candidate twice."""
     key = Path(model_dir).parent.name
-    for mv in registry.versions(reg.model_name):
+    for mv in registry.versions_tagged(reg.model_name, {CANDIDATE_TAG: key})[:1]:
         tags = mv.tags or {}
         if tags.get(CANDIDATE_TAG) == key:
             decision = tags.get("ftpipe.decision", "")
