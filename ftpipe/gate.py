@@ -18,6 +18,7 @@ import hashlib
 import html
 import io
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -78,6 +79,39 @@ class PromotionResult:
 
 # ------------------------------------------------------------------ regression sets
 
+def test_set_index(name: str, cache_dir: Path) -> dict[str, list]:
+    """{test-set sha256: [first version tested on it, its run id]} for every version of the
+    model. A version's test-set tag is written with the version and never changes, so the
+    index is kept in cache_dir and only versions newer than the last one seen are read:
+    one indexed query instead of listing every version (0.7 s at 1,000 versions)."""
+    import mlflow
+
+    key = hashlib.sha256(f"{mlflow.get_registry_uri()}|{name}".encode()).hexdigest()[:16]
+    path = cache_dir / f"test-sets-{key}.json"
+    try:
+        index = json.loads(path.read_text())
+        seen, first = int(index["max_version"]), index["first"]
+    except (OSError, ValueError, KeyError, TypeError):
+        seen, first = 0, {}
+    newer = registry.client().search_model_versions(
+        f"name='{name}'" + (f" and version_number > {seen}" if seen else ""), max_results=1000,
+        order_by=["version_number ASC"])
+    while True:
+        for mv in newer:
+            sha = (mv.tags or {}).get(TEST_SET_TAG)
+            if sha and (sha not in first or int(mv.version) < first[sha][0]):
+                first[sha] = [int(mv.version), mv.run_id]
+            seen = max(seen, int(mv.version))
+        if not newer.token:
+            break
+        newer = registry.client().search_model_versions(
+            f"name='{name}' and version_number > {seen}", max_results=1000, order_by=["version_number ASC"])
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"max_version": seen, "first": first}))
+    tmp.replace(path)
+    return first
+
+
 def regression_sets(name: str, exclude_sha: str, cache_dir: Path, log: Callable[[str], None] = print
                     ) -> dict[str, list[dict]]:
     """{"v3:1a2b3c4d5e6f": rows} for every distinct earlier test set of the model's versions
@@ -85,13 +119,9 @@ def regression_sets(name: str, exclude_sha: str, cache_dir: Path, log: Callable[
     and checked against its sha256."""
     import mlflow
 
-    first: dict[str, tuple[int, str]] = {}
-    for mv in registry.versions(name):
-        sha = (mv.tags or {}).get(TEST_SET_TAG)
-        if sha and sha != exclude_sha and (sha not in first or int(mv.version) < first[sha][0]):
-            first[sha] = (int(mv.version), mv.run_id)
-    out: dict[str, list[dict]] = {}
     cache_dir.mkdir(parents=True, exist_ok=True)
+    first = {sha: tuple(v) for sha, v in test_set_index(name, cache_dir).items() if sha != exclude_sha}
+    out: dict[str, list[dict]] = {}
     for sha, (version, run_id) in sorted(first.items(), key=lambda kv: kv[1][0]):
         cached = cache_dir / f"{sha}.jsonl"
         if not cached.is_file() or file_sha256(cached) != sha:
