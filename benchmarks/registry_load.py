@@ -180,6 +180,26 @@ def main() -> None:
             project = Path(tmp)
             (project / "params.yaml").write_text((REPO / "params.yaml").read_text())
             result |= time_cli(uri, project, args.repeat)
+            # the recommended setup: a tracking server on that database (mlflow/launch.py)
+            port = 5123
+            server = subprocess.Popen([sys.executable, str(REPO / "mlflow/launch.py"), "--backend", uri,
+                                       "--artifacts", str(project / "artifacts"), "--port", str(port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            try:
+                import urllib.request
+
+                for _ in range(240):
+                    try:
+                        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                        break
+                    except OSError:
+                        time.sleep(0.5)
+                via = time_cli(f"http://127.0.0.1:{port}", project, args.repeat)
+                result |= {"models_cli_via_server_wall_s": via["models_cli_wall_s"],
+                           "models_via_server_line": via["models_line"]}
+            finally:
+                os.killpg(server.pid, 15)
+                server.wait(30)
         result |= time_in_process(uri, args.repeat)
         print(json.dumps(result, indent=2))
     finally:

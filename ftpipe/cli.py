@@ -267,21 +267,30 @@ def models(
     project: Path = typer.Option(Path("."), "--project", "-p"),
 ) -> None:
     """Model versions with aliases, key metrics and gate decisions."""
-    cfg, _ = _registry(config, project)
-    from ftpipe.gate import list_models
-    from ftpipe.registry import champion_history
+    from ftpipe import registry
 
-    rows = list_models(cfg.registry, limit)
+    _quiet_env()
+    cfg = _load(_config_path(config, project.resolve()), [], project.resolve())
+    uri = registry.tracking_uri(cfg.registry, project.resolve())
+    m = cfg.registry.promotion.primary_metric
+    if uri.startswith(("http://", "https://")):   # a tracking server: its REST API, no mlflow import
+        from ftpipe.registry_rest import list_models as rest_list
+
+        rows, history = rest_list(uri, cfg.registry.model_name, m, limit)
+    else:
+        cfg, _ = _registry(config, project)
+        from ftpipe.gate import list_models
+
+        rows, history = list_models(cfg.registry, limit), registry.champion_history(cfg.registry.model_name)
     if as_json:
         import json
 
-        print(json.dumps({"model": cfg.registry.model_name, "versions": rows,
-                          "champion_history": champion_history(cfg.registry.model_name)}, indent=2))
+        print(json.dumps({"model": cfg.registry.model_name, "versions": rows, "champion_history": history},
+                         indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    m = cfg.registry.promotion.primary_metric
     table = Table(title=f"{cfg.registry.model_name}: {len(rows)} versions", title_justify="left")
     for col in ("version", "aliases", "created", "method", m, "eval_loss", "forgetting", "decision", "why"):
         table.add_column(col, overflow="fold")

@@ -374,19 +374,8 @@ def list_models(reg: RegistryConfig, limit: int | None = None) -> list[dict]:
     by_version: dict[str, list[str]] = {}
     for alias, v in alias_map.items():
         by_version.setdefault(str(v), []).append(alias)
-    out = []
-    for mv in (registry.newest_versions(reg.model_name, limit) if limit else registry.versions(reg.model_name)):
-        tags = mv.tags or {}
-        out.append({
-            "version": str(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),
-            "created": time.strftime("%Y-%m-%d %H:%M", time.gmtime(mv.creation_timestamp / 1000)),
-            "method": tags.get("ftpipe.method", ""),
-            m: float(tags[f"ftpipe.metric.{m}"]) if f"ftpipe.metric.{m}" in tags else None,
-            "eval_loss": float(tags["ftpipe.metric.eval_loss"]) if "ftpipe.metric.eval_loss" in tags else None,
-            "forgetting": float(tags["ftpipe.forgetting"]) if "ftpipe.forgetting" in tags else None,
-            "decision": tags.get("ftpipe.decision", ""),
-            "summary": tags.get("ftpipe.manual.reason") and f"manual: {tags['ftpipe.manual.reason']}"
-            or tags.get("ftpipe.decision.summary", ""),
-            "run_id": mv.run_id,
-        })
-    return out
+    from ftpipe.registry_rest import version_row
+
+    return [version_row(mv.version, mv.creation_timestamp, mv.tags or {}, by_version.get(str(mv.version), []),
+                        mv.run_id, m)
+            for mv in (registry.newest_versions(reg.model_name, limit) if limit else registry.versions(reg.model_name))]
