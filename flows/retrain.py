@@ -100,7 +100,7 @@ def _retrain(cfg: PipelineConfig, root: str, require_new_data: bool) -> RetrainR
         io(log_data_reports, cfg.registry)(root, run_id)
         checked_clean = io(validate_cleaned_data, cfg.registry)(cfg.quality, cfg.data, root, run_id)
         pushed = io(push_data, cfg.registry)(cfg.data, root, ["collect", "clean", "split"]
-                           + (["base_model"] if base.built is not None else []))
+                                             + (["base_model"] if base.built is not None else []))
         splits = split_paths(root)
         splits_md5 = split.hashes.get("split:data/splits", "")
         inc = io(plan_increment, cfg.registry)(cfg, root, splits_md5, run_id, base.id, base.revision)
@@ -117,8 +117,9 @@ def _retrain(cfg: PipelineConfig, root: str, require_new_data: bool) -> RetrainR
             train_splits = splits | {"train": inc.train_path}
             train_cfg = train_cfg.model_copy(update={"max_steps": cfg.incremental.max_steps
                                                      or scaled_steps(cfg.train.max_steps, inc)})
+        start_key = "scratch" if inc.start_from == "scratch" else f"champion:{inc.champion_version}"
         candidate = train_candidate(cfg.model, cfg.lora, train_cfg, train_base, train_splits, run_id,
-                                    root, f"{splits_md5}:" + ("scratch" if inc.start_from == "scratch" else f"champion:{inc.champion_version}"), cfg.registry)
+                                    root, f"{splits_md5}:{start_key}", cfg.registry)
         prior = io(registered_candidate, cfg.registry)(cfg.registry, candidate.model_dir, run_id)
         if prior is not None and prior[1]:   # these weights are registered and decided already
             message = (f"skipped: {cfg.registry.model_name} v{prior[0].version} already holds these weights "
@@ -142,11 +143,11 @@ def _retrain(cfg: PipelineConfig, root: str, require_new_data: bool) -> RetrainR
             cfg.registry, run_id, candidate.model_dir, lineage, metrics, cfg.train.method, report.test_sha)
         checks = {"data_gate": checked.success and checked_clean.success,
                   "train_loss_finite": math.isfinite(candidate.train_loss)}
-        promotion = io(promote_candidate, cfg.registry)(cfg.registry, cfg.eval, run_id, version.version, report, checks,
-                                      cfg.train.max_seq_len, root)
+        promotion = io(promote_candidate, cfg.registry)(cfg.registry, cfg.eval, run_id, version.version,
+                                                        report, checks, cfg.train.max_seq_len, root)
         report = promotion.report
         io(publish_reports, cfg.registry)(cfg, run_id, version.version, promotion,
-                        str(Path(candidate.model_dir).parent / "loss_curve.png"), root)
+                                          str(Path(candidate.model_dir).parent / "loss_curve.png"), root)
     except BaseException as exc:
         try:   # a failed run is marked so; when MLflow itself is what failed, the error says it
             finish_run(run_id, "FAILED")
