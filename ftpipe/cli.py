@@ -92,9 +92,16 @@ def run(
     from ftpipe.sources import SourceError
     from ftpipe.summary import print_summary
     from ftpipe.versioning import StageFailed
-    from ftpipe.training import TrainingDiverged
+    from ftpipe.training import TrainingDiverged, UnsafeWeights
 
     os.chdir(project)
+    local_base = project / cfg.model.base
+    try:   # before Prefect starts: a refusal is one line, not a failed flow run
+        from ftpipe.training import check_weights
+
+        check_weights(local_base if local_base.exists() else cfg.model.base, cfg.model.allow_pickle_weights)
+    except UnsafeWeights as exc:
+        _fail(f"{exc}\nNothing was run.")
     from flows.retrain import SkippedRun, retrain
 
     try:
@@ -105,6 +112,8 @@ def run(
         _fail(f"{exc}\nNo model was trained and no alias moved.")
     except TrainingDiverged as exc:
         _fail(str(exc))
+    except UnsafeWeights as exc:
+        _fail(f"{exc}\nNothing was run.")
     except Exception as exc:   # noqa: BLE001 - classified below, else re-raised as is
         from ftpipe.retry import disk_full, is_transient
 
@@ -291,17 +300,26 @@ def models(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{cfg.registry.model_name}: {len(rows)} versions", title_justify="left")
-    for col in ("version", "aliases", "created", "method", m, "eval_loss", "forgetting", "decision", "why"):
-        table.add_column(col, overflow="fold")
-    fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
-    for r in rows:
-        table.add_row(r["version"], ", ".join(r["aliases"]), r["created"], r["method"], fmt(r[m]),
-                      fmt(r["eval_loss"]), fmt(r["forgetting"]), r["decision"], r["summary"][:160])
     if not rows:
         print(f"{cfg.registry.model_name}: no versions yet; `ftpipe run` registers the first")
         return
-    Console().print(table)
+    console = Console()
+    fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
+    cells = {"version": lambda r: r["version"], "aliases": lambda r: ", ".join(r["aliases"]),
+             "created": lambda r: r["created"], "method": lambda r: r["method"], m: lambda r: fmt(r[m]),
+             "eval_loss": lambda r: fmt(r["eval_loss"]), "forgetting": lambda r: fmt(r["forgetting"]),
+             "decision": lambda r: r["decision"]}
+    if console.width < 140:   # narrow terminal: the columns that decide; --json has everything
+        cells = {k: v for k, v in cells.items() if k in ("version", "aliases", m, "decision")}
+    n = len(rows)
+    table = Table(title=f"{cfg.registry.model_name}: {n} version{'s' if n != 1 else ''}", title_justify="left")
+    for col in cells:
+        table.add_column(col, no_wrap=True, min_width=len(col))
+    table.add_column("why", overflow="fold", min_width=20)
+    for r in rows:
+        why = r["summary"] if len(r["summary"]) <= 160 else r["summary"][:159] + "…"
+        table.add_row(*(cell(r) for cell in cells.values()), why)
+    console.print(table)
 
 
 @app.command()

@@ -55,7 +55,8 @@ def plan(splits_dir: Path, champion: str | None, champion_version: str | None,
                          f"{len(lines['train'])} training rows", len(lines["train"]))
     if not new["train"]:
         return Increment(champion, champion_version, n_new, 0, 0, "scratch", None,
-                         f"no new training rows since {champion}: training from the base model on all rows",
+                         f"no new training rows since {champion} (a run that goes on trains from the base "
+                         "model on all rows)",
                          len(lines["train"]))
     old = [x for x, h in zip(lines["train"], _hashes(lines["train"])) if h in champion_rows]
     want = round(len(new["train"]) * replay_ratio / (1 - replay_ratio)) if replay_ratio else 0

@@ -76,6 +76,10 @@ def pick_dtype(precision: str):
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+class UnsafeWeights(ValueError):
+    """A checkpoint whose weights are pickles, refused unless model.allow_pickle_weights."""
+
+
 def check_weights(path: str | Path, allow_pickle: bool = False) -> None:
     """A local checkpoint must hold safetensors weights unless pickles are allowed: loading a
     pickle (pytorch_model.bin) runs whatever code it carries."""
@@ -84,7 +88,7 @@ def check_weights(path: str | Path, allow_pickle: bool = False) -> None:
         return
     pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise ValueError(f"{p} holds no safetensors weights, only {', '.join(pickles)} (pickle, which runs code "
+        raise UnsafeWeights(f"{p} holds no safetensors weights, only {', '.join(pickles)} (pickle, which runs code "
                          "when loaded). Convert it to safetensors, or set model.allow_pickle_weights: true "
                          "if you trust where it came from.")
 
