@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -49,6 +49,17 @@ class SourceConfig(_Section):
     url: str | None = None
     query: str | None = None
 
+    @field_validator("url")
+    @classmethod
+    def _no_literal_password(cls, url: str | None) -> str | None:
+        from ftpipe.secrets import literal_password
+
+        if literal_password(url):
+            raise ValueError("holds a literal password: write it as ${DB_PASSWORD} (any variable name) and "
+                             "set that variable where the pipeline runs; the config is logged to MLflow and "
+                             "Prefect, the variable's value never is")
+        return url
+
     @model_validator(mode="after")
     def _shape(self) -> "SourceConfig":
         import posixpath
@@ -56,12 +67,7 @@ class SourceConfig(_Section):
         if self.type == "sql":
             if not (self.url and self.query):
                 raise ValueError("a sql source needs url and query")
-            from ftpipe.secrets import literal_password
 
-            if literal_password(self.url):
-                raise ValueError("url holds a literal password: write it as ${DB_PASSWORD} (any variable "
-                                 "name) and set that variable where the pipeline runs; params.yaml is "
-                                 "logged to MLflow and Prefect, the variable's value never is")
             if not self.name:
                 raise ValueError("a sql source needs a name (its export is data/sources/sql/<name>.jsonl)")
             if self.path:
@@ -333,15 +339,16 @@ class RegistryConfig(_Section):
     io_retries: int = Field(3, ge=0, le=10)
     io_retry_delay_s: float = Field(5.0, ge=0)
 
-    @model_validator(mode="after")
-    def _no_literal_password(self) -> "RegistryConfig":
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_literal_password(cls, uri: str | None) -> str | None:
         from ftpipe.secrets import literal_password
 
-        if literal_password(self.tracking_uri):
-            raise ValueError("tracking_uri holds a literal password: write it as ${MLFLOW_DB_PASSWORD} (any "
-                             "variable name) and set that variable, or leave tracking_uri null and export "
+        if literal_password(uri):
+            raise ValueError("holds a literal password: write it as ${MLFLOW_DB_PASSWORD} (any variable "
+                             "name) and set that variable, or leave tracking_uri null and export "
                              "MLFLOW_TRACKING_URI")
-        return self
+        return uri
     # Written into every version's model card.
     intended_use: str = ("Research and internal evaluation of fine-tuned instruction following on the "
                          "training data's task. Not evaluated for safety, bias or out-of-domain use.")

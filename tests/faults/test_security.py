@@ -81,8 +81,8 @@ def test_a_literal_password_in_params_is_refused_without_echoing_it():
         parse_config({"data": {"sources": [{"path": "data/sources/dates.jsonl"}, src]},
                       "registry": {"tracking_uri": "postgresql://u:other-literal@db/mlflow"}})
     text = str(err.value)
-    assert "data.sources.1: Value error, url holds a literal password: write it as ${DB_PASSWORD}" in text
-    assert "registry: Value error, tracking_uri holds a literal password" in text
+    assert "data.sources.1.url: Value error, holds a literal password: write it as ${DB_PASSWORD}" in text
+    assert "registry.tracking_uri: Value error, holds a literal password" in text
     assert "hunter2-literal" not in text and "other-literal" not in text
 
 
