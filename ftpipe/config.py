@@ -26,6 +26,15 @@ SOURCE_TYPES = ("auto", "jsonl", "json", "csv", "parquet", "saved", "drop", "sql
 FORMATS = ("auto", "alpaca", "prompt_completion", "chat")
 
 
+def _no_literal_password(url: str | None, how: str) -> str | None:
+    """A URL field's validator: a password must be a ${VAR} reference, never a literal."""
+    from ftpipe.secrets import literal_password
+
+    if literal_password(url):
+        raise ValueError(f"holds a literal password: {how}")
+    return url
+
+
 class SourceConfig(_Section):
     """One data source. `type: auto` reads the file extension (a folder under data/incoming
     is a drop folder, one with dataset_info.json a `save_to_disk` dataset)."""
@@ -52,13 +61,9 @@ class SourceConfig(_Section):
     @field_validator("url")
     @classmethod
     def _no_literal_password(cls, url: str | None) -> str | None:
-        from ftpipe.secrets import literal_password
-
-        if literal_password(url):
-            raise ValueError("holds a literal password: write it as ${DB_PASSWORD} (any variable name) and "
-                             "set that variable where the pipeline runs; the config is logged to MLflow and "
-                             "Prefect, the variable's value never is")
-        return url
+        return _no_literal_password(url, "write it as ${DB_PASSWORD} (any variable name) and set that variable "
+                                         "where the pipeline runs; the config is logged to MLflow and Prefect, "
+                                         "the variable's value never is")
 
     @model_validator(mode="after")
     def _shape(self) -> "SourceConfig":
@@ -342,13 +347,8 @@ class RegistryConfig(_Section):
     @field_validator("tracking_uri")
     @classmethod
     def _no_literal_password(cls, uri: str | None) -> str | None:
-        from ftpipe.secrets import literal_password
-
-        if literal_password(uri):
-            raise ValueError("holds a literal password: write it as ${MLFLOW_DB_PASSWORD} (any variable "
-                             "name) and set that variable, or leave tracking_uri null and export "
-                             "MLFLOW_TRACKING_URI")
-        return uri
+        return _no_literal_password(uri, "write it as ${MLFLOW_DB_PASSWORD} (any variable name) and set that "
+                                         "variable, or leave tracking_uri null and export MLFLOW_TRACKING_URI")
     # Written into every version's model card.
     intended_use: str = ("Research and internal evaluation of fine-tuned instruction following on the "
                          "training data's task. Not evaluated for safety, bias or out-of-domain use.")

@@ -3,30 +3,19 @@ used: the resumed run still ends on the uninterrupted run's loss curve."""
 from __future__ import annotations
 
 import json
-import signal
-import time
 
 import pytest
 
-from ftpipe.launch import write_spec
 from ftpipe.training import fine_tune
-from tests.integration.test_training_engine import QUIET, _cfg, _losses, _run_spec, tiny  # noqa: F401
+from tests.integration.test_training_engine import (QUIET, _cfg, _killed_after_step_15, _losses,  # noqa: F401
+                                                    _run_spec, tiny)
 
 
 @pytest.mark.parametrize("damage", ["flipped", "truncated"])
 def test_a_corrupt_checkpoint_is_skipped_for_the_previous_one(tiny, tmp_path, damage):  # noqa: F811
     m, lo, t = _cfg(tiny, max_steps=30, checkpoint_every=5, log_every=5, keep_checkpoints=3)
     reference = fine_tune(m, lo, t, tiny / "train.jsonl", tiny / "val.jsonl", tmp_path / "ref", **QUIET)
-    out = tmp_path / "run"
-    out.mkdir()
-    spec = write_spec(out / "spec.json", m, lo, t, str(tiny / "train.jsonl"), str(tiny / "val.jsonl"), str(out))
-    proc = _run_spec(spec)
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "step-0000015").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    out, spec = _killed_after_step_15(tiny, tmp_path / "run", m, lo, t)
     newest = sorted((out / "checkpoints").glob("step-*"))[-1]
     weights = newest / "trainable.safetensors"
     data = bytearray(weights.read_bytes())

@@ -196,10 +196,8 @@ def _run_spec(spec: Path, env=None) -> subprocess.Popen:
                             env=os.environ | {"PYTHONPATH": str(REPO)} | (env or {}))
 
 
-def test_resume_after_sigkill_gives_the_same_loss_curve(tiny, tmp_path):
-    m, lo, t = _cfg(tiny, max_steps=40, checkpoint_every=5, log_every=5)
-    reference = fine_tune(m, lo, t, tiny / "train.jsonl", tiny / "val.jsonl", tmp_path / "ref", **QUIET)
-    out = tmp_path / "killed"
+def _killed_after_step_15(tiny, out: Path, m, lo, t) -> tuple[Path, Path]:
+    """A training process (its own launcher spec in out/) SIGKILLed once step 15's checkpoint exists."""
     out.mkdir()
     spec = write_spec(out / "spec.json", m, lo, t, str(tiny / "train.jsonl"), str(tiny / "val.jsonl"), str(out))
     proc = _run_spec(spec)
@@ -209,6 +207,13 @@ def test_resume_after_sigkill_gives_the_same_loss_curve(tiny, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return out, spec
+
+
+def test_resume_after_sigkill_gives_the_same_loss_curve(tiny, tmp_path):
+    m, lo, t = _cfg(tiny, max_steps=40, checkpoint_every=5, log_every=5)
+    reference = fine_tune(m, lo, t, tiny / "train.jsonl", tiny / "val.jsonl", tmp_path / "ref", **QUIET)
+    out, spec = _killed_after_step_15(tiny, tmp_path / "killed", m, lo, t)
     assert not (out / "train_result.json").exists()            # it really died mid-run
     again = _run_spec(spec)
     text = again.communicate(timeout=300)[0]
