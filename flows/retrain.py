@@ -90,6 +90,12 @@ def _retrain(cfg: PipelineConfig, root: str, require_new_data: bool) -> RetrainR
 
     flow_run_id = str(flow_run.get_id() or "local")
     run_id = io(start_run, cfg.registry)(cfg, root, flow_run_id)
+
+    def skip(message: str, inc: Increment) -> SkippedRun:   # recorded on the run; nothing registered
+        io(record_skip, cfg.registry)(run_id, message, inc)
+        io(finish_run, cfg.registry)(run_id, "FINISHED")
+        return SkippedRun(run_id, message, inc.new_rows, cfg.schedule.min_new_rows, inc.champion,
+                          registry.tracking_uri(cfg.registry, Path(root)), cfg.registry.experiment)
     try:
         base = prepare_base_model(cfg.model, root)
         fetch_sql_sources(cfg.data, root)
@@ -107,10 +113,7 @@ def _retrain(cfg: PipelineConfig, root: str, require_new_data: bool) -> RetrainR
         message = skip_reason(inc, cfg.schedule.min_new_rows, io(last_tried, cfg.registry)(cfg, splits_md5)) \
             if require_new_data else None
         if message:
-            io(record_skip, cfg.registry)(run_id, message, inc)
-            io(finish_run, cfg.registry)(run_id, "FINISHED")
-            return SkippedRun(run_id, message, inc.new_rows, cfg.schedule.min_new_rows, inc.champion,
-                              registry.tracking_uri(cfg.registry, Path(root)), cfg.registry.experiment)
+            return skip(message, inc)
         train_cfg, train_base, train_splits = cfg.train, base.path, splits
         if inc.start_from == "champion":
             train_base = io(champion_weights, cfg.registry)(cfg.registry, inc.champion_version, root)
@@ -124,10 +127,7 @@ def _retrain(cfg: PipelineConfig, root: str, require_new_data: bool) -> RetrainR
         if prior is not None and prior[1]:   # these weights are registered and decided already
             message = (f"skipped: {cfg.registry.model_name} v{prior[0].version} already holds these weights "
                        f"(same recipe, same data; decided '{prior[1]}'), nothing registered")
-            io(record_skip, cfg.registry)(run_id, message, inc)
-            io(finish_run, cfg.registry)(run_id, "FINISHED")
-            return SkippedRun(run_id, message, inc.new_rows, cfg.schedule.min_new_rows, inc.champion,
-                              registry.tracking_uri(cfg.registry, Path(root)), cfg.registry.experiment)
+            return skip(message, inc)
         report = evaluate_all(cfg.eval, cfg.model, cfg.registry, base.path, candidate.model_dir,
                               splits["test"], cfg.train.max_seq_len, run_id, root)
         hashes = data.stage.hashes | cleaned.hashes | split.hashes
