@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--gc", action="store_true")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--autocast", action="store_true", help="full: fp32 model under autocast, no master copies")
     ap.add_argument("--trace", default=None, help="write a Chrome trace here (.json.gz)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -37,18 +38,22 @@ def main() -> None:
     n = (args.steps + 2) * tt.PER_STEP
     examples = tt.make_examples(n, cfg.vocab_size)
     v = dict(model=args.model, recipe="ftpipe", method=args.method, budget=args.budget, gc=args.gc,
-             compile=args.compile)
+             compile=args.compile, autocast=args.autocast)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=acts, with_stack=os.environ.get("FTPIPE_PROFILE_STACK") == "1") as prof:
+    # only the steady-state steps are recorded (the two warm-up steps compile)
+    sched = torch.profiler.schedule(wait=0, warmup=2, active=args.steps, repeat=1)
+    with profile(activities=acts, schedule=sched,
+                 with_stack=os.environ.get("FTPIPE_PROFILE_STACK") == "1") as prof:
         t0 = time.perf_counter()
-        res = tt.run_ftpipe(v, cfg, examples, steps=args.steps, warmup=2, device=device)
+        res = tt.run_ftpipe(v, cfg, examples, steps=args.steps, warmup=2, device=device, step_hook=prof.step)
         wall = time.perf_counter() - t0
     print(f"== {args.model} {args.method} budget {args.budget}: step seconds",
           [round(x, 3) for x in res["step_s"]], "tokens", res["tokens"], f"run {wall:.1f}s")
     ka = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in ka if e.device_type.name == "CUDA") if device == "cuda" else 0
-    print(f"GPU kernel time over the whole profiled run: {gpu_us / 1e6:.2f} s "
-          f"(warm-up included); sum of step wall: {sum(res['step_s']):.2f} s")
+    timed = sum(res["step_s"][2:])
+    print(f"GPU kernel time over the {args.steps} profiled steps: {gpu_us / 1e6:.3f} s; their wall time "
+          f"{timed:.3f} s: the GPU is busy {gpu_us / 1e6 / max(timed, 1e-9):.0%} of a step")
     print(ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     if device == "cuda":
         print(ka.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))

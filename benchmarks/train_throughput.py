@@ -77,6 +77,13 @@ VARIANTS: dict[str, dict] = {
                              note="eager, activation checkpointing, 16k"),
     f"{Q05}/ftpipe-gc-32k": dict(model=Q05, recipe="ftpipe", method="full", budget=32768, gc=True, compile=True,
                                  warmup=3, note="checkpointing + compile, 32,768-token micro-batches"),
+    f"{Q05}/ftpipe-gc-32k-autocast": dict(model=Q05, recipe="ftpipe", method="full", budget=32768, gc=True,
+                                          compile=True, warmup=3, autocast=True,
+                                          note="as gc-32k, fp32 model under bf16 autocast (no master copies)"),
+    f"{Q05}/ftpipe-8k": dict(model=Q05, recipe="ftpipe", method="full", budget=8192, compile=True, warmup=3,
+                             note="no checkpointing, 8,192-token micro-batches"),
+    f"{Q05}/ftpipe-12k": dict(model=Q05, recipe="ftpipe", method="full", budget=12288, compile=True, warmup=3,
+                              note="no checkpointing, 12,288-token micro-batches"),
     f"{Q05}/ftpipe-gc-32k-flce": dict(model=Q05, recipe="ftpipe", method="full", budget=32768, gc=True, compile=True,
                                       warmup=3, fused=True, note="as gc-32k, with Liger's fused linear cross-entropy"),
     f"{Q05}/ftpipe-gc-32k-c2k": dict(model=Q05, recipe="ftpipe", method="full", budget=32768, gc=True, compile=True,
@@ -200,14 +207,15 @@ def micro_batches(examples, budget: int):
     return out
 
 
-def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str) -> dict:
+def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str, step_hook=None) -> dict:
     import torch
     import torch.distributed as dist
 
     from ftpipe.config import LoraConfig, TrainConfig
-    from ftpipe.fastpath import adapter_autocast, register
+    from ftpipe.fastpath import adapter_autocast, compile_loss, register
     from ftpipe.formatting import collate, pack_flat
-    from ftpipe.training import IGNORE_INDEX, LossModel, prepare_model, token_loss_sum
+    from ftpipe.training import (LossModel, MasterWeights, forward_backward, prepare_model, step_inputs,
+                                 uses_master_weights)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -221,63 +229,86 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str) -> 
     bf16 = device == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
     t0 = time.perf_counter()
-    # full fine-tuning keeps fp32 master weights under bf16 autocast, as the recipe does
-    model = build_model(cfg, torch.float32 if method == "full" else dtype, dev, register() if packing else "sdpa")
+    # full fine-tuning: a bf16 model with fp32 master weights, as the recipe does on one GPU
+    # ("autocast": the fp32 model under bf16 autocast instead, the recipe's FSDP/earlier path)
+    master_w = uses_master_weights(method, dev.type, dtype, False) and not v.get("autocast")
+    model = build_model(cfg, torch.float32 if method == "full" and not master_w else dtype, dev,
+                        register() if packing else "sdpa")
     if method == "qlora":
         model = quantize_nf4(model, dtype)
     lora = LoraConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
     tc = TrainConfig(method=method, gradient_checkpointing=bool(v.get("gc")), packing=packing,
                      loss_chunk_tokens=chunk, kernels=v.get("kernels", "auto"), compile=bool(v.get("compile")))
     model = prepare_model(model, lora, tc)
+    compile_loss(bool(v.get("compile")))
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_adapter = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+    master = MasterWeights(model) if master_w else None
+    stepped = master.master if master else trainable
     loss_model = LossModel.build(model, chunk, v.get("fused")) if chunk else None
     runner = loss_model or model
     if world > 1:
         runner = torch.nn.parallel.DistributedDataParallel(runner, device_ids=[local] if device == "cuda" else None)
-    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, fused=device == "cuda")
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+    opt = torch.optim.AdamW(stepped, lr=1e-4, weight_decay=0.0, fused=device == "cuda")
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 and master is None)
     adapter_cast = adapter_autocast(model, method != "full" and bf16 and not v.get("peft_cast"))
+    embed = model.get_input_embeddings()
+
+    def build(step: int) -> list[dict]:   # the pipeline's micro_batches(): CPU work
+        mine = examples[step * PER_STEP:(step + 1) * PER_STEP][rank::world]
+        groups = micro_batches(mine, v.get("budget", 16384))
+        out = [pack_flat(g, 4096) if packing else collate(g, 0) for g in groups]
+        for b in out:
+            if not packing:
+                b["real"] = b["attention_mask"].sum()
+            b.pop("lengths", None)
+        return out
+
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     setup_s = time.perf_counter() - t0
     times, losses, tokens = [], [], []
+    # The loop of ftpipe.training.fine_tune: the next step's micro-batches are built while the
+    # GPU works, the host waits only to read the step's loss. Each step's time runs from its
+    # start to the next one's (the last one to a final synchronize).
+    upcoming = build(0)
+    s0 = time.perf_counter()
     for step in range(warmup + steps):
-        mine = examples[step * PER_STEP:(step + 1) * PER_STEP][rank::world]
-        if device == "cuda":
+        if step == warmup and times and device == "cuda":   # warm-up (compile) apart from the timed steps
             torch.cuda.synchronize()
-        s0 = time.perf_counter()
-        groups = micro_batches(mine, v.get("budget", 16384))
-        batches = [pack_flat(g, 4096) if packing else collate(g, 0) for g in groups]
-        n_label = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        totals = torch.tensor([n_label, sum(len(e[0]) for e in mine)], dtype=torch.float64, device=dev)
+            now = time.perf_counter()
+            times[-1] += now - s0
+            s0 = now
+        batches, n_label, n_real = step_inputs(upcoming, dev)
         if world > 1:
+            totals = torch.tensor([n_label, n_real], dtype=torch.float64, device=dev)
             dist.all_reduce(totals)
-        step_loss = torch.zeros((), dtype=torch.float64, device=dev)
-        for b in batches:
-            b = {k: (x.to(dev, non_blocking=True) if hasattr(x, "to") else x) for k, x in b.items()
-                 if k not in ("lengths", "real")}
-            with autocast, adapter_cast:
-                if loss_model is not None:
-                    loss = runner(**b)
-                else:
-                    loss, _ = token_loss_sum(runner, b)
-            (loss * world / totals[0]).backward()
-            step_loss += loss.detach().double()
+            n_label, n_real = float(totals[0]), int(totals[1])
+        step_loss = forward_backward(runner, batches, world / max(float(n_label), 1.0), embed, autocast,
+                                     adapter_cast, loss_model is not None)
+        upcoming = build(step + 1) if step + 1 < warmup + steps else []
         if world > 1:
             dist.all_reduce(step_loss)
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        losses.append(float(step_loss) / max(float(n_label), 1.0))
+        if master is not None:
+            master.grads_to_master()
+        torch.nn.utils.clip_grad_norm_(stepped, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device == "cuda":
+        if master is not None:
+            master.master_to_model()
+        if step == warmup + steps - 1 and device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - s0)
-        losses.append(float(step_loss) / float(totals[0]))
-        tokens.append(int(totals[1]))
+        now = time.perf_counter()
+        times.append(now - s0)
+        s0 = now
+        tokens.append(int(n_real))
+        if step_hook is not None:   # the profiler (profile_step.py)
+            step_hook()
     out = {"setup_s": setup_s, "step_s": times, "losses": losses, "tokens": tokens, "n_adapter": n_adapter,
            "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if device == "cuda" else None,
-           "world": world}
+           "world": world, "master_weights": master is not None}
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

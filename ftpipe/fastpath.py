@@ -5,10 +5,10 @@
   implementation "ftpipe_varlen". A packed row carries `cu_seq_lens` boundaries; attention
   never crosses them, no padding is computed and no (tokens x tokens) mask is built. Off CUDA
   the same interface runs PyTorch SDPA per segment (exact, for tests and CPU runs).
-- Chunked cross-entropy: the loss from the final hidden states in chunks of rows, each
-  chunk's logits recomputed in the backward pass, so a 152k vocabulary's fp32 logits are
-  never whole in memory. With Liger kernels installed (GPU), Liger's fused linear
-  cross-entropy does the same without the recomputation.
+- Fused chunked cross-entropy: the loss from the final hidden states in chunks of rows, each
+  chunk's logits turned into their gradient in the forward pass (three matrix products a
+  chunk, no recomputation), so a 152k vocabulary's fp32 logits are never whole in memory.
+  Liger's fused linear cross-entropy where its chunking suits the shape (GPU).
 - Liger kernels (RMSNorm, SwiGLU, RoPE) on models Liger supports, when installed (GPU).
 
 Importable without prefect, mlflow, dvc or GX.
@@ -138,27 +138,31 @@ def packed_kwargs(lengths: list[int], device) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": m, "max_length_k": m}
 
 
+def loss_positions(labels, ignore_index: int = -100):
+    """Indices of the labelled next-token positions of a (batch, tokens) label tensor, in the
+    flattened (batch x (tokens - 1)) order chunked_loss_sum uses. Computed on the CPU before a
+    micro-batch moves to the GPU: selecting rows by a boolean mask on the GPU would make the
+    host wait for the forward pass to finish (a sync in the middle of every step)."""
+    return (labels[:, 1:].reshape(-1) != ignore_index).nonzero().squeeze(1)
+
+
 def chunked_loss_sum(hidden, lm_head_weight, labels, ignore_index: int = -100, chunk_tokens: int = 4096,
-                     lm_head_bias=None, fused: bool | None = None):
+                     lm_head_bias=None, fused: bool | None = None, positions=None):
     """Sum of next-token cross-entropy over labelled positions, from hidden states
-    (batch, tokens, dim) and the output projection, `chunk_tokens` rows at a time with each
-    chunk's logits recomputed in backward (torch.utils.checkpoint).
+    (batch, tokens, dim) and the output projection, `chunk_tokens` rows at a time: the full
+    vocabulary's logits are never whole in memory (fused_linear_cross_entropy).
 
-    fused: Liger's fused linear cross-entropy (gradients in the forward pass) where installed
-    on a GPU; None decides by shape: Liger sizes its chunks as tokens / (vocab / hidden), so a
-    small hidden size under a large vocabulary (Qwen2.5-0.5B: 152k / 896) makes ~130 tiny
-    chunks per micro-batch, measured 105 ms of GPU time a step against ~35 ms here."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
+    positions: loss_positions(labels) computed ahead (on the CPU); None computes them here.
+    fused: Liger's fused linear cross-entropy where installed on a GPU; None decides by shape:
+    Liger sizes its chunks as tokens / (vocab / hidden), so a small hidden size under a large
+    vocabulary (Qwen2.5-0.5B: 152k / 896) makes ~130 tiny chunks per micro-batch, measured
+    105 ms of GPU time a step."""
     h = hidden[:, :-1].reshape(-1, hidden.size(-1))
     y = labels[:, 1:].reshape(-1)
-    keep = y != ignore_index
-    h, y = h[keep], y[keep]                     # only labelled positions cost a projection
-
-    def piece(hc, yc):
-        logits = torch.nn.functional.linear(hc, lm_head_weight, lm_head_bias).float()
-        return torch.nn.functional.cross_entropy(logits, yc, reduction="sum")
+    if positions is None:
+        positions = loss_positions(labels, ignore_index)
+    positions = positions.to(h.device, non_blocking=True)
+    h, y = h.index_select(0, positions), y.index_select(0, positions)   # only labelled rows cost a projection
 
     if fused is None:
         fused = lm_head_weight.size(0) <= FUSED_MAX_VOCAB_PER_HIDDEN * lm_head_weight.size(1)
@@ -167,10 +171,127 @@ def chunked_loss_sum(hidden, lm_head_weight, labels, ignore_index: int = -100, c
         w = lm_head_weight.to(h.dtype)
         b = lm_head_bias.to(h.dtype) if lm_head_bias is not None else None
         return flce(w, h, y, b).float()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, h.size(0), chunk_tokens):
-        total = total + checkpoint(piece, h[i: i + chunk_tokens], y[i: i + chunk_tokens], use_reentrant=False)
-    return total
+    return fused_linear_cross_entropy(h, lm_head_weight, y, lm_head_bias, chunk_tokens)
+
+
+# A chunk's logits are at most this many elements (1 GiB in fp32): the chunk's row count is
+# capped by it for large vocabularies (Qwen2.5: 152k -> 1,765 rows).
+CHUNK_LOGITS = 1 << 28
+
+
+def fused_linear_cross_entropy(h, weight, y, bias=None, chunk_rows: int = 4096):
+    """sum_i CE(h_i @ weight.T + bias, y_i) for rows h (n, dim), targets y (n,), with the
+    gradients of h, weight and bias computed chunk by chunk in the forward pass: each chunk's
+    logits exist once, are turned into their gradient in place and are gone before the next
+    chunk. Three matrix products per chunk (a checkpointed loss needs four) and no logits kept
+    for the backward pass. Under autocast the products run in the autocast dtype; the softmax
+    and the loss in fp32."""
+    return _FusedLinearCE.apply(h, weight, bias, y, chunk_rows)
+
+
+def _ce_grad(logits, y):
+    """(sum of CE over the rows, d CE / d logits in the logits' dtype) for one chunk."""
+    import torch
+
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(x, dim=1, keepdim=True)
+    loss = (lse.squeeze(1) - x.gather(1, y[:, None]).squeeze(1)).sum()
+    onehot = torch.arange(x.size(1), device=x.device)[None, :] == y[:, None]
+    return loss, (torch.exp(x - lse) - onehot.to(x.dtype)).to(logits.dtype)
+
+
+def _ce_grad_inplace(logits, y):
+    """_ce_grad in eager mode, reusing the fp32 buffer (one c x V fp32 buffer, not three)."""
+    import torch
+
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(x, dim=1, keepdim=True)
+    loss = (lse.squeeze(1) - x.gather(1, y[:, None]).squeeze(1)).sum()
+    x.sub_(lse).exp_()
+    x.scatter_add_(1, y[:, None], torch.full((y.numel(), 1), -1.0, dtype=x.dtype, device=x.device))
+    return loss, x.to(logits.dtype)
+
+
+_CE_GRAD: list = []
+
+
+def _chunk_grad_fn(cuda: bool):
+    """torch.compile'd _ce_grad on CUDA (one fused pass over the chunk's logits), where
+    compile works; the in-place eager version elsewhere."""
+    if not cuda:
+        return _ce_grad_inplace
+    if not _CE_GRAD:
+        import torch
+        try:
+            _CE_GRAD.append(torch.compile(_ce_grad, dynamic=True))
+        except Exception:  # noqa: BLE001 - no inductor here: eager
+            _CE_GRAD.append(_ce_grad_inplace)
+    return _CE_GRAD[0]
+
+
+def compile_loss(enabled: bool) -> None:
+    """train.compile: the loss's softmax/gradient pass is compiled too (on CUDA)."""
+    _CE_GRAD.clear()
+    if not enabled:
+        _CE_GRAD.append(_ce_grad_inplace)
+
+
+def _make_fused_ce():
+    import torch
+
+    class FusedLinearCE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, weight, bias, y, chunk_rows):
+            cdt = torch.get_autocast_dtype("cuda") if h.is_cuda and torch.is_autocast_enabled("cuda") else h.dtype
+            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            need_b = bias is not None and ctx.needs_input_grad[2]
+            with torch.autocast(h.device.type, enabled=False):
+                hc, wc = h.to(cdt), weight.to(cdt)
+                bc = bias.to(cdt) if bias is not None else None
+                n, vocab = hc.size(0), wc.size(0)
+                rows = max(64, min(chunk_rows or n, CHUNK_LOGITS // vocab))
+                grad_fn = _chunk_grad_fn(hc.is_cuda)
+                loss = torch.zeros((), dtype=torch.promote_types(cdt, torch.float32), device=h.device)
+                gh = torch.empty_like(hc) if need_h else None
+                gw = torch.zeros_like(wc) if need_w else None
+                gb = torch.zeros(vocab, dtype=loss.dtype, device=h.device) if need_b else None
+                for i in range(0, n, rows):
+                    hi, yi = hc[i:i + rows], y[i:i + rows]
+                    logits = hi @ wc.t() if bc is None else torch.addmm(bc, hi, wc.t())
+                    part, g = grad_fn(logits, yi)
+                    del logits
+                    loss += part
+                    if need_h:
+                        torch.mm(g, wc, out=gh[i:i + rows])
+                    if need_w:
+                        gw.addmm_(g.t(), hi)
+                    if need_b:
+                        gb += g.to(gb.dtype).sum(0)
+            ctx.save_for_backward(gh, gw, gb)
+            ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            gh, gw, gb = ctx.saved_tensors
+            hd, wd, bd = ctx.dtypes
+            scale = lambda g, dt: None if g is None else (g * grad_out).to(dt)  # noqa: E731
+            return scale(gh, hd), scale(gw, wd), scale(gb, bd), None, None
+
+    return FusedLinearCE
+
+
+class _Lazy:
+    cls = None
+
+    @classmethod
+    def apply(cls, *args):
+        if cls.cls is None:
+            cls.cls = _make_fused_ce()
+        return cls.cls.apply(*args)
+
+
+_FusedLinearCE = _Lazy
 
 
 _FLCE = None

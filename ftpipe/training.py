@@ -217,10 +217,10 @@ class LossModel:
                 object.__setattr__(self, "_body", base.get_decoder())
                 object.__setattr__(self, "_head", base.get_output_embeddings())
 
-            def forward(self, input_ids, labels, **kwargs):
+            def forward(self, input_ids, labels, loss_positions=None, **kwargs):
                 hidden = self._body(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
                 return chunked_loss_sum(hidden, self._head.weight, labels, IGNORE_INDEX, chunk_tokens,
-                                        getattr(self._head, "bias", None), fused)
+                                        getattr(self._head, "bias", None), fused, loss_positions)
 
         return _LossModel()
 
@@ -242,6 +242,100 @@ def token_loss_sum(model, batch: dict) -> tuple:
         logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, (labels != IGNORE_INDEX).sum()
+
+
+# ------------------------------------------------------------------ one optimizer step
+
+def step_inputs(batches: list[dict], device) -> tuple[list[dict], int, int]:
+    """A step's micro-batches, built on the CPU, ready for the device: (batches, labelled
+    tokens, real tokens). The counts and each micro-batch's loss positions are read on the
+    CPU, and the tensors travel from pinned memory without blocking, so nothing here waits
+    for the GPU to finish the previous step."""
+    from ftpipe.fastpath import loss_positions
+
+    cuda = getattr(device, "type", str(device)) == "cuda"
+    n_label = n_real = 0
+    out = []
+    for b in batches:
+        b = dict(b)
+        n_real += int(b.pop("real"))
+        pos = loss_positions(b["labels"], IGNORE_INDEX)
+        n_label += pos.numel()
+        b["loss_positions"] = pos
+        out.append({k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device))
+                    if hasattr(v, "to") else v for k, v in b.items()})
+    return out, n_label, n_real
+
+
+def forward_backward(model, batches: list[dict], scale: float, embed, autocast, adapter_cast,
+                     loss_model: bool):
+    """Forward and backward over a step's micro-batches (from step_inputs), each token loss
+    weighted by `scale`; returns the step's summed token loss as a device tensor (float64),
+    not read back, so the host can prepare the next step while the GPU works."""
+    import torch
+
+    step_loss = None
+    for b in batches:
+        embed._ftpipe_lengths = b.pop("lengths", None)
+        positions = b.pop("loss_positions")
+        with autocast, adapter_cast:
+            if loss_model:
+                loss_sum = model(loss_positions=positions, **{k: v for k, v in b.items() if k != "attention_mask"
+                                                             or "position_ids" not in b})
+            else:
+                loss_sum, _ = token_loss_sum(model, b)
+        (loss_sum * scale).backward()
+        part = loss_sum.detach().double()
+        step_loss = part if step_loss is None else step_loss + part
+    return step_loss if step_loss is not None else torch.zeros((), dtype=torch.float64)
+
+
+class MasterWeights:
+    """Full fine-tuning in bf16 on a GPU: the model's weights are bf16, so the forward and
+    backward compute in bf16 with no per-forward weight casts and bf16 activations (the
+    residual stream too), while the optimizer steps fp32 copies ("master weights") so that
+    small updates are not lost to bf16 rounding. After backward the bf16 gradients move to
+    the fp32 copies (freeing the bf16 ones); after the step the copies are rounded back into
+    the model. Checkpoints hold the fp32 copies, so a resumed run continues exactly."""
+
+    def __init__(self, model):
+        import torch
+
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.master = [torch.nn.Parameter(p.detach().float().clone(), requires_grad=False) for _, p in self.named]
+
+    def grads_to_master(self) -> None:
+        for (_, p), m in zip(self.named, self.master):
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    def master_to_model(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            torch._foreach_copy_([p for _, p in self.named], self.master)
+        for m in self.master:
+            m.grad = None
+
+    def state(self) -> dict:
+        return {n: m.detach().to("cpu").contiguous() for (n, _), m in zip(self.named, self.master)}
+
+    def load(self, saved: dict) -> None:
+        import torch
+
+        with torch.no_grad():
+            for (n, _), m in zip(self.named, self.master):
+                if n in saved:
+                    m.copy_(saved[n].to(m.device, m.dtype))
+        self.master_to_model()
+
+
+def uses_master_weights(method: str, device_type: str, dtype, fsdp: bool) -> bool:
+    """bf16 weights + fp32 master copies: full fine-tuning on a GPU in bf16, except under FSDP
+    (whose own mixed precision keeps fp32 shards)."""
+    import torch
+
+    return method == "full" and device_type == "cuda" and dtype == torch.bfloat16 and not fsdp
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -282,13 +376,15 @@ def _optimizer_state(model, opt) -> dict:
 
 
 def _save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, state: dict, keep: int,
-                     main: bool = True) -> None:
+                     main: bool = True, weights: dict | None = None) -> None:
     """Write step-N atomically (a temp dir renamed into place), then prune old ones.
-    Every rank calls it (FSDP gathers shards); only rank 0 writes."""
+    Every rank calls it (FSDP gathers shards); only rank 0 writes. weights: what to save as
+    the trainable weights (the fp32 master copies), default the model's own."""
     import torch
     from safetensors.torch import save_file
 
-    weights, optimizer = _trainable_state(model), _optimizer_state(model, opt)  # every rank
+    weights = weights if weights is not None else _trainable_state(model)  # every rank
+    optimizer = _optimizer_state(model, opt)
     if not main:
         return
     final = ckpt_dir / f"step-{step:07d}"
@@ -428,8 +524,12 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
 
     # ---- setup: model, adapters -------------------------------------------------------
     dtype = pick_dtype(train_cfg.precision)
-    # Full fine-tuning keeps fp32 master weights and runs the forward under autocast.
-    load_dtype = torch.float32 if train_cfg.method == "full" else dtype
+    # Full fine-tuning keeps fp32 master weights: on one GPU (or DDP) in bf16 as fp32 copies
+    # beside a bf16 model (MasterWeights); otherwise as an fp32 model under autocast.
+    fsdp = world > 1 and train_cfg.strategy == "fsdp"
+    master_weights = uses_master_weights(train_cfg.method, "cuda" if torch.cuda.is_available() else "cpu",
+                                         dtype, fsdp)
+    load_dtype = torch.float32 if train_cfg.method == "full" and not master_weights else dtype
     varlen = train_cfg.packing and train_cfg.packing_attention == "auto" and \
         model_cfg.attn_implementation in (None, "ftpipe_varlen")
     if varlen:
@@ -451,8 +551,11 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
     core = model  # the unwrapped model: what is saved and evaluated
     # The loss from hidden states in chunks (not under FSDP: its root owns the output layer).
     loss_model = LossModel.build(core, train_cfg.loss_chunk_tokens, None if train_cfg.kernels == "auto" else False) \
-        if train_cfg.loss_chunk_tokens and LossModel.supported(core) and not (
-            world > 1 and train_cfg.strategy == "fsdp") else None
+        if train_cfg.loss_chunk_tokens and LossModel.supported(core) and not fsdp else None
+    if train_cfg.compile:
+        from ftpipe.fastpath import compile_loss
+        compile_loss(True)
+    master = MasterWeights(core) if master_weights else None
     if world > 1:
         if train_cfg.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
@@ -497,7 +600,8 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
                 yield b
 
     # ---- setup: optimizer, schedule ---------------------------------------------------
-    opt = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+    stepped = master.master if master else trainable   # what the optimizer steps
+    opt = torch.optim.AdamW(stepped, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                             fused=device.type == "cuda")
 
     def lr_at(step: int) -> float:  # linear warm-up, then decay to min_lr_ratio
@@ -510,7 +614,8 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
         return train_cfg.min_lr_ratio + (1 - train_cfg.min_lr_ratio) * shape
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    use_autocast = device.type == "cuda" and dtype != torch.float32
+    # (a bf16 model with master weights computes in bf16 already: no autocast, no casts)
+    use_autocast = device.type == "cuda" and dtype != torch.float32 and master is None
     autocast = torch.autocast(device.type, dtype=dtype, enabled=use_autocast)
     from ftpipe.fastpath import adapter_autocast
     adapter_cast = adapter_autocast(core, adapter and use_autocast)
@@ -531,7 +636,11 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
     resumed_from = None
     for latest in (_checkpoints(ckpt_dir, fingerprint, say) if train_cfg.resume else [])[:1]:
         state = json.loads((latest / "state.json").read_text())
-        _load_trainable(core, latest / "trainable.safetensors")
+        if master is not None:
+            from safetensors.torch import load_file
+            master.load(load_file(str(latest / "trainable.safetensors")))
+        else:
+            _load_trainable(core, latest / "trainable.safetensors")
         # tensors and plain containers only: no pickled code runs from a checkpoint
         saved = torch.load(latest / "optimizer.pt", weights_only=True)
         if _is_fsdp(core):
@@ -565,30 +674,22 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
     loop_start = time.perf_counter() - state["elapsed"]
     stopped_early = False
     step = state["step"]
+    upcoming = list(micro_batches(step)) if step < train_cfg.max_steps else []
     try:
         while step < train_cfg.max_steps:
             # Every process weights its token-loss sum by the step's labelled-token total,
             # so gradients are those of one token-mean over the whole step.
-            batches = [{k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()}
-                       for b in micro_batches(step)]
-            n_label = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            n_real = sum(int(b.pop("real")) for b in batches)
-            totals = torch.tensor([n_label, n_real], dtype=torch.float64, device=device)
+            batches, n_label, n_real = step_inputs(upcoming, device)
             if world > 1:
+                totals = torch.tensor([n_label, n_real], dtype=torch.float64, device=device)
                 dist.all_reduce(totals)
-            step_label, step_real = float(totals[0]), int(totals[1])
-            step_loss = torch.zeros((), dtype=torch.float64, device=device)
-            for b in batches:
-                embed._ftpipe_lengths = b.pop("lengths")
-                with autocast, adapter_cast:
-                    if loss_model is not None:
-                        loss_sum = model(**{k: v for k, v in b.items() if k != "attention_mask"
-                                            or "position_ids" not in b})
-                    else:
-                        loss_sum, _ = token_loss_sum(model, b)
-                # x world: DDP averages gradients over processes; this makes it a sum.
-                (loss_sum * world / max(step_label, 1.0)).backward()
-                step_loss += loss_sum.detach().double()
+                n_label, n_real = float(totals[0]), int(totals[1])
+            step_label, step_real = float(n_label), int(n_real)
+            # x world: DDP averages gradients over processes; this makes it a sum.
+            step_loss = forward_backward(model, batches, world / max(step_label, 1.0), embed, autocast,
+                                         adapter_cast, loss_model is not None)
+            # the next step's micro-batches are built on the CPU while the GPU works on this one
+            upcoming = list(micro_batches(step + 1)) if step + 1 < train_cfg.max_steps else []
             if world > 1:
                 dist.all_reduce(step_loss)
             step_loss_f = float(step_loss) / max(step_label, 1.0)
@@ -598,10 +699,14 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
                     f"training stopped at step {step}: loss {step_loss_f} is "
                     f"{'not finite' if not math.isfinite(step_loss_f) else f'above train.max_loss={train_cfg.max_loss}'}"
                     "; nothing is registered. Lower train.lr or check the data.")
-            torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
+            if master is not None:
+                master.grads_to_master()
+            torch.nn.utils.clip_grad_norm_(stepped, train_cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if master is not None:
+                master.master_to_model()
             state["tokens"] += step_real
             state["window"].append(step_loss_f)
             elapsed = time.perf_counter() - loop_start
@@ -641,7 +746,8 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
             state["step"], state["elapsed"] = step, time.perf_counter() - loop_start
             if train_cfg.checkpoint_every and (step % train_cfg.checkpoint_every == 0) \
                     and step < train_cfg.max_steps and not stopped_early:
-                _save_checkpoint(ckpt_dir, step, core, opt, sched, state, train_cfg.keep_checkpoints, main)
+                _save_checkpoint(ckpt_dir, step, core, opt, sched, state, train_cfg.keep_checkpoints, main,
+                                 weights=master.state() if master is not None else None)
             if stopped_early:
                 break
     finally:

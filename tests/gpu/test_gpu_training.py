@@ -87,3 +87,43 @@ def test_two_gpus_under_torchrun_match_one(tiny, tmp_path):
 def test_fsdp_on_two_gpus_matches_one(tiny, tmp_path):
     _one_vs_two(tiny, tmp_path, "FSDP", method="full", max_steps=30, lr=1e-3, checkpoint_every=10,
                 strategy="fsdp")
+
+
+def test_full_fine_tune_in_bf16_keeps_fp32_master_weights(tiny, tmp_path, monkeypatch):
+    """Full fine-tuning on one GPU trains a bf16 model beside fp32 master copies: it follows
+    the loss curve of the fp32 model under autocast, its checkpoints hold the fp32 copies, and
+    a run stopped after a checkpoint resumes onto the same curve."""
+    from safetensors.torch import load_file
+
+    import ftpipe.training as training
+
+    cfg = dict(method="full", lr=1e-3, max_steps=30, log_every=5, checkpoint_every=10)
+    whole = _train(tiny, tmp_path / "whole", **cfg)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_25(step, metrics):
+        if step == 25:
+            raise Stop
+
+    run = lambda out, **kw: fine_tune(  # noqa: E731
+        ModelConfig(base=str(tiny / "base")), LoraConfig(r=16, alpha=32),
+        TrainConfig(**(dict(batch_size=32, warmup_steps=5) | cfg)), tiny / "train.jsonl", tiny / "val.jsonl",
+        out, log=print, **kw)
+    with pytest.raises(Stop):
+        run(tmp_path / "cut", on_metrics=stop_at_25)
+    saved = load_file(str(sorted((tmp_path / "cut" / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"))
+    assert saved and {t.dtype for t in saved.values()} == {torch.float32}
+    resumed = run(tmp_path / "cut")
+    assert resumed.resumed_from == 20
+    a = [l for _, l in whole.loss_history]
+    b = [l for _, l in resumed.loss_history]
+    print("whole  ", [round(x, 4) for x in a], "\nresumed", [round(x, 4) for x in b])
+    assert b == pytest.approx(a, rel=1e-2)
+
+    monkeypatch.setattr(training, "uses_master_weights", lambda *args: False)
+    autocast = _train(tiny, tmp_path / "autocast", **cfg)
+    c = [l for _, l in autocast.loss_history]
+    print("autocast", [round(x, 4) for x in c])
+    assert a == pytest.approx(c, rel=3e-2) and a[-1] < 0.7 * a[0]
