@@ -77,19 +77,16 @@ VARIANTS: dict[str, dict] = {
                              note="eager, activation checkpointing, 16k"),
     f"{Q05}/ftpipe-gc-32k": dict(model=Q05, recipe="ftpipe", method="full", budget=32768, gc=True, compile=True,
                                  warmup=3, note="checkpointing + compile, 32,768-token micro-batches"),
-    f"{Q05}/ftpipe-gc-32k-autocast": dict(model=Q05, recipe="ftpipe", method="full", budget=32768, gc=True,
-                                          compile=True, warmup=3, autocast=True,
-                                          note="as gc-32k, fp32 model under bf16 autocast (no master copies)"),
     f"{Q05}/ftpipe-8k": dict(model=Q05, recipe="ftpipe", method="full", budget=8192, compile=True, warmup=3,
                              note="no checkpointing, 8,192-token micro-batches"),
     f"{Q05}/ftpipe-12k": dict(model=Q05, recipe="ftpipe", method="full", budget=12288, compile=True, warmup=3,
                               note="no checkpointing, 12,288-token micro-batches"),
     f"{Q05}/ftpipe-gc-32k-flce": dict(model=Q05, recipe="ftpipe", method="full", budget=32768, gc=True, compile=True,
-                                      warmup=3, fused=True, note="as gc-32k, with Liger's fused linear cross-entropy"),
+                                      warmup=3, liger=True, note="as gc-32k, with Liger's fused linear cross-entropy"),
     f"{Q05}/ftpipe-gc-32k-c2k": dict(model=Q05, recipe="ftpipe", method="full", budget=32768, gc=True, compile=True,
                                      warmup=3, chunk=2048, note="as gc-32k, loss chunks of 2,048 tokens"),
-    f"{L1}/ftpipe-chunked": dict(model=L1, recipe="ftpipe", method="lora", budget=16384, compile=True, warmup=3,
-                                 fused=False, note="as ftpipe, chunked loss instead of Liger's fused one"),
+    f"{L1}/ftpipe-liger": dict(model=L1, recipe="ftpipe", method="lora", budget=16384, compile=True, warmup=3,
+                               liger=True, note="as ftpipe, Liger's fused linear cross-entropy instead of ftpipe's"),
     f"{L8}/ftpipe": dict(model=L8, recipe="ftpipe", method="lora", budget=6144, steps=4, warmup=3, compile=True),
     f"{L8}/ftpipe-eager": dict(model=L8, recipe="ftpipe", method="lora", budget=6144, steps=4, warmup=2,
                                note="no torch.compile"),
@@ -214,8 +211,7 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str, ste
     from ftpipe.config import LoraConfig, TrainConfig
     from ftpipe.fastpath import adapter_autocast, compile_loss, register
     from ftpipe.formatting import collate, pack_flat
-    from ftpipe.training import (LossModel, MasterWeights, forward_backward, prepare_model, step_inputs,
-                                 uses_master_weights)
+    from ftpipe.training import LossModel, forward_backward, prepare_model, step_inputs
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -229,11 +225,8 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str, ste
     bf16 = device == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
     t0 = time.perf_counter()
-    # full fine-tuning: a bf16 model with fp32 master weights, as the recipe does on one GPU
-    # ("autocast": the fp32 model under bf16 autocast instead, the recipe's FSDP/earlier path)
-    master_w = uses_master_weights(method, dev.type, dtype, False) and not v.get("autocast")
-    model = build_model(cfg, torch.float32 if method == "full" and not master_w else dtype, dev,
-                        register() if packing else "sdpa")
+    # full fine-tuning keeps fp32 master weights under bf16 autocast, as the recipe does
+    model = build_model(cfg, torch.float32 if method == "full" else dtype, dev, register() if packing else "sdpa")
     if method == "qlora":
         model = quantize_nf4(model, dtype)
     lora = LoraConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
@@ -243,14 +236,12 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str, ste
     compile_loss(bool(v.get("compile")))
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_adapter = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
-    master = MasterWeights(model) if master_w else None
-    stepped = master.master if master else trainable
-    loss_model = LossModel.build(model, chunk, v.get("fused")) if chunk else None
+    loss_model = LossModel.build(model, chunk, bool(v.get("liger"))) if chunk else None
     runner = loss_model or model
     if world > 1:
         runner = torch.nn.parallel.DistributedDataParallel(runner, device_ids=[local] if device == "cuda" else None)
-    opt = torch.optim.AdamW(stepped, lr=1e-4, weight_decay=0.0, fused=device == "cuda")
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16 and master is None)
+    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, fused=device == "cuda")
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
     adapter_cast = adapter_autocast(model, method != "full" and bf16 and not v.get("peft_cast"))
     embed = model.get_input_embeddings()
 
@@ -291,13 +282,9 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str, ste
         if world > 1:
             dist.all_reduce(step_loss)
         losses.append(float(step_loss) / max(float(n_label), 1.0))
-        if master is not None:
-            master.grads_to_master()
-        torch.nn.utils.clip_grad_norm_(stepped, 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if master is not None:
-            master.master_to_model()
         if step == warmup + steps - 1 and device == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()
@@ -308,7 +295,7 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str, ste
             step_hook()
     out = {"setup_s": setup_s, "step_s": times, "losses": losses, "tokens": tokens, "n_adapter": n_adapter,
            "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if device == "cuda" else None,
-           "world": world, "master_weights": master is not None}
+           "world": world}
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

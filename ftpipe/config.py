@@ -224,11 +224,12 @@ class TrainConfig(_Section):
     # row per micro-batch, no padding, no mask) unless model.attn_implementation says
     # otherwise; "rows" = rows of max_seq_len with transformers' own packed-sequence masks.
     packing_attention: Literal["auto", "rows"] = "auto"
-    # Cross-entropy from hidden states in chunks of this many labelled tokens, logits
-    # recomputed in backward: large vocabularies never hold full fp32 logits; prompt
-    # positions cost no output projection at all. 0: the model's own logits.
+    # Cross-entropy from hidden states in chunks of this many labelled tokens (at most 2^28
+    # logits a chunk), each chunk's gradient computed in the forward pass: large vocabularies
+    # never hold full fp32 logits; prompt positions cost no output projection at all.
+    # 0: the model's own logits.
     loss_chunk_tokens: int = Field(4096, ge=0)
-    # Liger kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) when installed and on
+    # Liger kernels (RMSNorm, SwiGLU, RoPE) when installed and on
     # a GPU: auto uses them if present; none never does.
     kernels: Literal["auto", "none"] = "auto"
     # torch.compile each decoder layer (one compiled graph reused by every layer; dynamic

@@ -147,16 +147,15 @@ def loss_positions(labels, ignore_index: int = -100):
 
 
 def chunked_loss_sum(hidden, lm_head_weight, labels, ignore_index: int = -100, chunk_tokens: int = 4096,
-                     lm_head_bias=None, fused: bool | None = None, positions=None):
+                     lm_head_bias=None, liger: bool = False, positions=None):
     """Sum of next-token cross-entropy over labelled positions, from hidden states
     (batch, tokens, dim) and the output projection, `chunk_tokens` rows at a time: the full
     vocabulary's logits are never whole in memory (fused_linear_cross_entropy).
 
     positions: loss_positions(labels) computed ahead (on the CPU); None computes them here.
-    fused: Liger's fused linear cross-entropy where installed on a GPU; None decides by shape:
-    Liger sizes its chunks as tokens / (vocab / hidden), so a small hidden size under a large
-    vocabulary (Qwen2.5-0.5B: 152k / 896) makes ~130 tiny chunks per micro-batch, measured
-    105 ms of GPU time a step."""
+    liger: Liger's fused linear cross-entropy instead, where installed on a GPU (for
+    comparison: ftpipe's was faster on both benchmark shapes, 2026-11-29 H200. Liger sizes its
+    chunks as tokens / (vocab / hidden): ~130 tiny chunks a micro-batch on Qwen2.5-0.5B)."""
     h = hidden[:, :-1].reshape(-1, hidden.size(-1))
     y = labels[:, 1:].reshape(-1)
     if positions is None:
@@ -164,9 +163,7 @@ def chunked_loss_sum(hidden, lm_head_weight, labels, ignore_index: int = -100, c
     positions = positions.to(h.device, non_blocking=True)
     h, y = h.index_select(0, positions), y.index_select(0, positions)   # only labelled rows cost a projection
 
-    if fused is None:
-        fused = lm_head_weight.size(0) <= FUSED_MAX_VOCAB_PER_HIDDEN * lm_head_weight.size(1)
-    flce = _liger_flce() if h.is_cuda and fused else None
+    flce = _liger_flce() if h.is_cuda and liger else None
     if flce is not None:  # fused: gradients computed chunk by chunk in the forward pass
         w = lm_head_weight.to(h.dtype)
         b = lm_head_bias.to(h.dtype) if lm_head_bias is not None else None
@@ -295,8 +292,6 @@ _FusedLinearCE = _Lazy
 
 
 _FLCE = None
-# Liger's fused loss only where vocab / hidden is at most this (Llama-3.2-1B: 62.6).
-FUSED_MAX_VOCAB_PER_HIDDEN = 64
 
 
 def _liger_flce():

@@ -204,7 +204,7 @@ class LossModel:
                 and not getattr(base, "_ftpipe_no_chunked_loss", False))
 
     @staticmethod
-    def build(core, chunk_tokens: int, fused: bool | None = None):
+    def build(core, chunk_tokens: int, liger: bool = False):
         import torch
 
         from ftpipe.fastpath import chunked_loss_sum
@@ -220,7 +220,7 @@ class LossModel:
             def forward(self, input_ids, labels, loss_positions=None, **kwargs):
                 hidden = self._body(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
                 return chunked_loss_sum(hidden, self._head.weight, labels, IGNORE_INDEX, chunk_tokens,
-                                        getattr(self._head, "bias", None), fused, loss_positions)
+                                        getattr(self._head, "bias", None), liger, loss_positions)
 
         return _LossModel()
 
@@ -262,7 +262,7 @@ def step_inputs(batches: list[dict], device) -> tuple[list[dict], int, int]:
         pos = loss_positions(b["labels"], IGNORE_INDEX)
         n_label += pos.numel()
         b["loss_positions"] = pos
-        out.append({k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device))
+        out.append({k: (v.contiguous().pin_memory().to(device, non_blocking=True) if cuda else v.to(device))
                     if hasattr(v, "to") else v for k, v in b.items()})
     return out, n_label, n_real
 
@@ -288,54 +288,6 @@ def forward_backward(model, batches: list[dict], scale: float, embed, autocast, 
         part = loss_sum.detach().double()
         step_loss = part if step_loss is None else step_loss + part
     return step_loss if step_loss is not None else torch.zeros((), dtype=torch.float64)
-
-
-class MasterWeights:
-    """Full fine-tuning in bf16 on a GPU: the model's weights are bf16, so the forward and
-    backward compute in bf16 with no per-forward weight casts and bf16 activations (the
-    residual stream too), while the optimizer steps fp32 copies ("master weights") so that
-    small updates are not lost to bf16 rounding. After backward the bf16 gradients move to
-    the fp32 copies (freeing the bf16 ones); after the step the copies are rounded back into
-    the model. Checkpoints hold the fp32 copies, so a resumed run continues exactly."""
-
-    def __init__(self, model):
-        import torch
-
-        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.master = [torch.nn.Parameter(p.detach().float().clone(), requires_grad=False) for _, p in self.named]
-
-    def grads_to_master(self) -> None:
-        for (_, p), m in zip(self.named, self.master):
-            m.grad = None if p.grad is None else p.grad.float()
-            p.grad = None
-
-    def master_to_model(self) -> None:
-        import torch
-
-        with torch.no_grad():
-            torch._foreach_copy_([p for _, p in self.named], self.master)
-        for m in self.master:
-            m.grad = None
-
-    def state(self) -> dict:
-        return {n: m.detach().to("cpu").contiguous() for (n, _), m in zip(self.named, self.master)}
-
-    def load(self, saved: dict) -> None:
-        import torch
-
-        with torch.no_grad():
-            for (n, _), m in zip(self.named, self.master):
-                if n in saved:
-                    m.copy_(saved[n].to(m.device, m.dtype))
-        self.master_to_model()
-
-
-def uses_master_weights(method: str, device_type: str, dtype, fsdp: bool) -> bool:
-    """bf16 weights + fp32 master copies: full fine-tuning on a GPU in bf16, except under FSDP
-    (whose own mixed precision keeps fp32 shards)."""
-    import torch
-
-    return method == "full" and device_type == "cuda" and dtype == torch.bfloat16 and not fsdp
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -376,15 +328,13 @@ def _optimizer_state(model, opt) -> dict:
 
 
 def _save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, state: dict, keep: int,
-                     main: bool = True, weights: dict | None = None) -> None:
+                     main: bool = True) -> None:
     """Write step-N atomically (a temp dir renamed into place), then prune old ones.
-    Every rank calls it (FSDP gathers shards); only rank 0 writes. weights: what to save as
-    the trainable weights (the fp32 master copies), default the model's own."""
+    Every rank calls it (FSDP gathers shards); only rank 0 writes."""
     import torch
     from safetensors.torch import save_file
 
-    weights = weights if weights is not None else _trainable_state(model)  # every rank
-    optimizer = _optimizer_state(model, opt)
+    weights, optimizer = _trainable_state(model), _optimizer_state(model, opt)  # every rank
     if not main:
         return
     final = ckpt_dir / f"step-{step:07d}"
@@ -524,12 +474,9 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
 
     # ---- setup: model, adapters -------------------------------------------------------
     dtype = pick_dtype(train_cfg.precision)
-    # Full fine-tuning keeps fp32 master weights: on one GPU (or DDP) in bf16 as fp32 copies
-    # beside a bf16 model (MasterWeights); otherwise as an fp32 model under autocast.
+    # Full fine-tuning keeps fp32 master weights and runs the forward under autocast.
     fsdp = world > 1 and train_cfg.strategy == "fsdp"
-    master_weights = uses_master_weights(train_cfg.method, "cuda" if torch.cuda.is_available() else "cpu",
-                                         dtype, fsdp)
-    load_dtype = torch.float32 if train_cfg.method == "full" and not master_weights else dtype
+    load_dtype = torch.float32 if train_cfg.method == "full" else dtype
     varlen = train_cfg.packing and train_cfg.packing_attention == "auto" and \
         model_cfg.attn_implementation in (None, "ftpipe_varlen")
     if varlen:
@@ -550,12 +497,10 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
         embed.register_forward_hook(_neftune_hook(train_cfg.neftune_alpha))
     core = model  # the unwrapped model: what is saved and evaluated
     # The loss from hidden states in chunks (not under FSDP: its root owns the output layer).
-    loss_model = LossModel.build(core, train_cfg.loss_chunk_tokens, None if train_cfg.kernels == "auto" else False) \
+    loss_model = LossModel.build(core, train_cfg.loss_chunk_tokens) \
         if train_cfg.loss_chunk_tokens and LossModel.supported(core) and not fsdp else None
-    if train_cfg.compile:
-        from ftpipe.fastpath import compile_loss
-        compile_loss(True)
-    master = MasterWeights(core) if master_weights else None
+    from ftpipe.fastpath import compile_loss
+    compile_loss(bool(train_cfg.compile))   # the loss's softmax/gradient pass compiled with the layers
     if world > 1:
         if train_cfg.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
@@ -595,13 +540,12 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
                 yield pack(examples, train_cfg.max_seq_len, tokenizer.pad_token_id)
             else:
                 b = collate(examples, tokenizer.pad_token_id)
-                b["lengths"] = b["attention_mask"].sum(dim=1, keepdim=True).expand_as(b["input_ids"])
+                b["lengths"] = b["attention_mask"].sum(dim=1, keepdim=True).expand_as(b["input_ids"]).contiguous()
                 b["real"] = b["attention_mask"].sum()
                 yield b
 
     # ---- setup: optimizer, schedule ---------------------------------------------------
-    stepped = master.master if master else trainable   # what the optimizer steps
-    opt = torch.optim.AdamW(stepped, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+    opt = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                             fused=device.type == "cuda")
 
     def lr_at(step: int) -> float:  # linear warm-up, then decay to min_lr_ratio
@@ -614,8 +558,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
         return train_cfg.min_lr_ratio + (1 - train_cfg.min_lr_ratio) * shape
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    # (a bf16 model with master weights computes in bf16 already: no autocast, no casts)
-    use_autocast = device.type == "cuda" and dtype != torch.float32 and master is None
+    use_autocast = device.type == "cuda" and dtype != torch.float32
     autocast = torch.autocast(device.type, dtype=dtype, enabled=use_autocast)
     from ftpipe.fastpath import adapter_autocast
     adapter_cast = adapter_autocast(core, adapter and use_autocast)
@@ -636,11 +579,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
     resumed_from = None
     for latest in (_checkpoints(ckpt_dir, fingerprint, say) if train_cfg.resume else [])[:1]:
         state = json.loads((latest / "state.json").read_text())
-        if master is not None:
-            from safetensors.torch import load_file
-            master.load(load_file(str(latest / "trainable.safetensors")))
-        else:
-            _load_trainable(core, latest / "trainable.safetensors")
+        _load_trainable(core, latest / "trainable.safetensors")
         # tensors and plain containers only: no pickled code runs from a checkpoint
         saved = torch.load(latest / "optimizer.pt", weights_only=True)
         if _is_fsdp(core):
@@ -699,14 +638,10 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
                     f"training stopped at step {step}: loss {step_loss_f} is "
                     f"{'not finite' if not math.isfinite(step_loss_f) else f'above train.max_loss={train_cfg.max_loss}'}"
                     "; nothing is registered. Lower train.lr or check the data.")
-            if master is not None:
-                master.grads_to_master()
-            torch.nn.utils.clip_grad_norm_(stepped, train_cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            if master is not None:
-                master.master_to_model()
             state["tokens"] += step_real
             state["window"].append(step_loss_f)
             elapsed = time.perf_counter() - loop_start
@@ -746,8 +681,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
             state["step"], state["elapsed"] = step, time.perf_counter() - loop_start
             if train_cfg.checkpoint_every and (step % train_cfg.checkpoint_every == 0) \
                     and step < train_cfg.max_steps and not stopped_early:
-                _save_checkpoint(ckpt_dir, step, core, opt, sched, state, train_cfg.keep_checkpoints, main,
-                                 weights=master.state() if master is not None else None)
+                _save_checkpoint(ckpt_dir, step, core, opt, sched, state, train_cfg.keep_checkpoints, main)
             if stopped_early:
                 break
     finally:
