@@ -277,7 +277,7 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str, ste
             dist.all_reduce(totals)
             n_label, n_real = float(totals[0]), int(totals[1])
         step_loss = forward_backward(runner, batches, world / max(float(n_label), 1.0), embed, autocast,
-                                     adapter_cast, loss_model is not None)
+                                     adapter_cast, loss_model is not None, dev)
         upcoming = build(step + 1) if step + 1 < warmup + steps else []
         if world > 1:
             dist.all_reduce(step_loss)

@@ -268,7 +268,7 @@ def step_inputs(batches: list[dict], device) -> tuple[list[dict], int, int]:
 
 
 def forward_backward(model, batches: list[dict], scale: float, embed, autocast, adapter_cast,
-                     loss_model: bool):
+                     loss_model: bool, device):
     """Forward and backward over a step's micro-batches (from step_inputs), each token loss
     weighted by `scale`; returns the step's summed token loss as a device tensor (float64),
     not read back, so the host can prepare the next step while the GPU works."""
@@ -287,7 +287,7 @@ def forward_backward(model, batches: list[dict], scale: float, embed, autocast, 
         (loss_sum * scale).backward()
         part = loss_sum.detach().double()
         step_loss = part if step_loss is None else step_loss + part
-    return step_loss if step_loss is not None else torch.zeros((), dtype=torch.float64)
+    return step_loss if step_loss is not None else torch.zeros((), dtype=torch.float64, device=device)
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -626,7 +626,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
             step_label, step_real = float(n_label), int(n_real)
             # x world: DDP averages gradients over processes; this makes it a sum.
             step_loss = forward_backward(model, batches, world / max(step_label, 1.0), embed, autocast,
-                                         adapter_cast, loss_model is not None)
+                                         adapter_cast, loss_model is not None, device)
             # the next step's micro-batches are built on the CPU while the GPU works on this one
             upcoming = list(micro_batches(step + 1)) if step + 1 < train_cfg.max_steps else []
             if world > 1:
