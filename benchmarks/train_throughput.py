@@ -209,7 +209,7 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str, ste
     import torch.distributed as dist
 
     from ftpipe.config import LoraConfig, TrainConfig
-    from ftpipe.fastpath import adapter_autocast, compile_loss, register
+    from ftpipe.fastpath import adapter_autocast, register
     from ftpipe.formatting import collate, pack_flat
     from ftpipe.training import LossModel, forward_backward, prepare_model, step_inputs
 
@@ -233,10 +233,9 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str, ste
     tc = TrainConfig(method=method, gradient_checkpointing=bool(v.get("gc")), packing=packing,
                      loss_chunk_tokens=chunk, kernels=v.get("kernels", "auto"), compile=bool(v.get("compile")))
     model = prepare_model(model, lora, tc)
-    compile_loss(bool(v.get("compile")))
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_adapter = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
-    loss_model = LossModel.build(model, chunk, bool(v.get("liger"))) if chunk else None
+    loss_model = LossModel.build(model, chunk, bool(v.get("liger")), bool(v.get("compile"))) if chunk else None
     runner = loss_model or model
     if world > 1:
         runner = torch.nn.parallel.DistributedDataParallel(runner, device_ids=[local] if device == "cuda" else None)
@@ -271,11 +270,7 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str, ste
             now = time.perf_counter()
             times[-1] += now - s0
             s0 = now
-        batches, n_label, n_real = step_inputs(upcoming, dev)
-        if world > 1:
-            totals = torch.tensor([n_label, n_real], dtype=torch.float64, device=dev)
-            dist.all_reduce(totals)
-            n_label, n_real = float(totals[0]), int(totals[1])
+        batches, n_label, n_real = step_inputs(upcoming, dev, world)
         step_loss = forward_backward(runner, batches, world / max(float(n_label), 1.0), embed, autocast,
                                      adapter_cast, loss_model is not None, dev)
         upcoming = build(step + 1) if step + 1 < warmup + steps else []

@@ -16,6 +16,7 @@ Importable without prefect, mlflow, dvc or GX.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 NAME = "ftpipe_varlen"
@@ -147,12 +148,13 @@ def loss_positions(labels, ignore_index: int = -100):
 
 
 def chunked_loss_sum(hidden, lm_head_weight, labels, ignore_index: int = -100, chunk_tokens: int = 4096,
-                     lm_head_bias=None, liger: bool = False, positions=None):
+                     lm_head_bias=None, liger: bool = False, positions=None, compiled: bool = False):
     """Sum of next-token cross-entropy over labelled positions, from hidden states
     (batch, tokens, dim) and the output projection, `chunk_tokens` rows at a time: the full
     vocabulary's logits are never whole in memory (fused_linear_cross_entropy).
 
     positions: loss_positions(labels) computed ahead (on the CPU); None computes them here.
+    compiled: the softmax/gradient pass of each chunk through torch.compile (train.compile, CUDA).
     liger: Liger's fused linear cross-entropy instead, where installed on a GPU (for
     comparison: ftpipe's was faster on both benchmark shapes, 2026-11-29 H200. Liger sizes its
     chunks as tokens / (vocab / hidden): ~130 tiny chunks a micro-batch on Qwen2.5-0.5B)."""
@@ -168,7 +170,7 @@ def chunked_loss_sum(hidden, lm_head_weight, labels, ignore_index: int = -100, c
         w = lm_head_weight.to(h.dtype)
         b = lm_head_bias.to(h.dtype) if lm_head_bias is not None else None
         return flce(w, h, y, b).float()
-    return fused_linear_cross_entropy(h, lm_head_weight, y, lm_head_bias, chunk_tokens)
+    return fused_linear_cross_entropy(h, lm_head_weight, y, lm_head_bias, chunk_tokens, compiled)
 
 
 # A chunk's logits are at most this many elements (1 GiB in fp32): the chunk's row count is
@@ -176,23 +178,32 @@ def chunked_loss_sum(hidden, lm_head_weight, labels, ignore_index: int = -100, c
 CHUNK_LOGITS = 1 << 28
 
 
-def fused_linear_cross_entropy(h, weight, y, bias=None, chunk_rows: int = 4096):
+def fused_linear_cross_entropy(h, weight, y, bias=None, chunk_rows: int = 4096, compiled: bool = False):
     """sum_i CE(h_i @ weight.T + bias, y_i) for rows h (n, dim), targets y (n,), with the
     gradients of h, weight and bias computed chunk by chunk in the forward pass: each chunk's
     logits exist once, are turned into their gradient in place and are gone before the next
     chunk. Three matrix products per chunk (a checkpointed loss needs four) and no logits kept
     for the backward pass. Under autocast the products run in the autocast dtype; the softmax
-    and the loss in fp32."""
-    return _FusedLinearCE.apply(h, weight, bias, y, chunk_rows)
+    and the loss in fp32. compiled: each chunk's softmax/gradient pass is one torch.compile'd
+    kernel (on CUDA; eager and in place otherwise)."""
+    return _fused_ce().apply(h, weight, bias, y, chunk_rows, compiled)
 
 
-def _ce_grad(logits, y):
-    """(sum of CE over the rows, d CE / d logits in the logits' dtype) for one chunk."""
+def _ce_parts(logits, y):
+    """(logits in fp32 or wider, their logsumexp per row, the chunk's summed CE)."""
     import torch
 
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     lse = torch.logsumexp(x, dim=1, keepdim=True)
-    loss = (lse.squeeze(1) - x.gather(1, y[:, None]).squeeze(1)).sum()
+    return x, lse, (lse.squeeze(1) - x.gather(1, y[:, None]).squeeze(1)).sum()
+
+
+def _ce_grad(logits, y):
+    """(sum of CE over the rows, d CE / d logits in the logits' dtype) for one chunk; the
+    version torch.compile fuses into one pass over the chunk's logits."""
+    import torch
+
+    x, lse, loss = _ce_parts(logits, y)
     onehot = torch.arange(x.size(1), device=x.device)[None, :] == y[:, None]
     return loss, (torch.exp(x - lse) - onehot.to(x.dtype)).to(logits.dtype)
 
@@ -201,44 +212,31 @@ def _ce_grad_inplace(logits, y):
     """_ce_grad in eager mode, reusing the fp32 buffer (one c x V fp32 buffer, not three)."""
     import torch
 
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    lse = torch.logsumexp(x, dim=1, keepdim=True)
-    loss = (lse.squeeze(1) - x.gather(1, y[:, None]).squeeze(1)).sum()
+    x, lse, loss = _ce_parts(logits, y)
     x.sub_(lse).exp_()
     x.scatter_add_(1, y[:, None], torch.full((y.numel(), 1), -1.0, dtype=x.dtype, device=x.device))
     return loss, x.to(logits.dtype)
 
 
-_CE_GRAD: list = []
+@functools.cache
+def _compiled_ce_grad():
+    import torch
 
-
-def _chunk_grad_fn(cuda: bool):
-    """torch.compile'd _ce_grad on CUDA (one fused pass over the chunk's logits), where
-    compile works; the in-place eager version elsewhere."""
-    if not cuda:
+    try:
+        return torch.compile(_ce_grad, dynamic=True)
+    except Exception:  # noqa: BLE001 - no inductor here: eager
         return _ce_grad_inplace
-    if not _CE_GRAD:
-        import torch
-        try:
-            _CE_GRAD.append(torch.compile(_ce_grad, dynamic=True))
-        except Exception:  # noqa: BLE001 - no inductor here: eager
-            _CE_GRAD.append(_ce_grad_inplace)
-    return _CE_GRAD[0]
 
 
-def compile_loss(enabled: bool) -> None:
-    """train.compile: the loss's softmax/gradient pass is compiled too (on CUDA)."""
-    _CE_GRAD.clear()
-    if not enabled:
-        _CE_GRAD.append(_ce_grad_inplace)
-
-
-def _make_fused_ce():
+@functools.cache
+def _fused_ce():
+    """The autograd Function behind fused_linear_cross_entropy (built on first use: this
+    module is imported where torch may not be)."""
     import torch
 
     class FusedLinearCE(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, h, weight, bias, y, chunk_rows):
+        def forward(ctx, h, weight, bias, y, chunk_rows, compiled):
             cdt = torch.get_autocast_dtype("cuda") if h.is_cuda and torch.is_autocast_enabled("cuda") else h.dtype
             need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             need_b = bias is not None and ctx.needs_input_grad[2]
@@ -247,7 +245,7 @@ def _make_fused_ce():
                 bc = bias.to(cdt) if bias is not None else None
                 n, vocab = hc.size(0), wc.size(0)
                 rows = max(64, min(chunk_rows or n, CHUNK_LOGITS // vocab))
-                grad_fn = _chunk_grad_fn(hc.is_cuda)
+                grad_fn = _compiled_ce_grad() if compiled and hc.is_cuda else _ce_grad_inplace
                 loss = torch.zeros((), dtype=torch.promote_types(cdt, torch.float32), device=h.device)
                 gh = torch.empty_like(hc) if need_h else None
                 gw = torch.zeros_like(wc) if need_w else None
@@ -273,22 +271,9 @@ def _make_fused_ce():
             gh, gw, gb = ctx.saved_tensors
             hd, wd, bd = ctx.dtypes
             scale = lambda g, dt: None if g is None else (g * grad_out).to(dt)  # noqa: E731
-            return scale(gh, hd), scale(gw, wd), scale(gb, bd), None, None
+            return scale(gh, hd), scale(gw, wd), scale(gb, bd), None, None, None
 
     return FusedLinearCE
-
-
-class _Lazy:
-    cls = None
-
-    @classmethod
-    def apply(cls, *args):
-        if cls.cls is None:
-            cls.cls = _make_fused_ce()
-        return cls.cls.apply(*args)
-
-
-_FusedLinearCE = _Lazy
 
 
 _FLCE = None

@@ -204,7 +204,7 @@ class LossModel:
                 and not getattr(base, "_ftpipe_no_chunked_loss", False))
 
     @staticmethod
-    def build(core, chunk_tokens: int, liger: bool = False):
+    def build(core, chunk_tokens: int, liger: bool = False, compiled: bool = False):
         import torch
 
         from ftpipe.fastpath import chunked_loss_sum
@@ -220,7 +220,7 @@ class LossModel:
             def forward(self, input_ids, labels, loss_positions=None, **kwargs):
                 hidden = self._body(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
                 return chunked_loss_sum(hidden, self._head.weight, labels, IGNORE_INDEX, chunk_tokens,
-                                        getattr(self._head, "bias", None), liger, loss_positions)
+                                        getattr(self._head, "bias", None), liger, loss_positions, compiled)
 
         return _LossModel()
 
@@ -246,14 +246,17 @@ def token_loss_sum(model, batch: dict) -> tuple:
 
 # ------------------------------------------------------------------ one optimizer step
 
-def step_inputs(batches: list[dict], device) -> tuple[list[dict], int, int]:
+def step_inputs(batches: list[dict], device, world: int = 1) -> tuple[list[dict], int, int]:
     """A step's micro-batches, built on the CPU, ready for the device: (batches, labelled
-    tokens, real tokens). The counts and each micro-batch's loss positions are read on the
-    CPU, and the tensors travel from pinned memory without blocking, so nothing here waits
-    for the GPU to finish the previous step."""
+    tokens, real tokens), the counts summed over the `world` processes. The counts and each
+    micro-batch's loss positions are read on the CPU, and the tensors travel from pinned
+    memory without blocking, so on one process nothing here waits for the GPU to finish the
+    previous step."""
+    import torch
+
     from ftpipe.fastpath import loss_positions
 
-    cuda = getattr(device, "type", str(device)) == "cuda"
+    cuda = device.type == "cuda"
     n_label = n_real = 0
     out = []
     for b in batches:
@@ -264,6 +267,12 @@ def step_inputs(batches: list[dict], device) -> tuple[list[dict], int, int]:
         b["loss_positions"] = pos
         out.append({k: (v.contiguous().pin_memory().to(device, non_blocking=True) if cuda else v.to(device))
                     if hasattr(v, "to") else v for k, v in b.items()})
+    if world > 1:
+        import torch.distributed as dist
+
+        totals = torch.tensor([n_label, n_real], dtype=torch.int64, device=device)
+        dist.all_reduce(totals)
+        n_label, n_real = totals.tolist()
     return out, n_label, n_real
 
 
@@ -274,7 +283,7 @@ def forward_backward(model, batches: list[dict], scale: float, embed, autocast, 
     not read back, so the host can prepare the next step while the GPU works."""
     import torch
 
-    step_loss = None
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)
     for b in batches:
         embed._ftpipe_lengths = b.pop("lengths", None)
         positions = b.pop("loss_positions")
@@ -285,9 +294,8 @@ def forward_backward(model, batches: list[dict], scale: float, embed, autocast, 
             else:
                 loss_sum, _ = token_loss_sum(model, b)
         (loss_sum * scale).backward()
-        part = loss_sum.detach().double()
-        step_loss = part if step_loss is None else step_loss + part
-    return step_loss if step_loss is not None else torch.zeros((), dtype=torch.float64, device=device)
+        step_loss += loss_sum.detach().double()
+    return step_loss
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -497,10 +505,8 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
         embed.register_forward_hook(_neftune_hook(train_cfg.neftune_alpha))
     core = model  # the unwrapped model: what is saved and evaluated
     # The loss from hidden states in chunks (not under FSDP: its root owns the output layer).
-    loss_model = LossModel.build(core, train_cfg.loss_chunk_tokens) \
+    loss_model = LossModel.build(core, train_cfg.loss_chunk_tokens, compiled=bool(train_cfg.compile)) \
         if train_cfg.loss_chunk_tokens and LossModel.supported(core) and not fsdp else None
-    from ftpipe.fastpath import compile_loss
-    compile_loss(bool(train_cfg.compile))   # the loss's softmax/gradient pass compiled with the layers
     if world > 1:
         if train_cfg.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
@@ -618,12 +624,8 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
         while step < train_cfg.max_steps:
             # Every process weights its token-loss sum by the step's labelled-token total,
             # so gradients are those of one token-mean over the whole step.
-            batches, n_label, n_real = step_inputs(upcoming, device)
-            if world > 1:
-                totals = torch.tensor([n_label, n_real], dtype=torch.float64, device=device)
-                dist.all_reduce(totals)
-                n_label, n_real = float(totals[0]), int(totals[1])
-            step_label, step_real = float(n_label), int(n_real)
+            batches, n_label, n_real = step_inputs(upcoming, device, world)
+            step_label, step_real = float(n_label), n_real
             # x world: DDP averages gradients over processes; this makes it a sum.
             step_loss = forward_backward(model, batches, world / max(step_label, 1.0), embed, autocast,
                                          adapter_cast, loss_model is not None, device)
