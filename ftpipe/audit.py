@@ -9,10 +9,12 @@ quarantine summary -> Prefect flow run.
 What is trusted: registry tags can be edited by anyone with registry access, so every
 version also gets an immutable record at registration: the run's param
 `ftpipe.lineage_sha256` (MLflow params cannot be changed once logged) over the lineage
-document stored as the run artifact `lineage/lineage.json`. The audit reads the document,
-checks its digest against the param, and names every tag that no longer says what was
-recorded. Everything else is re-derived from what it points at: git objects, DVC cache and
-remote objects re-hashed, source files re-hashed.
+document stored as the run artifact `lineage/lineage.json`. The record holds every fact of
+the registration; only a few are also version tags (ftpipe.tags.VERSION_TAGS; the record
+lists them). The audit reads the document, checks its digest against the param, and names
+every tag that no longer says what was recorded. Everything else is re-derived from what it
+points at: git objects, DVC cache and remote objects re-hashed, source files and an
+incremental run's training file re-hashed.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ftpipe import tags as t
+
 RECORD_PARAM = "ftpipe.lineage_sha256"
 RECORD_ARTIFACT = "lineage/lineage.json"
-LINEAGE_KEYS = ("ftpipe.git_commit", "ftpipe.git_dirty", "ftpipe.config_hash", "ftpipe.base_model",
-                "ftpipe.base_model_revision", "ftpipe.gx_verdict", "ftpipe.prefect_flow_run",
-                "ftpipe.start_from")
-SPLITS_KEY = "split:data/splits"
+TRAIN_FILE_ARTIFACT = "data/increment/train.jsonl"   # an incremental run's training file
+SPLITS_KEY = t.SPLITS.removeprefix(t.DVC)
 
 
 class AuditError(RuntimeError):
@@ -44,17 +46,37 @@ def record_digest(doc: dict) -> str:
 
 
 def lineage_tags_of(tags: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in tags.items()
-            if k in LINEAGE_KEYS or k.startswith(("ftpipe.dvc.", "ftpipe.source."))}
+    """The lineage among a version's tags (what records before VERSION_TAGS held, all as tags)."""
+    return {k: v for k, v in tags.items() if k in t.LINEAGE_KEYS or k.startswith((t.DVC, t.SOURCE))}
 
 
-def write_record(client, run_id: str, tags: dict[str, str]) -> str:
-    """At registration: the lineage document as a run artifact, its digest as an immutable param."""
-    doc = lineage_tags_of(tags)
+def write_record(client, run_id: str, facts: dict[str, str], tagged: dict[str, str]) -> str:
+    """At registration: every fact as a run artifact, its digest as an immutable param; the
+    record names the facts that are also version tags (`tagged`)."""
+    doc = facts | {t.RECORD_TAGGED: sorted(tagged)}
     client.log_text(run_id, json.dumps(doc, indent=2, sort_keys=True), RECORD_ARTIFACT)
     digest = record_digest(doc)
     client.log_param(run_id, RECORD_PARAM, digest)
     return digest
+
+
+def tag_problems(doc: dict, tags: dict[str, str], where: str) -> list[str]:
+    """Each version tag that no longer says what the record holds (`where`: "NAME vN"). A
+    record lists the facts it also wrote as tags; an older one (no list) wrote them all."""
+    tagged = doc.get(t.RECORD_TAGGED)
+    if tagged is None:
+        tagged, watched = set(doc), lineage_tags_of(tags)
+    else:
+        tagged, watched = set(tagged), {k: v for k, v in tags.items() if t.is_registered(k)}
+    problems = []
+    for key in sorted((tagged | set(watched)) - {t.RECORD_TAGGED}):
+        if key not in tags:
+            problems.append(f"tag {key} on {where} was removed: recorded {doc[key]!r}")
+        elif key not in doc:
+            problems.append(f"tag {key} on {where} was added after registration: {tags[key]!r}")
+        elif doc[key] != tags[key]:
+            problems.append(f"tag {key} on {where} was rewritten: recorded {doc[key]!r}, now {tags[key]!r}")
+    return problems
 
 
 # ------------------------------------------------------------------ model references
@@ -158,16 +180,15 @@ def recorded_lineage(client, v: Version) -> tuple[dict, str, list[str]]:
     if record_digest(doc) != digest:
         return tags, "tags", [f"lineage record: {RECORD_ARTIFACT} does not hash to the run's immutable "
                               f"param {RECORD_PARAM} (the artifact was altered)"]
-    problems = []
-    for key in sorted(set(doc) | set(tags)):
-        if key not in tags:
-            problems.append(f"tag {key} on {v.name} v{v.version} was removed: recorded {doc[key]!r}")
-        elif key not in doc:
-            problems.append(f"tag {key} on {v.name} v{v.version} was added after registration: {tags[key]!r}")
-        elif doc[key] != tags[key]:
-            problems.append(f"tag {key} on {v.name} v{v.version} was rewritten: recorded "
-                            f"{doc[key]!r}, now {tags[key]!r}")
-    return doc, "immutable run record", problems
+    problems = tag_problems(doc, v.tags, f"{v.name} v{v.version}")
+    return {k: x for k, x in doc.items() if k != t.RECORD_TAGGED}, "immutable run record", problems
+
+
+def recorded_tags(client, name: str, version: str) -> dict[str, str]:
+    """A version's tags with every fact of its record (lineage, all metrics): what the
+    version tags alone held before only a few facts were kept as tags."""
+    v = _version(client.get_model_version(name, str(version)))
+    return v.tags | recorded_lineage(client, v)[0]
 
 
 # ------------------------------------------------------------------ DVC objects
@@ -331,6 +352,7 @@ class Audit:
     links: list[Link] = field(default_factory=list)
     project: str = ""
     audited_at: str = ""
+    trained_on: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -356,7 +378,7 @@ def _flow_run(flow_run_id: str) -> tuple[bool | None, str]:
     """(found, state) from the Prefect API when one is configured; (None, why) otherwise."""
     if not flow_run_id or flow_run_id == "local":
         return None, "no Prefect flow run recorded (flow ran without an API)"
-    try:  # PREFECT_API_URL's server, else Prefect's local database (a temporary server, ~15 s)
+    try:  # PREFECT_API_URL's server, else the project's store (its server, or a temporary one: ~15 s)
         import uuid
 
         from prefect.client.orchestration import get_client
@@ -369,9 +391,9 @@ def _flow_run(flow_run_id: str) -> tuple[bool | None, str]:
         if name == "ObjectNotFound":
             from prefect.settings import PREFECT_API_URL
 
-            if not PREFECT_API_URL.value():   # Prefect's default local database: maybe not where it ran
-                return None, ("not checked: not in Prefect's local database; set PREFECT_API_URL to the "
-                              "server the flow ran on")
+            if not PREFECT_API_URL.value():   # the project's own store: maybe not where it ran
+                return None, ("not checked: not in this project's Prefect store (.prefect/prefect.db); set "
+                              "PREFECT_API_URL to the server the flow ran on")
             return False, f"not found on the Prefect server {PREFECT_API_URL.value()}"
         return None, f"not checked: {name}: {str(exc)[:120]}"
 
@@ -419,6 +441,17 @@ def audit(client, root: Path, ref: str, remote: str | None = None) -> Audit:
                                                             "from the run's config/params.yaml")))
         base = {"id": doc.get("ftpipe.base_model", ""), "revision": doc.get("ftpipe.base_model_revision", ""),
                 "start_from": doc.get("ftpipe.start_from", "scratch")}
+        # what it trained on: its data version's train split, or an incremental run's own file
+        trained_on = {"file": f"train.jsonl of {SPLITS_KEY}", "data_version": doc.get(t.SPLITS, "")}
+        if doc.get(t.TRAIN_FILE):
+            want, rows = doc[t.TRAIN_FILE].split()[0].removeprefix("sha256:"), doc[t.TRAIN_FILE].split("rows:")[-1]
+            got = run.artifact(TRAIN_FILE_ARTIFACT)
+            now = sha256_path(got) if got else None
+            trained_on = {"file": f"run artifact {TRAIN_FILE_ARTIFACT}", "rows": int(rows), "sha256": want,
+                          "sha256_now": now}
+            links.append(Link("training file", now == want, f"training file {TRAIN_FILE_ARTIFACT}: " + (
+                "missing from the run's artifacts" if got is None else f"sha256 {want[:16]}… matches"
+                if now == want else f"altered since registration (sha256 now {now[:16]}…, recorded {want[:16]}…)")))
         # data
         store = Store(root, remote)
         try:
@@ -491,7 +524,7 @@ def audit(client, root: Path, ref: str, remote: str | None = None) -> Audit:
     import datetime as dt
 
     return Audit(model, run_d, source, code, config, base, data, gx, sources, quarantine, flow, links,
-                 str(root), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+                 str(root), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), trained_on)
 
 
 # ------------------------------------------------------------------ reverse queries
@@ -537,38 +570,74 @@ def versions_with_source(client, root: Path, path: str) -> list[dict]:
 
 
 def with_descendants(client, hits: list[dict]) -> list[dict]:
-    """Add every version trained from the weights of a hit (incremental runs record
-    `ftpipe.start_from: champion models:/NAME/V: ...`), transitively: it carries what they saw."""
+    """Add every version trained from the weights of a version that learned it (incremental
+    runs record `ftpipe.start_from: champion models:/NAME/V: ...`), transitively: it carries
+    what they learned. A hit that did not train on the row itself (`trained` false: held out,
+    or left out of an incremental run's training file) passes nothing on; it gets `via` when
+    the weights it started from learned the row."""
     import re
 
     versions = all_versions(client)
-    seen = {(h["model"], h["version"]) for h in hits}
-    out = list(hits)
+    parent = {}
+    for v in versions:
+        m = re.match(r"champion models:/([^/]+)/(\d+)", recorded_lineage(client, v)[0].get(t.START_FROM, ""))
+        if m:
+            parent[(v.name, v.version)] = (m.group(1), m.group(2))
+    out = [dict(h) for h in hits]
+    by_key = {(h["model"], h["version"]): h for h in out}
+    learned = {k for k, h in by_key.items() if h.get("trained") is not False}
     grew = True
     while grew:
         grew = False
         for v in versions:
-            if (v.name, v.version) in seen:
+            key = (v.name, v.version)
+            if key in learned or parent.get(key) not in learned:
                 continue
-            doc, _, _ = recorded_lineage(client, v)
-            m = re.match(r"champion models:/([^/]+)/(\d+)", doc.get("ftpipe.start_from", ""))
-            if m and (m.group(1), m.group(2)) in seen:
-                seen.add((v.name, v.version))
-                out.append({"model": v.name, "version": v.version, "aliases": list(v.aliases),
-                            "via": f"models:/{m.group(1)}/{m.group(2)}", "run_id": v.run_id})
-                grew = True
+            learned.add(key)
+            grew = True
+            via = f"models:/{parent[key][0]}/{parent[key][1]}"
+            if key in by_key:
+                by_key[key]["via"] = via
+            else:
+                by_key[key] = {"model": v.name, "version": v.version, "aliases": list(v.aliases), "via": via,
+                               "run_id": v.run_id}
+                out.append(by_key[key])
     return out
 
 
+def trained_rows(client, v: Version, doc: dict) -> set[str] | str | None:
+    """The `_hash` of every row an incremental version trained on (its run's training file,
+    checked against the record's sha256); None when it trained on its whole train split; a
+    string saying why the file cannot be read."""
+    from ftpipe.sources import sha256_path
+
+    pin = doc.get(t.TRAIN_FILE, "")
+    if not pin and not doc.get(t.START_FROM, "").startswith("champion "):
+        return None
+    run = _Run(client, v.run_id)
+    try:
+        path = run.artifact(TRAIN_FILE_ARTIFACT)
+        if path is None:
+            return f"its training file {TRAIN_FILE_ARTIFACT} is missing from run {v.run_id}"
+        if pin and sha256_path(path) != pin.split()[0].removeprefix("sha256:"):
+            return f"its training file {TRAIN_FILE_ARTIFACT} does not hash to the recorded {pin.split()[0]}"
+        return {json.loads(x)["_hash"] for x in path.read_bytes().splitlines() if x.strip()}
+    finally:
+        run.close()
+
+
 def versions_with_row(client, root: Path, row_hash: str, remote: str | None = None) -> list[dict]:
-    """Every model version whose train/validation/test data held the row with this `_hash`."""
+    """Every model version whose train/validation/test data held the row with this `_hash`,
+    and whether it trained on it (`trained`: true, false, or None when its training file
+    cannot be read): a validation/test row is not trained on, and an incremental version
+    trained only on its new rows + replay sample (`trained_on`), not on its whole split."""
     store = Store(root, remote)
     cache: dict[str, dict | None] = {}
     out = []
     try:
         for v in all_versions(client):
             doc, _, _ = recorded_lineage(client, v)
-            md5 = doc.get(f"ftpipe.dvc.{SPLITS_KEY}")
+            md5 = doc.get(t.SPLITS)
             if not md5:
                 continue
             if md5 not in cache:
@@ -578,8 +647,15 @@ def versions_with_row(client, root: Path, row_hash: str, remote: str | None = No
                 out.append({"model": v.name, "version": v.version, "split": None,
                             "error": f"data/splits {md5} is in neither the cache nor {store.where()}"})
             elif row_hash in rows:
-                out.append({"model": v.name, "version": v.version, "aliases": list(v.aliases),
-                            "split": rows[row_hash], "data_version": md5, "run_id": v.run_id})
+                hit = {"model": v.name, "version": v.version, "aliases": list(v.aliases), "split": rows[row_hash],
+                       "trained": rows[row_hash] == "train", "data_version": md5, "run_id": v.run_id}
+                trained = trained_rows(client, v, doc) if hit["trained"] else None
+                if trained is not None:
+                    hit["trained_on"] = f"run artifact {TRAIN_FILE_ARTIFACT} (incremental: new rows + replay)"
+                    hit["trained"] = row_hash in trained if isinstance(trained, set) else None
+                    if isinstance(trained, str):
+                        hit["note"] = trained
+                out.append(hit)
     finally:
         store.close()
     return out
@@ -603,6 +679,9 @@ def tree_lines(a: Audit) -> list[str]:
              f"    ├── base model: {a.base_model['id']} @ {a.base_model['revision']}",
              f"    ├── trained from: {a.base_model.get('start_from', 'scratch')}",
              "    ├── data version (DVC)"]
+    if a.trained_on.get("sha256"):
+        lines.insert(-1, f"    ├── trained on: {a.trained_on['file']}, {a.trained_on['rows']} rows, "
+                         f"sha256 {a.trained_on['sha256'][:16]}…" + m("training file"))
     for i, d in enumerate(a.data):
         last = i == len(a.data) - 1
         lines.append(f"    │   {'└' if last else '├'}── {d['key']}: {d['md5']} ({len(d['files'])} files)" + m(f"data {d['key']}"))

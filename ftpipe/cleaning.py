@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ftpipe.config import CleanConfig
+from ftpipe.pii import scrub, scrub_all
 from ftpipe.records import REQUIRED, prompt_key, response_of, texts_of
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
@@ -93,7 +94,7 @@ def _structure_problem(row: dict, cfg: CleanConfig) -> tuple[str, str] | None:
 
 def _scrub(row: dict, policy: str) -> list[str]:
     """Scrub PII in place (policy scrub) and return the kinds found."""
-    from ftpipe.pii import find, scrub
+    from ftpipe.pii import find
 
     found: list[str] = []
     if policy == "keep":
@@ -134,9 +135,26 @@ def _init_worker(tokenizer_id: str | None, revision: str | None, trust_remote_co
                                                trust_remote_code=trust_remote_code)
 
 
+_LOCATION = ("_source", "_src", "_line")   # where a quarantined row came from: never rewritten
+
+
+def _rejected(category: str, reason: str, row: dict, policy: str, kinds: list[str]) -> tuple:
+    """A quarantine result. Under `scrub` and `drop` every text the row holds (its fields,
+    a malformed line's raw text, a wrong-typed value) is scrubbed first: the quarantine is
+    logged to MLflow and pushed with the data, and must hold no PII the policy removes. Its
+    source, line and reason stay, so the original can be found in the source file."""
+    if policy == "keep":
+        return ("q", category, reason, row, kinds)
+    body, found = scrub_all({k: v for k, v in row.items() if k not in _LOCATION})
+    reason, _ = scrub(reason)
+    return ("q", category, reason, {**{k: row[k] for k in _LOCATION if k in row}, **body},
+            kinds or found)
+
+
 def _process_chunk(args: tuple[list[bytes], CleanConfig]) -> list[tuple]:
-    """Per-row work. Returns, in order, ("q", category, reason, row) for rows rejected here,
-    or ("c", key, signature, row, pii_kinds) for candidates the parent deduplicates."""
+    """Per-row work. Returns, in order, ("q", category, reason, row, pii_kinds) for rows
+    rejected here, or ("c", key, signature, row, pii_kinds) for candidates the parent
+    deduplicates. pii_kinds: the PII found in the row, whatever became of it."""
     import orjson
 
     from ftpipe.dedup import signatures
@@ -150,17 +168,18 @@ def _process_chunk(args: tuple[list[bytes], CleanConfig]) -> list[tuple]:
         row = orjson.loads(raw)
         _normalize_row(row, cfg.normalize) if not row.get("_error") else None
         problem = _structure_problem(row, cfg)
+        kinds: list[str] = []
         if problem is None:
             kinds = _scrub(row, cfg.pii)
             if kinds and cfg.pii == "drop":
                 problem = ("pii", "personal data or secret: " + ", ".join(sorted(set(kinds))))
         if problem is not None:
-            out.append(("q", problem[0], problem[1], row))
+            out.append(_rejected(problem[0], problem[1], row, cfg.pii, kinds))
             continue
         try:
             text = prompt_of(row, _TOKENIZER) + completion_of(row, _TOKENIZER)
         except Exception as exc:  # a chat template that rejects this conversation
-            out.append(("q", "bad chat", f"chat template failed: {exc}", row))
+            out.append(_rejected("bad chat", f"chat template failed: {exc}", row, cfg.pii, kinds))
             continue
         candidates.append(len(out))
         rendered.append(text)
@@ -188,7 +207,7 @@ def _process_chunk(args: tuple[list[bytes], CleanConfig]) -> list[tuple]:
         _, key, _, row, kinds = out[pos]
         if n_tokens > cfg.max_tokens:
             out[pos] = ("q", "too long", f"too long: {n_tokens} tokens > data.clean.max_tokens="
-                        f"{cfg.max_tokens}", row)
+                        f"{cfg.max_tokens}", row, kinds)   # scrubbed above (or PII-free under drop)
             continue
         row["_tokens"] = n_tokens
         row["_tokens_exact"] = is_exact
@@ -245,10 +264,10 @@ def clean(snapshot: Path, cfg: CleanConfig, out_dir: Path, tokenizer: str | None
                     counts = per_source.setdefault(src, Counter())
                     counts["read"] += 1
                     read += 1
+                    pii.update(set(res[4]))   # rows holding each kind, kept (scrubbed) or quarantined
                     if res[0] == "c":
                         reason = index.check_and_add(res[1], res[2], row["_source"], row["_line"])
                         if reason is None:
-                            pii.update(res[4])
                             row.pop("_error", None)
                             row.pop("_raw", None)
                             row["_key"] = f"{res[1]:016x}"

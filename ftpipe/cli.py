@@ -5,16 +5,21 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+if TYPE_CHECKING:
+    from prefect import Flow
+    from prefect.client.schemas.objects import FlowRun
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="ftpipe: fine-tune LLMs through data gates, an MLflow registry and promotion gates.")
 
-# Sections that DVC stages read from params.yaml: overriding them on the command line
-# would train on data that dvc.lock does not describe.
-DVC_TRACKED = ("data", "model.build")
+# Keys that DVC stages read from params.yaml (dvc.yaml lists them): overriding them on the
+# command line would train on data that dvc.lock does not describe (model.base: the clean
+# stage counts tokens with its tokenizer).
+DVC_TRACKED = ("data", "model.base", "model.revision", "model.build")
 
 
 def _quiet_env() -> None:
@@ -53,7 +58,7 @@ def _load(config: Path, overrides: list[str], project: Path):
     from ftpipe.config import ConfigError, load_config
 
     problems = []
-    bad = [o for o in overrides if o.split("=", 1)[0].startswith(DVC_TRACKED)]
+    bad = [o for o in overrides if any(o.split("=", 1)[0].strip() == k or o.startswith(k + ".") for k in DVC_TRACKED)]
     if bad:
         problems.append("these keys are read by DVC stages from params.yaml and cannot be "
                         f"overridden on the command line: {', '.join(bad)}; edit "
@@ -67,9 +72,16 @@ def _load(config: Path, overrides: list[str], project: Path):
     project_params = (project / "params.yaml").resolve()
     if config.resolve() != project_params and project_params.is_file():
         base = load_config(project_params)
-        if base.data != cfg.data or base.model.build != cfg.model.build:
-            _fail(f"{config}: its data / model.build sections differ from {project_params}, "
-                  "which the DVC stages read; put them in params.yaml", 2)
+        differ = [k for k in DVC_TRACKED if _dotted(base, k) != _dotted(cfg, k)]
+        if differ:
+            _fail(f"{config}: {', '.join(differ)} differ from {project_params}, which the DVC stages "
+                  "read; put them in params.yaml", 2)
+    return cfg
+
+
+def _dotted(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
     return cfg
 
 
@@ -88,31 +100,33 @@ def run(
         _fail(f"{project} is not an ftpipe project (no dvc.yaml); pass --project", 2)
     cfg = _load(_config_path(config, project), overrides or [], project)
 
+    from ftpipe.config import ConfigError
+    from ftpipe.modelref import ModelRefError
+    from ftpipe.preflight import PreflightFailed, preflight
     from ftpipe.quality import QualityGateFailed
     from ftpipe.sources import SourceError
     from ftpipe.summary import print_summary
     from ftpipe.versioning import StageFailed
-    from ftpipe.training import TrainingDiverged, UnsafeWeights
+    from ftpipe.training import TrainingDiverged
 
     os.chdir(project)
-    local_base = project / cfg.model.base
-    try:   # before Prefect starts: a refusal is one line, not a failed flow run
-        from ftpipe.training import check_weights
-
-        check_weights(local_base if local_base.exists() else cfg.model.base, cfg.model.allow_pickle_weights)
-    except UnsafeWeights as exc:
-        _fail(f"{exc}\nNothing was run.")
+    problems = preflight(cfg.data, cfg.model, project)   # before Prefect starts: seconds, every problem at once
+    if problems:
+        _fail("\n".join(problems) + "\nNothing was run.", 2)
+    _prefect_store(project)
     from flows.retrain import SkippedRun, retrain
+
+    _no_tracebacks_on_terminal()
 
     try:
         result = retrain(cfg, root=str(project), require_new_data=if_new_data)
     except QualityGateFailed as exc:
         _fail(f"{exc}\nNo model was trained and no alias moved.")
-    except (SourceError, StageFailed) as exc:
+    except (SourceError, StageFailed, ConfigError) as exc:
         _fail(f"{exc}\nNo model was trained and no alias moved.")
     except TrainingDiverged as exc:
         _fail(str(exc))
-    except UnsafeWeights as exc:
+    except (ModelRefError, PreflightFailed) as exc:
         _fail(f"{exc}\nNothing was run.")
     except Exception as exc:   # noqa: BLE001 - classified below, else re-raised as is
         from ftpipe.retry import disk_full, is_transient
@@ -135,6 +149,32 @@ def run(
     print_summary(result)
 
 
+def _no_tracebacks_on_terminal() -> None:
+    """Prefect prints a traceback for each failed task and for the flow; a failed `ftpipe run`
+    ends with one `error:` line instead. The tracebacks stay in the run's log on the Prefect
+    server (the UI, `prefect flow-run logs ID`): only the terminal's copy goes."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    class OneLine(logging.Formatter):
+        def __init__(self, inner: logging.Formatter | None):
+            super().__init__()
+            self.inner = inner or logging.Formatter()
+
+        def format(self, record: logging.LogRecord) -> str:
+            saved = record.exc_info, record.exc_text, record.stack_info
+            record.exc_info = record.exc_text = record.stack_info = None
+            try:
+                return self.inner.format(record)
+            finally:
+                record.exc_info, record.exc_text, record.stack_info = saved
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, OneLine):
+            handler.setFormatter(OneLine(handler.formatter))
+
+
 def _first_line(exc: BaseException) -> str:
     from ftpipe.retry import chain
 
@@ -145,37 +185,114 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _project_server(project: Path) -> str | None:
+    """The API URL of this project's `ftpipe prefect-server` (recorded in .prefect/server.json) if it answers."""
+    import json
+    import urllib.request
+
+    try:
+        record = json.loads((project / ".prefect" / "server.json").read_text())
+        os.kill(record["pid"], 0)
+        with urllib.request.urlopen(f"{record['url']}/health", timeout=3):
+            return record["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _prefect_store(project: Path) -> str | None:
+    """One project, one Prefect run store, however a command is started. With no Prefect API set
+    (environment, profile, prefect.toml): this project's `ftpipe prefect-server` when it answers, else
+    Prefect's temporary server on the file that server serves, PROJECT/.prefect/prefect.db (not the
+    user-wide $PREFECT_HOME one). Call before anything else imports prefect. Returns the API URL, if any."""
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return settings.api.url
+    url = _project_server(project)
+    if url:
+        os.environ["PREFECT_API_URL"] = url
+    elif "connection_url" not in settings.server.database.model_fields_set:   # unless one is set
+        (project / ".prefect").mkdir(exist_ok=True)
+        os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{project}/.prefect/prefect.db"
+    refresh_global_settings_context()
+    return url
+
+
+def _serve(flow: Flow, name: str, **deployment: Any) -> None:
+    """`flow.serve(name, **deployment)`, except that stopping it never rewrites a run that has finished.
+
+    On SIGTERM Prefect 3.9's runner cancels every run whose process it still tracks (Runner.astop ->
+    CancellationManager.cancel_all) and ends each with a forced CANCELLED (StateProposer.propose_cancelled:
+    set_flow_run_state(force=True), which skips the server's orchestration rules). A run is still tracked
+    after it has reported COMPLETED, while its process tears down: its engine sends the outcome receipt
+    that makes the runner skip it only at the very end. A stop in that window turned COMPLETED into
+    CANCELLED. Here a finished run's process is left to exit, and CANCELLED never replaces a final state."""
+    import asyncio
+
+    from prefect.runner import Runner
+
+    class Serving(Runner):
+        async def __aenter__(self) -> Serving:
+            await super().__aenter__()
+            force_cancelled = self._state_proposer.propose_cancelled
+
+            async def propose_cancelled(flow_run: FlowRun, state_updates: dict | None = None) -> bool:
+                state = (await self._client.read_flow_run(flow_run.id)).state
+                if state is not None and state.is_final():   # it ended before the stop reached it
+                    return False
+                return await force_cancelled(flow_run, state_updates)
+
+            self._state_proposer.propose_cancelled = propose_cancelled
+            return self
+
+        async def cancel_all(self) -> None:
+            for run_id in self._process_manager.flow_run_ids():
+                state = (await self._client.read_flow_run(run_id)).state
+                if state is not None and state.is_final():   # finished, tearing down: let it exit
+                    await self._process_manager.wait_for_exit(run_id, grace_seconds=60)
+            await super().cancel_all()
+
+    runner = Serving(name=name)
+    runner.add_flow(flow, name=name, **deployment)
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        pass
+
+
 @app.command()
 def schedule(
     config: Path = typer.Option(Path("params.yaml"), "--config", "-c", help="the params file"),
     project: Path = typer.Option(Path("."), "--project", "-p", help="project root (dvc.yaml, data/)"),
     name: str = typer.Option("ftpipe-retrain", help="the deployment's name"),
 ) -> None:
-    """Serve the retrain flow as a Prefect deployment on schedule.cron (schedule.timezone) from
-    this machine, until stopped. Each run skips when too little data is new (schedule.min_new_rows).
-    Needs a Prefect server (PREFECT_API_URL); `prefect.yaml` describes the same deployment for a work pool."""
+    """Serve the retrain flow on schedule.cron until stopped.
+
+    A Prefect deployment served from this machine on schedule.cron (schedule.timezone). Each run
+    skips when too little data is new (schedule.min_new_rows). Needs a Prefect server:
+    PREFECT_API_URL's, else the project's `ftpipe prefect-server`; `prefect.yaml` describes the
+    same deployment for a work pool."""
     _quiet_env()
     project = project.resolve()
     if not (project / "dvc.yaml").is_file():
         _fail(f"{project} is not an ftpipe project (no dvc.yaml); pass --project", 2)
     cfg_path = _config_path(config, project).resolve()     # before the chdir below
     cfg = _load(cfg_path, [], project)
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
-        _fail("PREFECT_API_URL is not set: a served deployment needs a Prefect server "
-              "(`prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`)", 2)
     os.chdir(project)
+    if not _prefect_store(project):
+        _fail(f"no Prefect server: a served deployment needs one (`ftpipe prefect-server --project {project}`, "
+              "or PREFECT_API_URL set to a running server)", 2)
     from prefect.schedules import Cron
 
     from flows.retrain import scheduled_retrain
 
     print(f"serving deployment scheduled-retrain/{name}: cron '{cfg.schedule.cron}' ({cfg.schedule.timezone}), "
           f"min_new_rows {cfg.schedule.min_new_rows}, project {project}", flush=True)
-    scheduled_retrain.serve(name=name, schedule=Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone),
-                            parameters={"root": str(project), "config": str(cfg_path)},
-                            tags=["ftpipe"], print_starting_message=False,
-                            global_limit=1)   # one retrain at a time in this workspace
+    _serve(scheduled_retrain, name, schedule=Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone),
+           parameters={"root": str(project), "config": str(cfg_path)}, tags=["ftpipe"],
+           concurrency_limit=1)   # one retrain at a time in this workspace
 
 
 @app.command()
@@ -230,18 +347,22 @@ def _registry(config: Path, project: Path):
 
 @app.command()
 def promote(
-    version: str = typer.Argument(..., help="the model version to make champion"),
+    version: str = typer.Argument(..., help="the model version to make champion (3 or v3)"),
     reason: str = typer.Option(..., "--reason", "-r", help="why (recorded in the registry)"),
     config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
     project: Path = typer.Option(Path("."), "--project", "-p"),
 ) -> None:
     """Make VERSION champion by hand, overriding the gate; the reason is recorded."""
+    import re
+
+    if not re.fullmatch(r"v?[0-9]+", version):
+        _fail(f"{version!r} is not a version number (e.g. 3 or v3; `ftpipe models` lists them)", 2)
     cfg, _ = _registry(config, project)
     from ftpipe.gate import manual_promote
     from ftpipe.registry import RegistryError
 
     try:
-        event = manual_promote(cfg.registry, version.lstrip("v"), reason)
+        event = manual_promote(cfg.registry, str(int(version.removeprefix("v"))), reason)
     except RegistryError as exc:
         _fail(str(exc))
     print(f"{cfg.registry.model_name} v{event['version']} is champion (was "
@@ -275,7 +396,10 @@ def models(
     config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
     project: Path = typer.Option(Path("."), "--project", "-p"),
 ) -> None:
-    """Model versions with aliases, key metrics and gate decisions."""
+    """Model versions, aliases, scores and gate decisions.
+
+    Each version's primary metric on a named test set, beside the champion's on the same set,
+    its gate decision and the rule that decided."""
     from ftpipe import registry
 
     _quiet_env()
@@ -306,20 +430,29 @@ def models(
     console = Console()
     fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
     cells = {"version": lambda r: r["version"], "aliases": lambda r: ", ".join(r["aliases"]),
-             "created": lambda r: r["created"], "method": lambda r: r["method"], m: lambda r: fmt(r[m]),
-             "eval_loss": lambda r: fmt(r["eval_loss"]), "forgetting": lambda r: fmt(r["forgetting"]),
-             "decision": lambda r: r["decision"]}
-    if console.width < 140:   # narrow terminal: the columns that decide; --json has everything
-        cells = {k: v for k, v in cells.items() if k in ("version", "aliases", m, "decision")}
+             "created": lambda r: r["created"], "method": lambda r: r["method"],
+             "test set": lambda r: r["test_set"] or "—", m: lambda r: fmt(r[m]),
+             "vs champion": lambda r: f"v{r['champion_compared']} {fmt(r[f'champion_{m}'])}"
+             if r["champion_compared"] else "—",
+             "forgetting": lambda r: fmt(r["forgetting"]), "decision": lambda r: r["decision"]}
+    wide = console.width >= 140
+    if not wide:   # narrow terminal: the columns that decide, "why" under the table; --json has everything
+        cells = {k: v for k, v in cells.items() if k in ("version", "aliases", "test set", m, "vs champion", "decision")}
     n = len(rows)
-    table = Table(title=f"{cfg.registry.model_name}: {n} version{'s' if n != 1 else ''}", title_justify="left")
+    table = Table(title=f"{cfg.registry.model_name}: {n} version{'s' if n != 1 else ''}", title_justify="left",
+                  caption=f"{m}: on the test set the version was scored on (vN:sha256, named after the first "
+                          "version scored on it); vs champion: the champion it was compared with, on that set",
+                  caption_justify="left")
     for col in cells:
-        table.add_column(col, no_wrap=True, min_width=len(col))
-    table.add_column("why", overflow="fold", min_width=20)
+        table.add_column(col, no_wrap=col != "aliases", min_width=min(len(col), 8))
+    if wide:
+        table.add_column("why", overflow="fold", min_width=20)
     for r in rows:
-        why = r["summary"] if len(r["summary"]) <= 160 else r["summary"][:159] + "…"
-        table.add_row(*(cell(r) for cell in cells.values()), why)
+        table.add_row(*(cell(r) for cell in cells.values()), *([r["why"]] if wide else []))
     console.print(table)
+    if not wide:
+        for r in rows:
+            console.print(f"v{r['version']} why: {r['why'] or '—'}", highlight=False)
 
 
 @app.command()
@@ -330,7 +463,9 @@ def serve(
     config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
     project: Path = typer.Option(Path("."), "--project", "-p"),
 ) -> None:
-    """Serve a registered model over HTTP (`mlflow models serve`, this environment's packages):
+    """Serve a registered model over HTTP (the champion by default).
+
+    `mlflow models serve` with this environment's packages:
     POST /invocations {"dataframe_records": [{"instruction": "...", "input": ""}]}."""
     cfg, project = _registry(config, project)
     from ftpipe import registry
@@ -345,19 +480,34 @@ def serve(
     os.execve(cmd[0], cmd, env)
 
 
+def _row_use(hit: dict) -> str:
+    """What a version did with a row: trained on it, or only held it in its data version."""
+    if hit["split"] != "train":
+        return f"in its {hit['split']} split (evaluated on, not trained on)"
+    if hit["trained"]:
+        return ("trained on it (in its incremental training file: new rows + replay)" if hit.get("trained_on")
+                else "trained on it (train split)")
+    if hit["trained"] is False:
+        return "in its train split, not in the rows it trained on (incremental: new rows + replay)"
+    return f"in its train split; whether it trained on it cannot be told: {hit.get('note')}"
+
+
 @app.command()
 def lineage(
     model: Optional[str] = typer.Argument(None, help="models:/NAME@alias, models:/NAME/VERSION or a run id"),
     as_json: bool = typer.Option(False, "--json", help="one JSON document"),
     report: Optional[Path] = typer.Option(None, "--report", help="also write a self-contained HTML audit report"),
     source: Optional[str] = typer.Option(None, "--source", help="which versions learned from this source file"),
-    row_hash: Optional[str] = typer.Option(None, "--row-hash", help="which versions' data held this row (_hash)"),
+    row_hash: Optional[str] = typer.Option(None, "--row-hash", help="which versions' data held this row (_hash), "
+                                           "and which trained on it"),
     config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
     project: Path = typer.Option(Path("."), "--project", "-p"),
 ) -> None:
-    """Audit a model version's lineage (code, config, data, GX, sources, quarantine, flow run),
-    verifying every link; exit 1 naming each broken one. Or, with --source / --row-hash,
-    list every version that learned from a file or a row."""
+    """Audit a version's lineage, or find the versions that learned from a file or row.
+
+    Walks code, config, data, GX, sources, quarantine and flow run, verifying every link; exit
+    1 naming each broken one. With --source / --row-hash: every version that learned from a
+    file or a row."""
     import json
 
     import re
@@ -398,19 +548,21 @@ def lineage(
                 return
             print(f"{len(hits)} model version(s) saw {what}:")
             for h in hits:
-                if h.get("via"):
-                    extra = f"trained from the weights of {h['via']}, which saw it"
+                via = h.get("via") and (f"trained from the weights of {h['via']}, which "
+                                        f"{'saw' if source else 'trained on'} it")
+                if "split" not in h and "source" not in h:
+                    extra = via
                 elif source:
                     extra = (f"{h['source']}, matched by {h['matched_by']}, sha256 {h['sha256'][:16]}…"
                              + (f" ({h['now']})" if h.get("now") else ""))
                 else:
-                    extra = ("trained on it (train split)" if h["split"] == "train" else
-                             f"in its {h['split']} split (evaluated on, not trained on)")
+                    extra = _row_use(h) + (f"; {via}" if via else "")
                 print(f"  {h['model']} v{h['version']}" + (f" ({', '.join(h['aliases'])})" if h.get("aliases") else "")
                       + f": {extra}")
             return
         if not model:
             _fail("give a MODEL (models:/NAME@champion, models:/NAME/3 or a run id), or --source / --row-hash", 2)
+        _prefect_store(project)   # the flow run is looked up where this project's runs are
         result = au.audit(client, project, model, cfg.data.remote)
     except au.AuditError as exc:
         _fail(str(exc), 2)
@@ -438,8 +590,10 @@ def prefect_server(
     port: int = typer.Option(4200, help="port"),
     project: Path = typer.Option(Path("."), "--project", "-p"),
 ) -> None:
-    """Start a Prefect server for `ftpipe schedule` and the UI of runs: SQLite in the project by
-    default, PostgreSQL with --db (the database must exist: `createdb -h HOST -U USER DB`)."""
+    """Start the project's Prefect server (runs UI, `ftpipe schedule`).
+
+    SQLite in the project by default, PostgreSQL with --db (the database must exist:
+    `createdb -h HOST -U USER DB`)."""
     _quiet_env()
     project = project.resolve()
     env = dict(os.environ)
@@ -450,15 +604,19 @@ def prefect_server(
     if db:
         if not db.startswith(("postgresql://", "postgresql+asyncpg://", "postgres://")):
             _fail(f"--db {db!r}: expected postgresql://USER@HOST:PORT/DB", 2)
-        env["PREFECT_API_DATABASE_CONNECTION_URL"] = "postgresql+asyncpg://" + db.split("://", 1)[1]
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = "postgresql+asyncpg://" + db.split("://", 1)[1]
     else:
-        env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
     bindir = Path(sys.executable).parent
+    import json
     import re
 
     shown = re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", db) if db else None
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/api"
+    # the project's commands that find no PREFECT_API_URL talk to this server (this process becomes it)
+    (home / "server.json").write_text(json.dumps({"url": url, "pid": os.getpid()}))
     print(f"Prefect server on http://{host}:{port} ({'PostgreSQL ' + shown if db else 'SQLite ' + str(home / 'prefect.db')}); "
-          f"then: export PREFECT_API_URL=http://{host}:{port}/api", flush=True)
+          f"the project's ftpipe commands use it; for other clients: export PREFECT_API_URL={url}", flush=True)
     cmd = [str(bindir / "prefect"), "server", "start", "--host", host, "--port", str(port)]
     os.execve(cmd[0], cmd, env)
 
@@ -516,7 +674,9 @@ def data_restore(
     config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
     project: Path = typer.Option(Path("."), "--project", "-p"),
 ) -> None:
-    """Write the exact train/validation/test files a model version learned from, byte for byte,
+    """Restore the exact data a model version learned from.
+
+    Writes its train/validation/test files, byte for byte,
     from the DVC cache or remote, whatever data/ holds now."""
     cfg, project = _registry(config, project)
     from ftpipe import audit as au

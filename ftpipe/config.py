@@ -58,6 +58,17 @@ class SourceConfig(_Section):
     url: str | None = None
     query: str | None = None
 
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, encoding: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"unknown encoding {encoding!r} (e.g. utf-8, cp1252, latin-1, utf-16)") from None
+        return encoding
+
     @field_validator("url")
     @classmethod
     def _no_literal_password(cls, url: str | None) -> str | None:
@@ -157,6 +168,11 @@ class CleanedQualityConfig(_Section):
     # Share of cleaned rows that must meet length bounds, have no PII and a non-empty response.
     mostly: float = Field(1.0, gt=0, le=1)
     split_tolerance: float = Field(0.05, ge=0, lt=1, description="observed split share vs data.split")
+    # Per-source floor: each source must keep at least this share of its rows through cleaning
+    # (rows quarantined as exact or near duplicates are not counted: a drop that repeats old
+    # rows is not a quality loss). Pooled `mostly` thresholds hide a whole source lost to, say,
+    # an encoding problem; this names it. A source that keeps no rows always fails (> 0).
+    min_source_share: float = Field(0.5, gt=0, le=1)
 
 
 class QualityConfig(_Section):
@@ -287,6 +303,20 @@ class EvalConfig(_Section):
     regression_max_examples: int | None = Field(200, ge=1)
 
 
+METRICS = ("eval_loss", "perplexity", "exact_match", "token_f1", "rouge_l", "non_empty", "pii_outputs")
+
+
+def _known_metrics(metrics: list[str]) -> None:
+    import re
+
+    pattern = re.compile(r"^(?:slice\.[^.]+\.(?:eval_loss|perplexity|exact_match|token_f1|rouge_l)|"
+                         + "|".join(METRICS) + ")$")
+    bad = [m for m in metrics if not pattern.match(m)]
+    if bad:
+        raise ValueError(f"unknown metric(s) {', '.join(bad)}: use one of {', '.join(METRICS)} "
+                         "or slice.<name>.<metric>")
+
+
 GATE_CHECKS = ("data_gate", "finite_metrics", "non_empty_outputs", "no_pii_in_outputs")
 
 
@@ -313,18 +343,17 @@ class PromotionConfig(_Section):
     # A stale promotion lock (a crashed flow) is broken after this many seconds.
     lock_timeout_s: int = Field(600, ge=1)
 
-    @model_validator(mode="after")
-    def _known_metrics(self) -> "PromotionConfig":
-        import re
+    @field_validator("primary_metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        _known_metrics([metric])
+        return metric
 
-        known = ("eval_loss", "perplexity", "exact_match", "token_f1", "rouge_l", "non_empty", "pii_outputs")
-        pattern = re.compile(r"^(?:slice\.[^.]+\.(?:eval_loss|perplexity|exact_match|token_f1|rouge_l)|"
-                             + "|".join(known) + ")$")
-        bad = [m for m in [self.primary_metric, *self.thresholds] if not pattern.match(m)]
-        if bad:
-            raise ValueError(f"unknown metric(s) {', '.join(bad)}: use one of {', '.join(known)} "
-                             "or slice.<name>.<metric>")
-        return self
+    @field_validator("thresholds")
+    @classmethod
+    def _known_threshold_metrics(cls, thresholds: dict[str, float]) -> dict[str, float]:
+        _known_metrics(list(thresholds))
+        return thresholds
 
     def higher_is_better(self, metric: str | None = None) -> bool:
         from ftpipe.evaluation import lower_is_better
@@ -362,20 +391,23 @@ class ScheduleConfig(_Section):
     # champion's data version) ends as "skipped" before training.
     min_new_rows: int = Field(1, ge=0)
 
-    @model_validator(mode="after")
-    def _checks(self) -> "ScheduleConfig":
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, cron: str) -> str:
+        if len(cron.split()) != 5:
+            raise ValueError(f"{cron!r} is not a 5-field cron expression")
+        return cron
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, timezone: str) -> str:
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-        problems = []
-        if len(self.cron.split()) != 5:
-            problems.append(f"schedule.cron: {self.cron!r} is not a 5-field cron expression")
         try:
-            ZoneInfo(self.timezone)
+            ZoneInfo(timezone)
         except (ZoneInfoNotFoundError, ValueError):
-            problems.append(f"schedule.timezone: unknown time zone {self.timezone!r} (e.g. UTC, Europe/Paris)")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+            raise ValueError(f"unknown time zone {timezone!r} (e.g. UTC, Europe/Paris)") from None
+        return timezone
 
 
 class IncrementalConfig(_Section):
@@ -402,16 +434,7 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "PipelineConfig":
-        problems = []
-        if self.train.method == "qlora" and self.model.quantization == "none":
-            problems.append("train.method=qlora needs model.quantization nf4 or int8 "
-                            "(it is 'none')")
-        if self.train.method == "full" and self.model.quantization != "none":
-            problems.append("train.method=full cannot train a quantized model "
-                            f"(model.quantization={self.model.quantization}); use qlora")
-        if self.train.method == "lora" and self.model.quantization != "none":
-            problems.append("train.method=lora with a quantized base is qlora: set "
-                            "train.method=qlora")
+        problems = cross_section_problems(self.model_dump())
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -420,6 +443,24 @@ class PipelineConfig(_Section):
         """Content hash of the whole config: the same settings give the same hash."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cross_section_problems(doc: dict) -> list[str]:
+    """Rules across sections, over a plain dict (a validated config or raw YAML with
+    defaults missing), so they are checked even when another field is invalid."""
+    def get(section: str, key: str, default: str) -> Any:
+        value = (doc.get(section) or {}).get(key, default) if isinstance(doc.get(section, {}), dict) else default
+        return value if isinstance(value, str) else default
+
+    method, quant = get("train", "method", "lora"), get("model", "quantization", "none")
+    problems = []
+    if method == "qlora" and quant == "none":
+        problems.append("train.method=qlora needs model.quantization nf4 or int8 (it is 'none')")
+    if method == "full" and quant != "none":
+        problems.append(f"train.method=full cannot train a quantized model (model.quantization={quant}); use qlora")
+    if method == "lora" and quant != "none":
+        problems.append("train.method=lora with a quantized base is qlora: set train.method=qlora")
+    return problems
 
 
 class ConfigError(ValueError):
@@ -443,29 +484,84 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             problems.append(f"override {item!r}: expected key=value, e.g. train.max_steps=200")
             continue
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
+        parts: list = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
         node = out
-        for part in parts[:-1]:
-            if not isinstance(node.setdefault(part, {}), dict):
+        for part in parts[:-1]:   # sections, and list items by index (data.sources.0.encoding)
+            if isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            elif isinstance(node, dict) and isinstance(node.setdefault(part, {}), (dict, list)):
+                node = node[part]
+            elif isinstance(node, list):
+                problems.append(f"override {key!r}: no item {part!r} in that list (it has {len(node)})")
+                break
+            else:
                 problems.append(f"override {key!r}: {part!r} is not a section")
                 break
-            node = node[part]
         else:
-            node[parts[-1]] = _coerce(value)
+            if isinstance(node, list) and not (isinstance(parts[-1], int) and parts[-1] < len(node)):
+                problems.append(f"override {key!r}: no item {parts[-1]!r} in that list")
+            else:
+                node[parts[-1]] = _coerce(value)
     if problems:
         raise ConfigError("\n".join(problems))
     return out
 
 
-def parse_config(raw: dict, origin: str = "config") -> PipelineConfig:
-    try:
-        return PipelineConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = [f"{origin}: {exc.error_count()} problem(s)"]
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  - {where}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+def _drop(doc: Any, loc: tuple) -> bool:
+    """Remove the field at loc from a nested dict/list (never a whole section); False if
+    there is no such field."""
+    if not loc:
+        return False
+    *parents, last = loc
+    for part in parents:
+        try:
+            doc = doc[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if isinstance(doc, dict) and last in doc and not isinstance(doc[last], dict):
+        del doc[last]
+        return True
+    return False
+
+
+def parse_config(raw: dict, origin: str = "config", overrides: dict[str, str] | None = None) -> PipelineConfig:
+    """The validated config, or a ConfigError listing every problem at once.
+
+    pydantic stops at a section whose fields are invalid: its own cross-field rules (and the
+    config-wide ones) never run. So each invalid field is set aside (back to its default)
+    and the rest validated again, until no new problem appears: a wrong type and a bad
+    combination elsewhere are reported together. `overrides` (key -> `key=value` as typed)
+    says which problems come from the command line rather than the file."""
+    doc = json.loads(json.dumps(raw))
+    problems: list[tuple[tuple, str]] = []
+    for _ in range(20):
+        try:
+            cfg = PipelineConfig.model_validate(doc)
+        except ValidationError as exc:
+            new = [(tuple(e["loc"]), e["msg"]) for e in exc.errors() if (tuple(e["loc"]), e["msg"]) not in problems
+                   and not (e["type"] == "missing" and any(loc == tuple(e["loc"]) for loc, _ in problems))]
+            problems += new
+            if not [loc for loc, _ in new if _drop(doc, loc)]:
+                break
+        else:
+            if not problems:
+                return cfg
+            break
+    problems += [((), m) for m in cross_section_problems(doc) if not any(m in seen for _, seen in problems)]
+    lines = [f"{origin}: {len(problems)} problem(s)"]
+    for loc, msg in problems:
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        msg = msg.removeprefix("Value error, ")
+        given = next((typed for key, typed in (overrides or {}).items()   # a rule across fields: named in msg
+                      if where == key or where.startswith(key + ".") or (not loc and f"{key}=" in msg)), None)
+        if len(loc) > 2 and loc[:2] == ("data", "sources") and isinstance(loc[2], int):
+            try:
+                name = raw["data"]["sources"][loc[2]].get("name")
+            except (KeyError, IndexError, TypeError, AttributeError):
+                name = None
+            msg += f" (source {name!r})" if name else ""
+        lines.append(f"  - {where}: {msg}" + (f" (from the command line: {given})" if given else ""))
+    raise ConfigError("\n".join(lines))
 
 
 def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> PipelineConfig:
@@ -478,4 +574,6 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = 
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return parse_config(apply_overrides(raw, overrides or []), origin=str(path))
+    typed = {o.split("=", 1)[0].strip(): o for o in overrides or [] if "=" in o}
+    return parse_config(apply_overrides(raw, overrides or []),
+                        origin=f"{path}" + (" + command line" if typed else ""), overrides=typed)

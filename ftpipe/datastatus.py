@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ftpipe.config import PipelineConfig
 from ftpipe.lineage import dvc_lock_hashes
-from ftpipe.versioning import DATA_STAGES, object_status, split_row_hashes, workspace_changes
+from ftpipe.versioning import DATA_STAGES, object_status, remote_of, split_row_hashes, workspace_changes
 
 SPLITS_KEY = "split:data/splits"
 
@@ -25,6 +25,7 @@ class DataStatus:
     added: int | None = None                 # rows in the current data, not the champion's
     removed: int | None = None               # rows the champion saw that are gone now
     storage: dict[str, dict] = field(default_factory=dict)  # md5 -> {"cache", "remote"}
+    remote: dict[str, str] = field(default_factory=dict)    # {"name", "url"}: where versions are pushed
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -62,7 +63,9 @@ def data_status(cfg: PipelineConfig, root: Path) -> DataStatus:
     if champ is None:
         notes.append(f"no champion yet for {cfg.registry.model_name}")
     else:
-        tags = registry.client().get_model_version(champ.name, champ.version).tags
+        from ftpipe.audit import recorded_tags   # every data stage output is in the record, not a tag
+
+        tags = recorded_tags(registry.client(), champ.name, champ.version)
         champion_data = {k[len("ftpipe.dvc."):]: v for k, v in tags.items() if k.startswith("ftpipe.dvc.")}
         champ_md5 = champion_data.get(SPLITS_KEY)
         champ_rows = split_row_hashes(root, champ_md5) if champ_md5 else None
@@ -77,7 +80,7 @@ def data_status(cfg: PipelineConfig, root: Path) -> DataStatus:
             storage[md5] = object_status(root, md5, cfg.data.remote)
     return DataStatus(current, changes, len(cur_rows) if cur_rows is not None else None,
                       f"{champ.name} v{champ.version}" if champ else None, champion_data,
-                      added, removed, storage, notes)
+                      added, removed, storage, remote_of(root, cfg.data.remote), notes)
 
 
 def print_status(st: DataStatus) -> None:
@@ -99,6 +102,8 @@ def print_status(st: DataStatus) -> None:
                       md5 if label == "champion" else ("same" if ch == cur else "—"),
                       yes(s.get("cache")), yes(s.get("remote")))
     console.print(t)
+    console.print(f"DVC remote: {st.remote['name']} -> {st.remote['url']}" if st.remote else
+                  "DVC remote: none configured (`dvc remote add -d NAME URL`)")
     console.print(f"workspace: {'matches dvc.lock' if not st.workspace_changes else 'differs from dvc.lock: ' + json.dumps(st.workspace_changes)}")
     console.print(f"examples in current splits: {st.rows if st.rows is not None else '?'}")
     if st.champion:

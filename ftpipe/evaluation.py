@@ -173,11 +173,14 @@ def _aggregate(preds: list[dict], losses: list[tuple[float, int]]) -> dict[str, 
 def score_predictions(rows: list[dict], prompts: list[str], answers: list[str],
                       losses: list[tuple[float, int]], name: str) -> ModelScores:
     """The metrics of given generations and per-example losses (pure: no model)."""
+    from ftpipe.pii import scrub
+
     preds = []
     for r, p, a, (ls, lc) in zip(rows, prompts, answers, losses):
         expected = answer_of(r)
         leaks = leaked_pii(a, p)
-        preds.append({"prompt": p, "expected": expected, "prediction": a,
+        # scored as generated; kept (tables, reports) without PII its prompt did not hold
+        preds.append({"prompt": p, "expected": expected, "prediction": scrub(a)[0] if leaks else a,
                       "correct": normalize_answer(a) == normalize_answer(expected),
                       "token_f1": round(token_f1(a, expected), 6), "rouge_l": round(rouge_l(a, expected), 6),
                       "loss": round(ls / max(lc, 1), 6), "slice": r.get("slice") or "",

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Callable
 
 from ftpipe import registry
+from ftpipe import tags as t
 from ftpipe.config import EvalConfig, ModelConfig, RegistryConfig
 from ftpipe.evaluation import ModelScores, evaluate_model
 from ftpipe.promotion import Decision, RuleResult, decide, forgetting
 
 TEST_SET_ARTIFACT = "eval/test_set.jsonl"
-TEST_SET_TAG = "ftpipe.test_set"
+TEST_SET_TAG = t.TEST_SET
 KEY_METRICS = ("exact_match", "token_f1", "rouge_l", "eval_loss", "perplexity", "non_empty", "pii_outputs")
 
 
@@ -277,19 +278,20 @@ def gate_and_promote(reg: RegistryConfig, cfg: EvalConfig, run_id: str, version:
                                        "redecided": redecided, "forgetting": report.forgetting(reg),
                                        "policy": reg.promotion.model_dump(mode="json")}
         registry.log_dict_artifact(run_id, record, "promotion/decision.json")
-        registry.tag_version(name, version, {
-            "ftpipe.decision": decision.verdict,
-            "ftpipe.decision.summary": decision.summary(),
-            "ftpipe.decision.reasons": json.dumps([r.__dict__ for r in decision.reasons]),
-            "ftpipe.champion_compared": current_version or "none",
-            **({"ftpipe.forgetting": f"{max(report.forgetting(reg).values()):.6g}"}
-               if report.forgetting(reg) else {}),
+        m = reg.promotion.primary_metric
+        champion_score = report.champion.metrics().get(m) if report.champion else None
+        registry.tag_version(name, version, {   # the whole summary: the description and decision.json
+            t.DECISION: decision.verdict,
+            t.DECISION_REASONS: json.dumps([r.__dict__ for r in decision.reasons]),
+            t.CHAMPION_COMPARED: current_version or "none",
+            **({t.CHAMPION_METRIC + m: f"{champion_score:.6g}"} if champion_score is not None else {}),
+            **({t.FORGETTING: f"{max(report.forgetting(reg).values()):.6g}"} if report.forgetting(reg) else {}),
         }, description=f"Gate decision: {decision.summary()}")
         c = registry.client()
         c.set_tag(run_id, "ftpipe.decision", decision.verdict)
         c.set_tag(run_id, "ftpipe.decision.summary", decision.summary()[:5000])
         if decision.promote:
-            registry.record_champion(name, version, "gate", decision.summary(), current_version)
+            registry.record_champion(name, version, "gate", decision.why(), current_version)   # the history keeps 500 chars
             log(f"version {version} is now champion: {decision.summary()}")
         else:
             log(f"version {version} stays challenger: {decision.summary()}")
@@ -316,9 +318,9 @@ def manual_promote(reg: RegistryConfig, version: str, reason: str, by: str | Non
         if previous == str(version):
             raise registry.RegistryError(f"{reg.model_name} v{version} is already champion")
         event = registry.record_champion(reg.model_name, str(version), "manual", reason.strip(), previous, by)
-    gate_said = (mv.tags or {}).get("ftpipe.decision", "none")
+    gate_said = (mv.tags or {}).get(t.DECISION, "none")
     registry.tag_version(reg.model_name, str(version), {
-        "ftpipe.decision": "manual-promote", "ftpipe.manual.reason": reason.strip(),
+        t.DECISION: "manual-promote", t.MANUAL_REASON: reason.strip(),
         "ftpipe.manual.by": event["by"], "ftpipe.manual.at": event["at"], "ftpipe.gate_decision": gate_said},
         description=f"Manual promotion by {event['by']} at {event['at']}: {reason.strip()} "
                     f"(gate had said: {gate_said}). " + (mv.description or ""))
@@ -356,13 +358,15 @@ def _get_version(name: str, version: str):
     try:
         return registry.client().get_model_version(name, str(version))
     except MlflowException:
-        known = ", ".join(v.version for v in registry.versions(name)[:20]) or "none"
-        raise registry.RegistryError(f"{name} has no version {version} (versions: {known})") from None
+        known = sorted(int(v.version) for v in registry.versions(name))   # int from SQLite, str over REST
+        listed = ("…, " if len(known) > 20 else "") + ", ".join(map(str, known[-20:]))
+        raise registry.RegistryError(f"{name} has no version {version} (versions: {listed or 'none yet'})") from None
 
 
 def list_models(reg: RegistryConfig, limit: int | None = None) -> list[dict]:
-    """The newest `limit` versions (all when None), newest first: aliases, key metrics,
-    gate decision and its summary."""
+    """The newest `limit` versions (all when None), newest first: aliases, the primary metric
+    on the named test set it was scored on beside the champion's on the same set, the gate's
+    decision and the rule that decided (registry_rest.version_row)."""
     from mlflow.exceptions import MlflowException
 
     m = reg.promotion.primary_metric
@@ -374,8 +378,10 @@ def list_models(reg: RegistryConfig, limit: int | None = None) -> list[dict]:
     by_version: dict[str, list[str]] = {}
     for alias, v in alias_map.items():
         by_version.setdefault(str(v), []).append(alias)
-    from ftpipe.registry_rest import version_row
+    from ftpipe.registry_rest import name_test_sets, version_row
 
-    return [version_row(mv.version, mv.creation_timestamp, mv.tags or {}, by_version.get(str(mv.version), []),
+    rows = [version_row(mv.version, mv.creation_timestamp, mv.tags or {}, by_version.get(str(mv.version), []),
                         mv.run_id, m)
             for mv in (registry.newest_versions(reg.model_name, limit) if limit else registry.versions(reg.model_name))]
+    return name_test_sets(rows, lambda sha: min(int(v.version) for v in registry.versions_tagged(
+        reg.model_name, {t.TEST_SET: sha})))

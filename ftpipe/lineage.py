@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from ftpipe import tags as t
+
 
 @dataclass(frozen=True)
 class Lineage:
@@ -24,31 +26,49 @@ class Lineage:
     manifest: dict = field(default_factory=dict)
     prefect_flow_run: str = ""
     start_from: str = "scratch"          # or "champion models:/NAME/V: N new training rows + M replayed"
+    train_file: str = ""                 # an incremental run's training file: "sha256:HEX rows:N"
 
     def tags(self) -> dict[str, str]:
+        """The lineage as ftpipe.* keys (ftpipe.tags): all go into the immutable record, a few
+        also onto the version (ftpipe.tags.version_tags)."""
         tags = {
-            "ftpipe.git_commit": self.git_commit,
-            "ftpipe.git_dirty": str(self.git_dirty).lower(),
-            "ftpipe.config_hash": self.config_hash,
-            "ftpipe.base_model": self.base_model,
-            "ftpipe.base_model_revision": self.base_model_revision,
-            "ftpipe.gx_verdict": self.gx_verdict,
-            "ftpipe.prefect_flow_run": self.prefect_flow_run,
-            "ftpipe.start_from": self.start_from,
-        }
+            t.GIT_COMMIT: self.git_commit,
+            t.GIT_DIRTY: str(self.git_dirty).lower(),
+            t.CONFIG_HASH: self.config_hash,
+            t.BASE_MODEL: self.base_model,
+            t.BASE_MODEL_REVISION: self.base_model_revision,
+            t.GX_VERDICT: self.gx_verdict,
+            t.PREFECT_FLOW_RUN: self.prefect_flow_run,
+            t.START_FROM: self.start_from,
+        } | ({t.TRAIN_FILE: self.train_file} if self.train_file else {})
         for key, md5 in self.data_hashes.items():
-            tags[f"ftpipe.dvc.{key}"] = md5
+            tags[t.DVC + key] = md5
         for f in self.manifest.get("files", []):
-            tags[f"ftpipe.source.{f['path']}"] = f"sha256:{f['sha256']} rows:{f['rows']}"
+            tags[t.SOURCE + f["path"]] = f"sha256:{f['sha256']} rows:{f['rows']}"
         return tags
 
 
+def file_pin(path: str | Path) -> str:
+    """A JSONL file as a record pins it: 'sha256:HEX rows:N'."""
+    from ftpipe.sources import sha256_path
+
+    rows = sum(1 for line in Path(path).read_bytes().splitlines() if line.strip())
+    return f"sha256:{sha256_path(Path(path))} rows:{rows}"
+
+
+# Versioned elsewhere: data/ and dvc.lock by DVC (their hashes are the data link), params.yaml
+# by the config link (the whole config is logged and hashed). A drop landing in data/incoming
+# or a run updating dvc.lock does not make the code "dirty".
+NOT_CODE = ("data", "dvc.lock", "params.yaml")
+
+
 def git_commit(root: Path) -> tuple[str, bool]:
-    """(HEAD commit, whether tracked files differ from it); ('unknown', True) outside git."""
+    """(HEAD commit, whether tracked code differs from it); ('unknown', True) outside git."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."]
+                               + [f":(exclude){p}" for p in NOT_CODE], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
         return head, bool(dirty)
     except (subprocess.CalledProcessError, FileNotFoundError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-EMAIL = r"(?=[A-Za-z0-9._%+-]*@)[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+EMAIL = r"(?=[A-Za-z0-9._%+-]{1,64}@)[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
 # International or North-American style numbers with separators; bare digit runs (years,
 # dates like 1991-03-13, amounts) are not phones.
 PHONE = (r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-])"
@@ -82,6 +82,29 @@ def scrub(text: str) -> tuple[str, list[str]]:
     if not _maybe(text):
         return text, found
     return _COMBINED.sub(repl, text), found
+
+
+def scrub_all(value):
+    """Every string inside value (nested dicts and lists too) scrubbed: (new value, kinds).
+    Used on whole records (a quarantined row with its raw line) before they leave the clean
+    step, so a row quarantined for any reason holds no PII the policy removes."""
+    if isinstance(value, str):
+        return scrub(value)
+    found: list[str] = []
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out[k], kinds = scrub_all(v)
+            found += kinds
+        return out, found
+    if isinstance(value, list):
+        items = []
+        for v in value:
+            v, kinds = scrub_all(v)
+            items.append(v)
+            found += kinds
+        return items, found
+    return value, found
 
 
 # For GX (SQLite's REGEXP runs Python's re): cards without the Luhn check would flag any

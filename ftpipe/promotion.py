@@ -38,13 +38,32 @@ class Decision:
             return "promote: " + "; ".join(r.detail for r in self.reasons)
         return "refuse: " + "; ".join(r.detail for r in failed)
 
+    def why(self) -> str:
+        """The rule(s) that decided, without the rules every candidate passes: a refusal's
+        failed rules; a promotion's comparison with the champion (or "first model")."""
+        decisive = ([r for r in self.reasons if not r.passed]
+                    or [r for r in self.reasons if r.rule == "beats_champion"])
+        return "; ".join(r.detail for r in decisive) or self.summary()
+
     def as_dict(self) -> dict:
-        return {"promote": self.promote, "verdict": self.verdict, "summary": self.summary(),
+        return {"promote": self.promote, "verdict": self.verdict, "summary": self.summary(), "why": self.why(),
                 "reasons": [r.__dict__ for r in self.reasons]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Decision":
         return cls(bool(d["promote"]), tuple(RuleResult(**r) for r in d["reasons"]))
+
+
+def unknown_slices(policy: PromotionConfig, slices: set[str]) -> list[str]:
+    """Problems, one per policy field naming a slice the test set does not have
+    (`slice.NAME.METRIC` as primary metric or threshold): a config error, found before
+    training rather than after registration."""
+    fields = [("registry.promotion.primary_metric", policy.primary_metric)] + [
+        (f"registry.promotion.thresholds.{m}", m) for m in policy.thresholds]
+    have = ", ".join(sorted(slices)) or "none (no row has a slice)"
+    return [f"{where}: {metric} names slice {metric.split('.')[1]!r}, which the test set does not have "
+            f"(its slices: {have})" for where, metric in fields
+            if metric.startswith("slice.") and metric.split(".")[1] not in slices]
 
 
 def improvement(metric: str, candidate: float, reference: float, policy: PromotionConfig | None = None) -> float:

@@ -95,8 +95,9 @@ def _messages(value: Any) -> tuple[list | None, str | None]:
 
 def canonical(obj: dict, fmt: str, columns: dict[str, str]) -> dict:
     """The canonical fields of one source object. A value of the wrong type is kept as it
-    came (the raw GX suite reports it) and `_error` names the first such problem."""
+    came (the raw GX suite reports it) and `_error` names every such field."""
     row: dict[str, Any] = {"_format": fmt}
+    errors = []
     for field in FIELDS[fmt]:
         raw = obj.get(columns.get(field, field))
         if field == "messages":
@@ -104,8 +105,10 @@ def canonical(obj: dict, fmt: str, columns: dict[str, str]) -> dict:
         else:
             value, err = _text(raw, columns.get(field, field))
         row[field] = value if err is None else raw
-        if err and "_error" not in row:
-            row["_error"] = err
+        if err:
+            errors.append(err)
+    if errors:
+        row["_error"] = "; ".join(errors)
     # The evaluation slice: columns.slice names it, else a `slice` or `task` column.
     sl = obj.get(columns["slice"]) if "slice" in columns else obj.get("slice", obj.get("task"))
     if isinstance(sl, (str, int)) and not isinstance(sl, bool) and str(sl).strip():

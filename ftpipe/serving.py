@@ -1,6 +1,7 @@
 """The registered model's pyfunc flavour: `mlflow.pyfunc.load_model(...).predict(...)`
 generates text from a fine-tuned Hugging Face checkpoint stored in the version's artifacts.
 
+    mlflow.set_tracking_uri("sqlite:///mlflow/mlflow.db")   # the project's store, or a server
     model = mlflow.pyfunc.load_model("models:/ftpipe-dates@champion")
     model.predict(pd.DataFrame({"instruction": ["Convert 1991-03-13 to words."]}))
 """

@@ -89,6 +89,23 @@ class Expanded:
     skipped: list[dict]       # {"path", "why"}: drop-folder files not read, and why
 
 
+def locate(root: Path, src: SourceConfig) -> tuple[Path, list[Path] | None]:
+    """(the source's path, a glob's matching files or None): raises SourceError when the path
+    is missing, leaves the project, or the glob matches nothing. Reads no file."""
+    assert src.path is not None
+    full = root / src.path
+    if globlib.has_magic(src.path):
+        matches = sorted(Path(p) for p in globlib.glob(str(full), recursive=True))
+        files = [_inside(root, p, str(p)) for p in matches if p.is_file()]
+        if not files:
+            raise SourceError(f"source {src.label!r}: the glob {src.path!r} matches no files")
+        return full, files
+    _inside(root, full, src.path)
+    if not full.exists():
+        raise SourceError(f"source {src.label!r}: {src.path} not found")
+    return full, None
+
+
 def expand(root: Path, src: SourceConfig) -> Expanded:
     """The files of a source: one file or folder, a glob's matches, a drop folder's files."""
     if src.type == "sql":
@@ -97,17 +114,9 @@ def expand(root: Path, src: SourceConfig) -> Expanded:
             raise SourceError(f"sql source {src.name!r}: no export at {path.relative_to(root)}; "
                               "`ftpipe run` (or `ftpipe data fetch`) runs the query first")
         return Expanded([path], [])
-    assert src.path is not None
-    full = root / src.path
-    if globlib.has_magic(src.path):
-        matches = sorted(Path(p) for p in globlib.glob(str(full), recursive=True))
-        files = [_inside(root, p, str(p)) for p in matches if p.is_file()]
-        if not files:
-            raise SourceError(f"source {src.label!r}: the glob {src.path!r} matches no files")
-        return Expanded(files, [])
-    _inside(root, full, src.path)
-    if not full.exists():
-        raise SourceError(f"source {src.label!r}: {src.path} not found")
+    full, matches = locate(root, src)
+    if matches is not None:
+        return Expanded(matches, [])
     is_drop = src.type == "drop" or (src.type == "auto" and full.is_dir()
                                      and file_type_or_none(full) is None)
     if not is_drop:
@@ -146,16 +155,35 @@ def file_type_or_none(path: Path) -> str | None:
 
 # ---------------------------------------------------------------- text decoding
 
+# C0 control bytes that text files do not hold (tab, newlines, form feed, escape do occur).
+_CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\r\f\v\x1b") + b"\x7f"
+SNIFF_BYTES = 1 << 16
+
+
+def binary_reason(head: bytes) -> str | None:
+    """Why these bytes are not text, or None. A NUL says it at once; compressed or
+    encrypted data without one still has ~10% control bytes where text has almost none
+    (text in any 8-bit code page, Latin-1 included, stays below 1%)."""
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        return f"NUL byte at offset {nul}"
+    controls = len(head) - len(head.translate(None, _CONTROL_BYTES))
+    if controls >= 8 and controls > 0.03 * len(head):
+        return f"{controls:,} control bytes in its first {len(head):,} ({controls / len(head):.0%})"
+    return None
+
+
 def _sniff(path: Path, encoding: str) -> str:
-    """The codec to read a text file with: a BOM wins; NUL bytes without one mean binary."""
+    """The codec to read a text file with: a BOM wins; content that is not text (NUL or
+    control bytes) fails the file as binary, whatever its extension."""
     with path.open("rb") as f:
-        head = f.read(8192)
+        head = f.read(SNIFF_BYTES)
     for bom, codec in _BOMS:
         if head.startswith(bom):
             return codec
-    nul = head.find(b"\x00")
-    if nul >= 0:
-        raise SourceError(f"{path}: binary content (NUL byte at offset {nul}), not a text file")
+    why = binary_reason(head)
+    if why:
+        raise SourceError(f"{path}: binary content ({why}), not a text file")
     return "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
 
 
@@ -297,8 +325,11 @@ def _csv(path: Path, encoding: str) -> Iterator[Item]:
                 if not values:
                     continue
                 if len(values) != len(header):
-                    yield Item(start, None, f"{len(values)} fields where the header has {len(header)}",
-                               json.dumps(values, ensure_ascii=False))
+                    why = f"{len(values)} fields where the header has {len(header)}"
+                    if last > start and any("\n" in v for v in values):   # a quote that never closed
+                        why = (f"unterminated quote: a quoted field opened on line {start} runs to line "
+                               f"{last}, taking the lines in between with it ({why})")
+                    yield Item(start, None, why, json.dumps(values, ensure_ascii=False))
                     continue
                 yield Item(start, dict(zip(header, values)))
     except UnicodeDecodeError as exc:
@@ -389,6 +420,29 @@ class SqlExport:
     changed: bool
 
 
+def _sql_error(src: SourceConfig, exc: Exception) -> SourceError:
+    """One line naming the source (password hidden). ftpipe.retry.is_transient reads it: a
+    refused or timed-out connection is retried, a bad query or password never is."""
+    return SourceError(f"sql source {src.name!r} ({redacted(src.url or '')}): {str(exc).strip().splitlines()[0]}")
+
+
+def check_sql(src: SourceConfig) -> None:
+    """Connect and start the query without reading its rows (a server-side cursor where the
+    database has one): a wrong URL, password, table or column fails here, in a second."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        engine = create_engine(os.path.expandvars(src.url or ""))
+        try:
+            with engine.connect() as conn:
+                conn.execution_options(stream_results=True, yield_per=1).execute(text(src.query or "")).close()
+        finally:
+            engine.dispose()
+    except SQLAlchemyError as exc:
+        raise _sql_error(src, exc) from None
+
+
 def fetch_sql(root: Path, src: SourceConfig) -> SqlExport:
     """Run a SQL source's query (streamed) into data/sources/sql/<name>.jsonl. The file is
     replaced only when its bytes change, so an unchanged table keeps DVC's collect stage
@@ -413,8 +467,7 @@ def fetch_sql(root: Path, src: SourceConfig) -> SqlExport:
         engine.dispose()
     except SQLAlchemyError as exc:
         tmp.unlink(missing_ok=True)
-        first = str(exc).strip().splitlines()[0]
-        raise SourceError(f"sql source {src.name!r} ({redacted(src.url or '')}): {first}") from None
+        raise _sql_error(src, exc) from None
     changed = not out.exists() or sha256_path(out) != sha256_path(tmp)
     if changed:
         os.replace(tmp, out)

@@ -30,6 +30,7 @@ from typing import Callable
 
 from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
 from ftpipe.formatting import pack_flat, IGNORE_INDEX, collate, encode, pack
+from ftpipe.modelref import check_weights
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,26 +72,6 @@ def pick_dtype(precision: str):
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-class UnsafeWeights(ValueError):
-    """A checkpoint whose weights are pickles, refused unless model.allow_pickle_weights."""
-
-
-def check_weights(path: str | Path, allow_pickle: bool = False) -> None:
-    """A local checkpoint must hold safetensors weights unless pickles are allowed: loading a
-    pickle (pytorch_model.bin) runs whatever code it carries."""
-    p = Path(path)
-    if allow_pickle or not p.is_dir() or any(p.glob("*.safetensors")):
-        return
-    pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise UnsafeWeights(f"{p} holds no safetensors weights, only {', '.join(pickles)} (pickle, which runs code "
-                         "when loaded). Convert it to safetensors, or set model.allow_pickle_weights: true "
-                         "if you trust where it came from.")
 
 
 def load_base(model_cfg: ModelConfig, dtype, for_training: bool = True, device_index: int = 0):

@@ -76,6 +76,15 @@ def _repo(root: Path):
     return Repo(str(root))
 
 
+def remote_of(root: Path, remote: str | None = None) -> dict[str, str]:
+    """{"name", "url"} of the remote data versions go to (the default unless named), its URL
+    as DVC resolves it (~ expanded, a relative path made absolute); {} when none."""
+    with _repo(root) as repo:
+        name = remote or repo.config["core"].get("remote")
+        url = (repo.config["remote"].get(name) or {}).get("url") if name else None
+    return {"name": name, "url": str(url)} if name and url else {}
+
+
 @dataclass(frozen=True)
 class PushResult:
     remote: str

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from ftpipe.config import DataConfig, ModelConfig, QualityConfig
+from ftpipe.config import DataConfig, ModelConfig, PromotionConfig, QualityConfig
 from ftpipe.lineage import base_model_revision, read_manifest
 from ftpipe.quality import REPORTS, QualityResult, gate_cleaned, gate_raw
 from ftpipe.registry import log_dir, log_files
@@ -45,14 +45,37 @@ def prepare_base_model(model: ModelConfig, root: str) -> BaseModelRef:
         st = reproduce(root_p, "base_model")
         _log(f"base model {model.base}: {'built' if st.ran else 'up to date, skipped'}")
         return BaseModelRef(str(local), model.base, base_model_revision(model.base, None, root_p), st.ran)
-    path = str(local) if local.exists() else model.base
-    from ftpipe.training import check_weights
+    from ftpipe.modelref import check_model
 
-    check_weights(path, model.allow_pickle_weights)   # before any data work
+    path = check_model(model.base, root_p, model.revision, model.allow_pickle_weights)   # before any data work
     return BaseModelRef(path, model.base, base_model_revision(path, model.revision, root_p), None)
 
 
-@task(name="fetch-sql", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(name="preflight", cache_policy=NO_CACHE)
+def check_inputs(data: DataConfig, model: ModelConfig, root: str) -> None:
+    """Every source and the base model looked at before any slow work; all problems at once."""
+    from ftpipe.preflight import require
+
+    require(data, model, Path(root))
+
+
+@task(name="check-slices", cache_policy=NO_CACHE)
+def check_slices(promotion: PromotionConfig, root: str) -> None:
+    """A promotion rule on a slice the test set does not have is a config error: say so now,
+    not after training and registering."""
+    import orjson
+
+    from ftpipe.config import ConfigError
+    from ftpipe.promotion import unknown_slices
+
+    with (Path(root) / SPLITS / "test.jsonl").open("rb") as f:
+        slices = {s for line in f if line.strip() and (s := orjson.loads(line).get("slice"))}
+    problems = unknown_slices(promotion, slices)
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+@task(name="fetch-sql", cache_policy=NO_CACHE)
 def fetch_sql_sources(data: DataConfig, root: str) -> list[SqlExport]:
     """Export each SQL source's query to data/sources/sql/<name>.jsonl (DVC sees the change)."""
     out = []
@@ -105,7 +128,7 @@ def validate_cleaned_data(quality: QualityConfig, data: DataConfig, root: str, r
     return result
 
 
-@task(name="push-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(name="push-data", cache_policy=NO_CACHE)
 def push_data(data: DataConfig, root: str, stages: list[str]) -> PushResult | None:
     """Every data version trained on goes to the DVC remote, so an audit can restore it."""
     if not data.push:

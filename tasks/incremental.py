@@ -9,6 +9,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from ftpipe import registry
+from ftpipe import tags as t
 from ftpipe.config import PipelineConfig, RegistryConfig
 from ftpipe.incremental import Increment, plan
 
@@ -19,17 +20,17 @@ def plan_increment(cfg: PipelineConfig, root: str, splits_md5: str, run_id: str,
     """New rows (by content hash) since the champion's data version, and for an incremental
     run its training file: the new training rows plus incremental.replay_ratio of replay.
     A champion fine-tuned from another base model (id or revision) is never the start."""
-    from ftpipe.audit import SPLITS_KEY, Store, split_rows
+    from ftpipe.audit import TRAIN_FILE_ARTIFACT, Store, split_rows
 
     champ = registry.version_by_alias(cfg.registry.model_name, registry.CHAMPION)
     rows, base_changed = None, None
     if champ is not None:
         tags = registry.client().get_model_version(champ.name, champ.version).tags or {}
-        was = (tags.get("ftpipe.base_model"), tags.get("ftpipe.base_model_revision"))
+        was = (tags.get(t.BASE_MODEL), tags.get(t.BASE_MODEL_REVISION))
         if was[0] is not None and was != (base_id, base_revision):
             base_changed = (f"the base model changed since {champ.name} v{champ.version} "
                             f"({was[0]}@{was[1]} -> {base_id}@{base_revision})")
-        md5 = tags.get(f"ftpipe.dvc.{SPLITS_KEY}")
+        md5 = tags.get(t.SPLITS)
         if md5:
             store = Store(Path(root), cfg.data.remote)
             try:
@@ -43,8 +44,9 @@ def plan_increment(cfg: PipelineConfig, root: str, splits_md5: str, run_id: str,
                cfg.incremental.replay_ratio, cfg.train.seed, out, base_changed)
     registry.client().set_tag(run_id, "ftpipe.new_rows", str(inc.new_rows))
     get_run_logger().info(f"new rows since {inc.champion or 'no champion'}: {inc.new_rows}; {inc.reason}")
-    if inc.train_path:   # what the candidate trains on, with the run (lineage: restore, deletion requests)
-        registry.client().log_artifact(run_id, inc.train_path, "data/increment")
+    if inc.train_path:   # what the candidate trains on, with the run; its sha256 goes into the lineage
+        # record (ftpipe.train_file): the audit re-hashes it, reverse queries by row read it
+        registry.client().log_artifact(run_id, inc.train_path, str(Path(TRAIN_FILE_ARTIFACT).parent))
     return inc
 
 
@@ -52,14 +54,11 @@ def plan_increment(cfg: PipelineConfig, root: str, splits_md5: str, run_id: str,
 def last_tried(cfg: PipelineConfig, splits_md5: str) -> str | None:
     """'NAME vN (decision)' when a version was already trained on this data version with this
     config: a scheduled run then does not train and register the same candidate again."""
-    from ftpipe.audit import SPLITS_KEY
-
-    for mv in registry.versions_tagged(cfg.registry.model_name, {f"ftpipe.dvc.{SPLITS_KEY}": splits_md5,
-                                                                 "ftpipe.config_hash": cfg.hash()}):
+    for mv in registry.versions_tagged(cfg.registry.model_name, {t.SPLITS: splits_md5, t.CONFIG_HASH: cfg.hash()}):
         tags = mv.tags or {}
         # undecided: a run crashed between registering and the gate; the next run finishes it
-        if tags.get("ftpipe.decision"):
-            return f"{cfg.registry.model_name} v{mv.version} ({tags['ftpipe.decision']})"
+        if tags.get(t.DECISION):
+            return f"{cfg.registry.model_name} v{mv.version} ({tags[t.DECISION]})"
     return None
 
 

@@ -28,5 +28,7 @@ def transient_failure(task, task_run, state) -> bool:
 def io(task, reg: RegistryConfig):
     """The task with registry.io_retries retries, delays io_retry_delay_s x 1, 2, 4, ..."""
     n = reg.io_retries
+    if not n:   # io_retries: 0 means none, whatever the task's own decorator says
+        return task.with_options(retries=0)
     return task.with_options(retries=n, retry_delay_seconds=[reg.io_retry_delay_s * 2 ** i for i in range(n)],
-                             retry_condition_fn=transient_failure) if n else task
+                             retry_condition_fn=transient_failure)

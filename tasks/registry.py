@@ -10,7 +10,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from ftpipe import gate, registry
-from ftpipe.audit import write_record
+from ftpipe import tags as t
+from ftpipe.audit import recorded_tags, write_record
 from ftpipe.config import EvalConfig, PipelineConfig, RegistryConfig
 from ftpipe.lineage import Lineage
 
@@ -42,19 +43,16 @@ def start_run(cfg: PipelineConfig, root: str, flow_run_id: str) -> str:
     return run.info.run_id
 
 
-CANDIDATE_TAG = "ftpipe.candidate"   # the training key (runs/train-KEY): one version per trained candidate
-
-
 @task(name="find-registered", cache_policy=NO_CACHE)
 def registered_candidate(reg: RegistryConfig, model_dir: str, run_id: str) -> tuple[registry.VersionInfo, str] | None:
     """The version that already holds these weights (same training key: same recipe, same
     data), with its gate decision ('' when a crashed run registered it but never decided):
     a run started again never registers the same candidate twice."""
     key = Path(model_dir).parent.name
-    for mv in registry.versions_tagged(reg.model_name, {CANDIDATE_TAG: key})[:1]:
+    for mv in registry.versions_tagged(reg.model_name, {t.CANDIDATE: key})[:1]:
         tags = mv.tags or {}
-        if tags.get(CANDIDATE_TAG) == key:
-            decision = tags.get("ftpipe.decision", "")
+        if tags.get(t.CANDIDATE) == key:
+            decision = tags.get(t.DECISION, "")
             c = registry.client()
             c.set_tag(run_id, "ftpipe.model_version", str(mv.version))
             c.set_tag(run_id, "ftpipe.reused_version", f"{reg.model_name} v{mv.version}")
@@ -70,11 +68,12 @@ def registered_candidate(reg: RegistryConfig, model_dir: str, run_id: str) -> tu
 def register_candidate(reg: RegistryConfig, run_id: str, model_dir: str, lineage: Lineage,
                        metrics: dict[str, float], method: str, test_sha: str) -> registry.VersionInfo:
     key = Path(model_dir).parent.name
-    tags = lineage.tags() | {"ftpipe.method": method, "ftpipe.run_id": run_id, gate.TEST_SET_TAG: test_sha,
-                             CANDIDATE_TAG: key}
-    tags |= {f"ftpipe.metric.{k}": f"{v:.6g}" for k, v in metrics.items() if not k.startswith("slice.")}
-    # the immutable twin of the lineage tags (`ftpipe lineage` names any tag edited later)
-    write_record(registry.client(), run_id, tags)
+    facts = lineage.tags() | {t.METHOD: method, t.TEST_SET: test_sha, t.CANDIDATE: key}
+    facts |= {t.METRIC + k: f"{v:.6g}" for k, v in metrics.items() if not k.startswith("slice.")}
+    # every fact in the immutable record; the few people filter on also as version tags
+    # (`ftpipe lineage` names any of them edited later)
+    tags = t.version_tags(facts, reg.promotion.primary_metric)
+    write_record(registry.client(), run_id, facts, tags)
     version = registry.log_model(run_id, model_dir, reg.model_name, tags)
     registry.client().set_tag(run_id, "ftpipe.model_version", version.version)
     get_run_logger().info(f"registered {reg.model_name} version {version.version} as challenger")
@@ -98,7 +97,7 @@ def publish_reports(cfg: PipelineConfig, run_id: str, version: str, result: gate
     out = Path(root) / "runs" / f"eval-{run_id[:12]}"
     out.mkdir(parents=True, exist_ok=True)
     report = result.report
-    tags = registry.client().get_model_version(cfg.registry.model_name, version).tags or {}
+    tags = recorded_tags(registry.client(), cfg.registry.model_name, version)   # tags + the record
     card = model_card(cfg, version, run_id, tags, report, result)
     (out / "model_card.md").write_text(card, encoding="utf-8")
     registry.log_model_file(cfg.registry.model_name, version, out / "model_card.md")

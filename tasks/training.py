@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
-from ftpipe.config import LoraConfig, ModelConfig, RegistryConfig, TrainConfig
+from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
 from ftpipe.launch import train
 from ftpipe.registry import client
 from ftpipe.training import TrainResult
-from tasks.io import io
 
 
 def training_dir(root: str, model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig,
@@ -104,17 +103,17 @@ def fine_tune(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, base
 
 
 def train_candidate(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, base_path: str,
-                    splits: dict[str, str], run_id: str, root: str, data_hash: str,
-                    reg: RegistryConfig | None = None) -> TrainResult:
+                    splits: dict[str, str], run_id: str, root: str, data_hash: str) -> TrainResult:
     """The candidate of this flow run: trained, resumed, or (same recipe and data, weights
-    still on disk) the cached result of an earlier run; then logged to this run."""
+    still on disk) the cached result of an earlier run. log_training puts it on the run once
+    the flow knows the run goes on (a run that ends skipped carries no reused metrics)."""
     args = (model, lora, train_cfg, base_path, splits, run_id, root, data_hash)
     cached = fine_tune.with_options(result_storage=result_store(root))
     result = cached(*args)
     if not (Path(result.model_dir) / "config.json").is_file():   # cached, but the weights are gone
         get_run_logger().warning(f"the cached training's weights are gone ({result.model_dir}): training again")
         result = cached.with_options(refresh_cache=True)(*args)
-    return (io(log_training, reg) if reg else log_training)(run_id, result)
+    return result
 
 
 @task(name="log-training", cache_policy=NO_CACHE)

@@ -96,6 +96,10 @@ def make_project(dest: Path, tweaks: dict | None = None, tiny: bool = True) -> P
         elif src.exists():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
+    # the project's own DVC remote (tests delete and corrupt remote objects), by absolute path as
+    # a team's shared remote would be: clones of the project reach the same one
+    (dest / ".dvc/config").write_text(f"[core]\n    remote = local\n['remote \"local\"']\n"
+                                      f"    url = {dest.resolve() / 'dvc-remote'}\n")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for key, value in ((TINY if tiny else {}) | (tweaks or {})).items():
         if isinstance(value, dict):

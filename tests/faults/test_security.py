@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import BIN, REPO, free_port, make_project, run_cli, wait_http
+from tests.helpers import BIN, REPO, free_port, make_project, mlflow_client, run_cli, wait_http
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 PLANTED = {"FTPIPE_DB_PASSWORD": "pw-planted-7f3a9c51", "HF_TOKEN": "hf_planted_token_8d2e1b44",
@@ -27,11 +27,30 @@ def _files(*roots: Path):
                 yield p
 
 
-def test_planted_secrets_never_leave_a_run(tmp_path_factory, prefect_server):
-    """A SQL source whose password comes from ${FTPIPE_DB_PASSWORD}, tokens in the environment:
-    after a whole run, no output holds any of them — stdout, stderr, MLflow (params, tags,
-    artifacts, its database file), runs/, data/, the DVC cache and remote, git, and the
-    Prefect server's database and logs."""
+# Personal data planted in a source: in a row the policy scrubs or drops, in a malformed
+# (truncated) line and in a wrong-typed row, both quarantined whatever the policy.
+PII = {"email": "planted.person@example.org", "card": "4111 1111 1111 1111", "phone": "+44 20 7946 0958"}
+
+
+def _people_source(project: Path) -> None:
+    lines = [json.dumps({"instruction": f"Spell the number {n} in words.", "input": "", "output": f"number {n}"})
+             for n in range(11, 21)]
+    lines += [json.dumps({"instruction": "Who wrote to us?", "input": "", "output": f"It was {PII['email']}."}),
+              json.dumps({"instruction": "Call back", "input": f"at {PII['phone']}", "output": "Done."}),
+              '{"instruction": "Charge card ' + PII["card"] + '", "output": "charg',          # truncated
+              json.dumps({"instruction": f"Mail {PII['email']} a copy", "output": 42})]     # wrong type
+    (project / "data/sources/people.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("pii", ["scrub", "drop"])
+def test_planted_secrets_and_pii_never_leave_a_run(tmp_path_factory, prefect_server, pii):
+    """A SQL source whose password comes from ${FTPIPE_DB_PASSWORD}, tokens in the environment,
+    and personal data in a source file (a row the policy scrubs or drops, a malformed line, a
+    wrong-typed row): after a whole run, no output holds any of them — stdout, stderr, MLflow
+    (params, tags, artifacts, its database file), runs/, the cleaned data, splits and reports,
+    the DVC cache and remote, git, and the Prefect server's database and logs. The only copies
+    of the PII are the source file itself and the raw snapshot that DVC versions (the data
+    before the policy applies, in data/collected and its DVC objects)."""
     import psycopg
 
     table = f"ftpipe_rows_{os.getpid()}"
@@ -45,7 +64,10 @@ def test_planted_secrets_never_leave_a_run(tmp_path_factory, prefect_server):
     project = make_project(tmp_path_factory.mktemp("secrets"), {"train": {"max_steps": 5}})
     import yaml
 
+    _people_source(project)
     params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["clean"]["pii"] = pii
+    params["data"]["sources"].append({"name": "people", "path": "data/sources/people.jsonl"})
     params["data"]["sources"].append({
         "name": "db", "type": "sql", "format": "alpaca",
         "url": "postgresql+psycopg://postgres:${FTPIPE_DB_PASSWORD}@127.0.0.1:5432/test",
@@ -61,8 +83,9 @@ def test_planted_secrets_never_leave_a_run(tmp_path_factory, prefect_server):
     assert len(export.read_text().splitlines()) == 300          # the password really was used
 
     outputs = {"stdout": proc.stdout.encode(), "stderr": proc.stderr.encode()}
-    remote = project.parent / "dvc-remote"
-    roots = [project, Path(prefect_server["PREFECT_HOME"])] + ([remote] if remote.is_dir() else [])
+    remote = project / "dvc-remote"
+    assert remote.is_dir()
+    roots = [project, Path(prefect_server["PREFECT_HOME"])]
     n = 0
     for f in _files(*roots):
         outputs[str(f)] = f.read_bytes()
@@ -71,6 +94,28 @@ def test_planted_secrets_never_leave_a_run(tmp_path_factory, prefect_server):
     for name, secret in PLANTED.items():
         leaks = [where for where, data in outputs.items() if secret.encode() in data]
         assert not leaks, f"{name} leaked into {leaks}"
+
+    report = json.loads((project / "data/cleaned/report.json").read_text())
+    assert report["per_source"]["people"]["quarantined"] == (2 if pii == "scrub" else 4)
+    raw = hashlib.md5((project / "data/collected/snapshot.jsonl").read_bytes()).hexdigest()
+    raw_copies = {str(project / "data/sources/people.jsonl"), str(project / "data/collected/snapshot.jsonl")}
+    for name, value in PII.items():
+        leaks = [where for where, data in outputs.items() if value.encode() in data
+                 and where not in raw_copies and not where.endswith(f"/{raw[:2]}/{raw[2:]}")]
+        assert not leaks, f"planted {name} ({value}) left data/ under pii: {pii}: {leaks}"
+    quarantine = mlflow_artifact(project, "data/quarantine.jsonl")
+    assert quarantine is not None and b"<EMAIL>" in quarantine and b"<CARD>" in quarantine   # logged, scrubbed
+
+
+def mlflow_artifact(project: Path, path: str) -> bytes | None:
+    """An artifact of the project's newest MLflow run, as bytes."""
+    c = mlflow_client(project)
+    run = c.search_runs([c.get_experiment_by_name("ftpipe").experiment_id], order_by=["start_time DESC"])[0]
+    dest = project.parent / f"dl-{run.info.run_id}"
+    try:
+        return Path(c.download_artifacts(run.info.run_id, path, str(dest))).read_bytes()
+    except Exception:   # noqa: BLE001
+        return None
 
 
 def test_a_literal_password_in_params_is_refused_without_echoing_it():
@@ -81,8 +126,8 @@ def test_a_literal_password_in_params_is_refused_without_echoing_it():
         parse_config({"data": {"sources": [{"path": "data/sources/dates.jsonl"}, src]},
                       "registry": {"tracking_uri": "postgresql://u:other-literal@db/mlflow"}})
     text = str(err.value)
-    assert "data.sources.1.url: Value error, holds a literal password: write it as ${DB_PASSWORD}" in text
-    assert "registry.tracking_uri: Value error, holds a literal password" in text
+    assert "data.sources.1.url: holds a literal password: write it as ${DB_PASSWORD}" in text
+    assert "registry.tracking_uri: holds a literal password" in text
     assert "hunter2-literal" not in text and "other-literal" not in text
 
 

@@ -5,6 +5,7 @@ process work pool; `ftpipe run --if-new-data`."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -42,7 +43,7 @@ def _runs(project):
 
 
 TRIGGER = """
-import json, sys, time
+import json, os, signal, sys, time
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
@@ -57,31 +58,51 @@ with get_client(sync_client=True) as client:
                 sys.exit("deployment never registered")
             time.sleep(2)
     sched = dep.schedules[0].schedule
-fr = run_deployment("scheduled-retrain/ftpipe-retrain", parameters=json.loads(sys.argv[1]), timeout=600)
+    fr = run_deployment("scheduled-retrain/ftpipe-retrain", parameters=json.loads(sys.argv[1]), timeout=0)
+    deadline = time.time() + 600
+    while not (fr := client.read_flow_run(fr.id)).state.is_final() and time.time() < deadline:
+        time.sleep(0.05)
+if len(sys.argv) > 2:   # stop `ftpipe schedule` the moment the run reports its end
+    os.kill(int(sys.argv[2]), signal.SIGTERM)
 print(json.dumps({"id": str(fr.id), "state": fr.state.type.value, "message": fr.state.message,
                   "cron": sched.cron, "timezone": sched.timezone, "pool": dep.work_pool_name}))
+"""
+
+STATE = """
+import sys, uuid
+from prefect.client.orchestration import get_client
+
+with get_client(sync_client=True) as client:
+    print(client.read_flow_run(uuid.UUID(sys.argv[1])).state.type.value)
 """
 
 
 @contextlib.contextmanager
 def serving(project, prefect_env: dict):
-    """`ftpipe schedule` against a Prefect server; yields trigger(**parameters): one run of the
-    deployment through the Prefect API, from a separate process (Prefect's settings are fixed
-    per process), returning the flow run and the MLflow run it made."""
+    """`ftpipe schedule` against a Prefect server; yields trigger(stop=False, **parameters): one run
+    of the deployment through the Prefect API, from a separate process (Prefect's settings are fixed
+    per process), returning the flow run and the MLflow run it made. With stop=True, `ftpipe schedule`
+    is stopped (SIGTERM) the moment the run reports COMPLETED, and the run must still read COMPLETED
+    once it has exited: stopping the scheduler never rewrites a finished run."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
                                                              "PREFECT_API_URL", "PREFECT_HOME")}
     env |= prefect_env
     served = subprocess.Popen([str(BIN / "ftpipe"), "schedule", "--project", str(project)], cwd=project, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def trigger(**parameters) -> tuple[dict, object]:
+    def trigger(stop: bool = False, **parameters) -> tuple[dict, object]:
         before = len(_runs(project))
-        proc = subprocess.run([sys.executable, "-c", TRIGGER, json.dumps(parameters)], env=env,
-                              capture_output=True, text=True, timeout=700)
+        proc = subprocess.run([sys.executable, "-c", TRIGGER, json.dumps(parameters), *([str(served.pid)] * stop)],
+                              env=env, capture_output=True, text=True, timeout=700)
         assert proc.returncode == 0, proc.stderr[-3000:]
         fr = json.loads(proc.stdout.strip().splitlines()[-1])
         assert (fr["cron"], fr["timezone"]) == ("0 3 * * *", "UTC")
         assert fr["state"] == "COMPLETED", fr
+        if stop:
+            served.wait(120)
+            state = subprocess.run([sys.executable, "-c", STATE, fr["id"]], env=env, capture_output=True,
+                                   text=True, timeout=300)
+            assert state.stdout.strip() == "COMPLETED", (state.stdout + state.stderr)[-3000:]
         runs = _runs(project)
         assert len(runs) == before + 1
         assert runs[0].data.tags["ftpipe.prefect_flow_run"] == fr["id"]      # the triggered run's record
@@ -98,10 +119,14 @@ def serving(project, prefect_env: dict):
 
 
 def _skips(project, prefect_env):
-    """One triggered run that skips (the cheap check of a served deployment)."""
+    """One triggered run that skips (the cheap check of a served deployment); the scheduler is
+    stopped the moment it completes. Run alone, the test first makes the champion that the
+    module's earlier tests leave (with none, the triggered run would train from scratch)."""
+    if not any("champion" in v.aliases for v in mlflow_client(project).search_model_versions(f"name = '{MODEL}'")):
+        _ok(run_cli(["run"], project, prefect_env))
     _always_skip(project)
     with serving(project, prefect_env) as trigger:
-        fr, run = trigger()
+        fr, run = trigger(stop=True)
     assert re.fullmatch(r"skipped: \d+ new rows < 100000", run.data.tags["ftpipe.skipped"])
     return fr
 
@@ -165,20 +190,57 @@ def test_three_drops_through_the_served_deployment(project, prefect_server):
     new_files = ("data/incoming/small.jsonl", "data/incoming/drop-3.jsonl")
     assert sum(json.loads(r)["_source"].startswith(new_files) for r in rows) == n_new
     assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "3", v3.description
-    assert json.loads(run_cli(["lineage", f"models:/{MODEL}/3", "--json"], project, prefect_server).stdout)[
-        "base_model"]["start_from"] == start
+    audit3 = json.loads(run_cli(["lineage", f"models:/{MODEL}/3", "--json"], project, prefect_server).stdout)
+    assert audit3["base_model"]["start_from"] == start
     # a deletion request against v1's data reaches every version trained from v1's weights
     from ftpipe.audit import with_descendants
 
     found = with_descendants(c, [{"model": MODEL, "version": "1"}])
     assert {(h["version"], h.get("via")) for h in found} == {
         ("1", None), ("2", f"models:/{MODEL}/1"), ("3", f"models:/{MODEL}/1")}
+    # ... and a question about one row answers from what each version trained on: v2 and v3
+    # trained on new rows (+ replay for v3), not on their whole train split
+    trained = {json.loads(r)["_hash"] for r in rows}
+    old = [r for r in map(json.loads, (project / "data/splits/train.jsonl").read_text().splitlines())
+           if r["_source"] == "data/sources/dates.jsonl"]
+
+    def answers(row: dict) -> dict[str, str]:
+        out = _ok(run_cli(["lineage", "--row-hash", row["_hash"]], project, prefect_server))
+        return {line.split(":")[0].split()[1]: line.split(": ", 1)[1] for line in out.splitlines()[1:]}
+
+    from_v1 = f"trained from the weights of models:/{MODEL}/1, which trained on it"
+    not_trained = "in its train split, not in the rows it trained on (incremental: new rows + replay)"
+    assert answers(next(r for r in old if r["_hash"] not in trained)) == {
+        "v1": "trained on it (train split)", "v2": f"{not_trained}; {from_v1}", "v3": f"{not_trained}; {from_v1}"}
+    assert answers(next(r for r in old if r["_hash"] in trained))["v3"] == (
+        "trained on it (in its incremental training file: new rows + replay)")             # replayed
+    # what it trained on is pinned in its lineage record and re-hashed like every other link
+    train_sha = hashlib.sha256("".join(r + "\n" for r in rows).encode()).hexdigest()
+    assert {k: audit3["trained_on"][k] for k in ("file", "rows", "sha256")} == {
+        "file": "run artifact data/increment/train.jsonl", "rows": n_new + n_replay, "sha256": train_sha}
+    assert next(link for link in audit3["links"] if link["name"] == "training file")["ok"]
+    # the training file altered in the artifact store: the audit names the link
+    stored = next((project / "mlflow/artifacts").glob(f"**/{v3.run_id}/artifacts/data/increment/train.jsonl"))
+    stored.write_text("".join(r + "\n" for r in rows[1:]))
+    broken = run_cli(["lineage", f"models:/{MODEL}/3"], project, prefect_server)
+    assert broken.returncode == 1 and "BROKEN training file data/increment/train.jsonl: altered since registration" \
+        in broken.stderr and broken.stderr.count("BROKEN") == 1
+    stored.write_text("".join(r + "\n" for r in rows))
 
 
 def test_if_new_data_from_the_cli(project, prefect_server):
     """`ftpipe run --if-new-data` (what a file-arrival hook calls): nothing new skips, says why."""
     out = _ok(run_cli(["run", "--if-new-data"], project, prefect_server))
     assert "skipped: 0 new rows < 20" in out and "nothing trained" in out
+
+
+def test_stopping_the_scheduler_as_a_run_completes_leaves_it_completed(project, prefect_server):
+    """`ftpipe schedule` stopped (SIGTERM) the moment a run it served reports COMPLETED: the run's
+    record stays COMPLETED (Prefect's runner cancelled the runs it still tracked, and a finished run
+    is still tracked while its process tears down: it read CANCELLED)."""
+    _always_skip(project)
+    with serving(project, prefect_server) as trigger:
+        trigger(stop=True)
 
 
 def test_the_same_on_a_prefect_server_backed_by_postgresql(project):

@@ -34,13 +34,14 @@ def lp(tmp_path_factory, prefect_server):
     """The project after three runs, and the bytes of the first version's splits."""
     project = make_project(tmp_path_factory.mktemp("lineage"))
     drops = (REPO / "data/drops/drop-0002.jsonl").read_text().splitlines(keepends=True)
-    _ok(run_cli(["run", "train.max_steps=1"], project, prefect_server))
+    # 30 steps (seconds): the model answers at all, so the gate has a champion to compare with
+    _ok(run_cli(["run", "train.max_steps=30"], project, prefect_server))
     first = {n: _sha(project / f"data/splits/{n}.jsonl") for n in SPLITS}
     (project / "data/incoming/drop-a.jsonl").write_text("".join(drops[:150]))
-    _ok(run_cli(["run", "train.max_steps=1"], project, prefect_server))
+    _ok(run_cli(["run", "train.max_steps=30"], project, prefect_server))
     (project / "data/incoming/drop-a.jsonl").unlink()
     (project / "data/incoming/drop-b.jsonl").write_text("".join(drops[150:300]))
-    _ok(run_cli(["run", "train.max_steps=1"], project, prefect_server))
+    _ok(run_cli(["run", "train.max_steps=30"], project, prefect_server))
     return {"project": project, "first": first, "env": prefect_server}
 
 
@@ -125,6 +126,65 @@ def test_reverse_queries_find_exactly_the_versions_that_used_a_source_or_row(lp,
     assert ("trained on it" if from_drop["__split"] == "train" else "evaluated on, not trained on") in text
 
 
+def test_a_version_carries_few_tags_and_the_record_holds_the_rest(lp):
+    """The registry page stays readable: a version's tags are the few people filter on (and
+    the code queries); every other fact of its registration is in its immutable record."""
+    from ftpipe import audit
+
+    client = mlflow_client(lp["project"])
+    tags = client.get_model_version(MODEL, "3").tags
+    assert {k for k in tags if not k.startswith(("ftpipe.decision", "ftpipe.champion", "ftpipe.forgetting"))} == {
+        "ftpipe.method", "ftpipe.candidate", "ftpipe.config_hash", "ftpipe.dvc.split:data/splits",
+        "ftpipe.base_model", "ftpipe.base_model_revision", "ftpipe.start_from", "ftpipe.test_set",
+        "ftpipe.metric.eval_loss"}                                         # eval_loss: the primary metric
+    assert len(tags) <= 15, sorted(tags)
+    record = audit.recorded_lineage(client, audit.resolve(client, f"models:/{MODEL}/3"))[0]
+    assert {k: record[k] for k in tags if k in record} == {k: v for k, v in tags.items() if k in record}
+    assert {"ftpipe.git_commit", "ftpipe.gx_verdict", "ftpipe.prefect_flow_run", "ftpipe.dvc.collect:data/collected",
+            "ftpipe.dvc.clean:data/cleaned", "ftpipe.source.data/incoming/drop-b.jsonl",
+            "ftpipe.metric.exact_match"} <= set(record)
+
+
+def test_models_names_each_test_set_and_the_rule_that_decided(lp):
+    """`ftpipe models` after three data versions: each score on its named test set beside the
+    champion's on the same set, "why" the deciding rule."""
+    from ftpipe.promotion import Decision
+
+    project = lp["project"]
+    doc = json.loads(_ok(run_cli(["models", "--json"], project)))
+    rows = {r["version"]: r for r in doc["versions"]}
+    assert sorted(rows) == ["1", "2", "3"]
+    assert rows["1"]["test_set"] == f"v1:{lp['first']['test'][:12]}"      # data/splits/test.jsonl of run 1
+    for v, r in rows.items():                                              # a new data version, a new test set
+        assert r["test_set"] == f"v{v}:{r['test_set_sha256'][:12]}" and isinstance(r["eval_loss"], float)
+    assert rows["1"]["why"] == "no champion yet: first model" and rows["1"]["champion_compared"] is None
+    assert "all metrics finite" in rows["1"]["summary"]                    # --json keeps the whole decision
+    for r in (rows["2"], rows["3"]):
+        decision = Decision.from_dict({"promote": r["decision"] == "promote", "reasons": r["reasons"]})
+        beats = next(x for x in decision.reasons if x.rule == "beats_champion")
+        assert r["champion_compared"] in ("1", "2")                        # the champion then, on the same set:
+        assert f"vs champion {r['champion_eval_loss']:.4f}" in beats.detail
+        assert r["why"] == (beats.detail if decision.promote else
+                            "; ".join(x.detail for x in decision.reasons if not x.passed))
+
+    wide = _ok(run_cli(["models"], project))                               # COLUMNS=200
+    for part in ("test set", "vs champion", rows["2"]["test_set"], f"v1 {rows['2']['champion_eval_loss']:.4f}",
+                 "no champion yet: first model", rows["3"]["why"][:40]):
+        assert part in wide, part
+    narrow = _ok(run_cli(["models"], project, {"COLUMNS": "100"}))
+    assert max(len(line) for line in narrow.splitlines()) <= 100
+    assert rows["3"]["test_set"] in narrow and "v1 why: no champion yet: first model" in narrow
+
+
+def test_promote_refuses_an_unknown_version_or_a_non_number_in_one_line(lp):
+    project = lp["project"]
+    unknown = run_cli(["promote", "999", "--reason", "x"], project)
+    assert unknown.returncode == 1 and unknown.stderr.strip() == f"error: {MODEL} has no version 999 (versions: 1, 2, 3)"
+    bad = run_cli(["promote", "abc", "--reason", "x"], project)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: 'abc' is not a version number (e.g. 3 or v3; `ftpipe models` lists them)")
+
+
 def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path, monkeypatch):
     from ftpipe import audit
 
@@ -139,6 +199,7 @@ def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path, monkeypatch):
         return "\n".join(f"BROKEN {link.name}: {link.detail}" for link in res.broken)
 
     tags = client.get_model_version(MODEL, "1").tags
+    record = audit.recorded_lineage(client, audit.resolve(client, f"models:/{MODEL}/1"))[0]
     splits_md5 = tags["ftpipe.dvc.split:data/splits"]
     listing_of = lambda md5: json.loads((project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).read_text())  # noqa: E731
     obj = lambda base, md5: project / base / "files/md5" / md5[:2] / md5[2:]  # noqa: E731
@@ -168,7 +229,7 @@ def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path, monkeypatch):
     cached.write_bytes(original)
 
     # 2. a deleted remote object
-    collect_md5 = tags["ftpipe.dvc.collect:data/collected"]
+    collect_md5 = record["ftpipe.dvc.collect:data/collected"]       # in the record only, not a tag
     snap_md5 = next(e["md5"] for e in listing_of(collect_md5) if e["relpath"] == "snapshot.jsonl")
     remote = obj("dvc-remote", snap_md5)
     moved = remote.rename(tmp_path / "remote-object")
@@ -200,5 +261,15 @@ def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path, monkeypatch):
         store.close()
     assert _sha(restored / "train.jsonl") == lp["first"]["train"]
     client.set_model_version_tag(MODEL, "1", "ftpipe.dvc.split:data/splits", splits_md5)
+
+    # 5. a removed tag, and a lineage tag added that the record never held
+    client.delete_model_version_tag(MODEL, "1", "ftpipe.config_hash")
+    client.set_model_version_tag(MODEL, "1", "ftpipe.source.data/sources/other.jsonl", "sha256:00 rows:1")
+    err = _broken()
+    assert f"tag ftpipe.config_hash on {MODEL} v1 was removed: recorded '{tags['ftpipe.config_hash']}'" in err
+    assert f"tag ftpipe.source.data/sources/other.jsonl on {MODEL} v1 was added after registration" in err
+    assert err.count("BROKEN") == 1                                       # one link: the record vs the tags
+    client.set_model_version_tag(MODEL, "1", "ftpipe.config_hash", tags["ftpipe.config_hash"])
+    client.delete_model_version_tag(MODEL, "1", "ftpipe.source.data/sources/other.jsonl")
 
     assert audit.audit(client, project, f"models:/{MODEL}/1").ok          # every repair: whole again

@@ -1,5 +1,6 @@
 """The data gates against the real services: a SQL source on the local PostgreSQL, and both
-Great Expectations suites (results JSON, Data Docs HTML, readable failure tables)."""
+Great Expectations suites (results JSON, Data Docs HTML, readable failure tables, the
+per-source floor, through the functions and through `ftpipe run`)."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from ftpipe.collection import collect
 from ftpipe.config import CleanConfig, QualityConfig, SourceConfig, SplitConfig, parse_config
 from ftpipe.quality import QualityGateFailed, gate_cleaned, gate_raw, validate_cleaned, validate_raw
 from ftpipe.sources import SourceError, fetch_sql
+from tests.helpers import make_project, mlflow_client, run_cli
 
 pytestmark = pytest.mark.integration
 PG = "postgresql://postgres@127.0.0.1:5432/test"
@@ -146,3 +148,66 @@ def test_cleaned_suite_catches_pii_left_in_by_policy_change(tmp_path):
     assert "<EMAIL>" in Path(c2.cleaned).read_text()
     assert validate_cleaned(Path(c2.cleaned), cfg.quality, cfg.data.clean, cfg.data.split,
                             tmp_path / "reports2").success
+
+
+def _cp1252_rows(n: int) -> bytes:
+    """Alpaca rows written by a tool that saved them as cp1252, not UTF-8."""
+    return b"".join(json.dumps({"instruction": f"Traduis « café n°{i} ».", "output": f"coffee number {i}"},
+                               ensure_ascii=False).encode("cp1252") + b"\n" for i in range(n))
+
+
+def test_source_floor_counts_what_cleaning_lost_not_duplicates(tmp_path):
+    """quality.raw.mostly pools sources; the cleaned gate also holds each source to
+    quality.cleaned.min_source_share of its rows, duplicates counting neither way."""
+    src = tmp_path / "data/sources"
+    src.mkdir(parents=True)
+    good = _rows(300)
+    (src / "d.jsonl").write_text("\n".join(good) + "\n")
+    (src / "repeat.jsonl").write_text("\n".join(good[:60][::-1]) + "\n")         # a re-delivery: all duplicates
+    (src / "legacy.jsonl").write_bytes(_cp1252_rows(40))                         # lost whole to its encoding
+    (src / "mixed.jsonl").write_text("\n".join(                                  # keeps 30 of 40: 0.75
+        [json.dumps({"instruction": f"Name colour {i}.", "output": f"colour {i}"}) for i in range(30)]
+        + [json.dumps({"instruction": f"Name shape {i}."}) for i in range(10)]) + "\n")
+
+    def gate(legacy: dict, **cleaned):
+        sources = [SourceConfig(name=n, path=f"data/sources/{n}.jsonl") for n in ("d", "repeat", "mixed")]
+        res = collect(tmp_path, sources + [SourceConfig(name="legacy", path="data/sources/legacy.jsonl", **legacy)],
+                      tmp_path / "out", log=lambda m: None)
+        c = clean(Path(res.snapshot), CleanConfig(), tmp_path / "clean")
+        return validate_cleaned(Path(c.cleaned), QualityConfig(min_rows=100, cleaned=cleaned), CleanConfig(),
+                                SplitConfig(), tmp_path / "reports")
+
+    r = gate({})
+    assert not r.success and [f["expectation"] for f in r.failed] == ["unexpected_rows_expectation"]
+    observed = r.failed[0]["observed"]
+    assert observed.startswith("source legacy, kept 0, checked 40, kept_share 0.0 (expected: each source "
+                               "keeps >= 50% of its rows through cleaning")
+    assert "repeat" not in observed and "mixed" not in observed and "source d," not in observed
+    # its encoding set, the source keeps its rows and the gate passes
+    assert gate({"encoding": "cp1252"}).success
+    # a stricter floor catches the source that lost a quarter of its rows, naming its share
+    strict = gate({"encoding": "cp1252"}, min_source_share=0.8)
+    assert [f["observed"].split(" (expected")[0] for f in strict.failed] == [
+        "source mixed, kept 30, checked 40, kept_share 0.75"]
+
+
+def test_a_source_lost_to_its_encoding_stops_the_run_naming_it(tmp_path, prefect_server):
+    """40 cp1252 rows beside the 3,000 default rows pass the pooled raw gate (1.3% < 5%), yet
+    the source keeps nothing: `ftpipe run` stops at the cleaned gate, naming the source and
+    its share, before anything is trained or registered."""
+    dest = tmp_path / "proj"
+    (dest / "data/sources").mkdir(parents=True)
+    (dest / "data/sources/legacy.jsonl").write_bytes(_cp1252_rows(40))
+    project = make_project(dest, {"data.sources": [
+        {"name": "dates", "path": "data/sources/dates.jsonl", "format": "alpaca"},
+        {"name": "legacy", "path": "data/sources/legacy.jsonl"},
+        {"name": "incoming", "path": "data/incoming", "type": "drop"}]})
+    proc = run_cli(["run"], project, prefect_server)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-4000:]
+    assert "error: data quality gate 'cleaned' failed" in out
+    assert "source legacy, kept 0, checked 40, kept_share 0.0" in out
+    assert "quality.cleaned.min_source_share" in out and "source dates" not in out
+    assert "No model was trained and no alias moved" in out
+    assert mlflow_client(project).search_model_versions("name='ftpipe-dates'") == []
+    assert json.loads((project / "data/reports/cleaned_validation.json").read_text())["success"] is False

@@ -57,3 +57,40 @@ def test_config_hash_tracks_content():
     a = parse_config(MIN)
     assert a.hash() == parse_config(MIN).hash()
     assert a.hash() != parse_config(apply_overrides(MIN, ["lora.r=8"])).hash()
+
+
+def test_six_problems_field_and_cross_field_all_at_once(tmp_path):
+    """A wrong type, a bad encoding, an unknown key, a bad cron, a section rule and a rule
+    across sections: one message lists all six, each naming its field and where it was set."""
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    doc["data"]["sources"][0]["encoding"] = "utf-9"
+    doc["schedule"]["cron"] = "every night"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path / "params.yaml", ["train.lr=fast", "train.method=qlora", "lora.rank=8",
+                                               "train.early_stopping_patience=3"])
+    msg = str(exc.value)
+    assert "6 problem(s)" in msg, msg
+    lines = msg.splitlines()[1:]
+    expect = {
+        "data.sources.0.encoding: unknown encoding 'utf-9'": "(source 'dates')",
+        "schedule.cron: 'every night' is not a 5-field cron expression": None,
+        "train.lr: Input should be a valid number": "(from the command line: train.lr=fast)",
+        "lora.rank: Extra inputs are not permitted": "(from the command line: lora.rank=8)",
+        "train: train.early_stopping_patience needs train.eval_every > 0": None,
+        "(top level): train.method=qlora needs model.quantization": "(from the command line: train.method=qlora)",
+    }
+    for start, tail in expect.items():
+        line = next((x for x in lines if x.startswith(f"  - {start}")), None)
+        assert line is not None, f"{start!r} missing from:\n{msg}"
+        assert tail is None or line.endswith(tail), line
+        assert "command line" not in line or tail, line   # a value from the file is not blamed on the CLI
+
+
+def test_list_items_can_be_overridden_by_index():
+    cfg = parse_config(apply_overrides(MIN, ["data.sources.0.encoding=cp1252"]))
+    assert cfg.data.sources[0].encoding == "cp1252"
+    with pytest.raises(ConfigError, match="no item 3"):
+        apply_overrides(MIN, ["data.sources.3.encoding=cp1252"])

@@ -115,3 +115,38 @@ def test_split_is_stable_and_proportional(tmp_path):
     # A corrected answer does not move its prompt to another split.
     assert split_of({"instruction": "Convert 5.", "output": "5"}, cfg) == \
         split_of({"instruction": "Convert 5.", "output": "five"}, cfg)
+
+
+PII_ROW_EMAIL, PII_ROW_CARD = "jane.doe@example.org", "4111 1111 1111 1111"
+
+
+@pytest.mark.parametrize("policy", ["scrub", "drop"])
+def test_quarantine_holds_no_pii_the_policy_removes(tmp_path, policy):
+    """The quarantine file is logged to MLflow: a malformed line, a wrong-typed row and a row
+    dropped for PII keep their file, line and reason, but none of the PII itself."""
+    write(tmp_path / "data/sources/a.jsonl", [
+        row(1), row(2, output=f"mail {PII_ROW_EMAIL}"),                        # 2: scrubbed or dropped
+        '{"instruction": "Write to ' + PII_ROW_EMAIL + '", "output": "ok',     # 3: truncated line
+        json.dumps({"instruction": f"card {PII_ROW_CARD}", "output": 7}),      # 4: wrong type
+        row(5, input=f"pay with {PII_ROW_CARD}")])                             # 5: scrubbed or dropped
+    res = collect(tmp_path, [SourceConfig(path="data/sources/a.jsonl")], tmp_path / "out", log=lambda m: None)
+    c = clean(Path(res.snapshot), CleanConfig(pii=policy), tmp_path / "clean")
+    assert c.read == 5 == c.kept + c.quarantined
+    text = Path(c.quarantine).read_text() + Path(c.cleaned).read_text()
+    assert PII_ROW_EMAIL not in text and "4111" not in text
+    q = {r["line"]: r for r in map(json.loads, Path(c.quarantine).read_text().splitlines())}
+    assert q[3]["reason"].startswith("malformed JSON") and "<EMAIL>" in q[3]["row"]["_raw"]
+    assert q[4]["source"] == "data/sources/a.jsonl" and "<CARD>" in q[4]["row"]["_raw"]
+    if policy == "drop":
+        assert {q[2]["reason"], q[5]["reason"]} == {"personal data or secret: email",
+                                                    "personal data or secret: card"}
+        assert "<EMAIL>" in q[2]["row"]["output"]
+    # the report counts PII in every row read, kept or quarantined
+    assert c.pii == {"email": 2, "card": 2}
+
+
+def test_pii_keep_leaves_the_quarantine_as_read(tmp_path):
+    write(tmp_path / "data/sources/a.jsonl", ['{"instruction": "Write to ' + PII_ROW_EMAIL + '", "output": "ok'])
+    res = collect(tmp_path, [SourceConfig(path="data/sources/a.jsonl")], tmp_path / "out", log=lambda m: None)
+    c = clean(Path(res.snapshot), CleanConfig(pii="keep"), tmp_path / "clean")
+    assert PII_ROW_EMAIL in Path(c.quarantine).read_text()

@@ -88,6 +88,19 @@ def test_forgetting_refuses_past_the_limit_and_names_the_set():
     assert ok.promote
 
 
+def test_why_names_the_deciding_rule_not_the_rules_every_candidate_passes():
+    """`ftpipe models` shows why(): the first model, the improvement, or each failed rule."""
+    first = decide({"exact_match": 0.9} | CLEAN, None, {"exact_match": 0.0}, POLICY, OK)
+    assert first.why() == "no champion yet: first model"
+    better = decide({"exact_match": 0.95} | CLEAN, {"exact_match": 0.9}, None, POLICY, OK)
+    assert better.why() == "exact_match 0.9500 vs champion 0.9000: improvement +0.0500 >= required 0.01"
+    assert len(better.summary()) > 200 and better.why() in better.summary()
+    refused = decide({"exact_match": 0.4} | CLEAN, {"exact_match": 0.9}, None, POLICY, OK)
+    assert refused.why() == ("exact_match 0.4000 >= 0.5 fails; exact_match 0.4000 vs champion 0.9000: "
+                             "improvement -0.5000 < required 0.01")
+    assert type(refused).from_dict(refused.as_dict()).why() == refused.why() == refused.as_dict()["why"]
+
+
 def test_missing_threshold_metric_refuses_and_unknown_metric_is_a_config_error():
     policy = PromotionConfig(thresholds={"slice.dates.rouge_l": 0.3})
     d = decide({"exact_match": 0.9} | CLEAN, None, None, policy, OK)

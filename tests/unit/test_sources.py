@@ -642,3 +642,51 @@ def test_evaluation_slices_come_from_a_column_or_the_source(tmp_path):
                        ("data/sources/plain.jsonl", 1): "support", ("data/sources/plain.jsonl", 2): "own"}
     cleaned = run_clean(tmp_path, col)
     assert sorted(r.get("slice") or "" for r in cleaned.kept) == ["", "dates", "geo", "math", "own", "support"]
+
+
+# ------------------------------------------------------------------ hostile input, second trial
+
+@pytest.mark.parametrize("name", ["x.jsonl", "x.csv", "x.json"])
+def test_binary_file_without_nul_bytes_is_an_error_naming_it(tmp_path, name):
+    """Compressed or encrypted bytes need not hold a NUL: the file still fails as binary,
+    instead of being quarantined line by line with a Latin-1 hint."""
+    import random
+
+    rng = random.Random(7)
+    data = bytes(rng.randrange(1, 256) for _ in range(200_000))
+    put(tmp_path, f"data/sources/{name}", data)
+    with pytest.raises(SourceError, match=re.escape(name) + r": binary content \([\d,]+ control bytes"):
+        collect(tmp_path, [src(f"data/sources/{name}")], tmp_path / "out", log=lambda m: None)
+
+
+def test_latin1_text_is_not_mistaken_for_binary(tmp_path):
+    text = "".join(f'{{"instruction": "Café n°{i} à Zürich – ½ €", "output": "ok"}}\n' for i in range(200))
+    put(tmp_path, "data/sources/l.jsonl", text.encode("cp1252"))
+    col = collect(tmp_path, [SourceConfig(path="data/sources/l.jsonl", encoding="cp1252")], tmp_path / "out",
+                  log=lambda m: None)
+    assert col.rows == 200 and col.parse_errors == 0
+
+
+def test_wrong_typed_row_names_every_bad_field(tmp_path):
+    put(tmp_path, "data/sources/f.jsonl", jsonl({"instruction": ["a"], "input": 3, "output": False}))
+    c = run_clean(tmp_path, run_collect(tmp_path, src("data/sources/f.jsonl")))
+    assert c.q("data/sources/f.jsonl", 1)["reason"] == ("field 'instruction' is list, expected text; field 'input' "
+                                                        "is integer, expected text; field 'output' is boolean, "
+                                                        "expected text")
+
+
+def test_unterminated_csv_quote_is_named_as_such(tmp_path):
+    put(tmp_path, "data/sources/q.csv", 'instruction,input,output\nOne,,fine\n"Two,,oops\nThree,,lost\n')
+    col = run_collect(tmp_path, src("data/sources/q.csv"))
+    bad = next(r for r in col.snapshot if r["_line"] == 3)
+    assert bad["_error"] == ("unterminated quote: a quoted field opened on line 3 runs to line 4, taking the "
+                             "lines in between with it (1 fields where the header has 3)")
+
+
+def test_an_unknown_encoding_is_a_config_error_naming_the_source():
+    from ftpipe.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config({"data": {"sources": [{"name": "legacy", "path": "data/sources/a.csv", "encoding": "latin-9x"}]}})
+    assert "data.sources.0.encoding: unknown encoding 'latin-9x' (e.g. utf-8, cp1252, latin-1, utf-16) " \
+           "(source 'legacy')" in str(err.value)

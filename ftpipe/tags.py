@@ -1,0 +1,59 @@
+"""The keys ftpipe writes on MLflow model versions, and which of them stay version tags.
+
+A version's registration facts (lineage, recipe, metrics) all go into its immutable record
+(the run artifact lineage/lineage.json, digest in the run param ftpipe.lineage_sha256,
+ftpipe.audit). Only the few a person filters on in the registry, or the code queries, are
+also version tags (VERSION_TAGS); the audit names any of those edited after registration.
+The gate adds its decision tags (DECISION ...) afterwards.
+"""
+
+from __future__ import annotations
+
+# lineage: where the code, config, base model and data came from
+GIT_COMMIT = "ftpipe.git_commit"
+GIT_DIRTY = "ftpipe.git_dirty"
+CONFIG_HASH = "ftpipe.config_hash"
+BASE_MODEL = "ftpipe.base_model"
+BASE_MODEL_REVISION = "ftpipe.base_model_revision"
+GX_VERDICT = "ftpipe.gx_verdict"
+PREFECT_FLOW_RUN = "ftpipe.prefect_flow_run"
+START_FROM = "ftpipe.start_from"          # "scratch" | "champion models:/NAME/V: N new training rows + M replayed"
+TRAIN_FILE = "ftpipe.train_file"          # an incremental run's training file: "sha256:HEX rows:N"
+DVC = "ftpipe.dvc."                       # + "stage:path" -> DVC md5
+SPLITS = DVC + "split:data/splits"
+SOURCE = "ftpipe.source."                 # + path -> "sha256:HEX rows:N"
+LINEAGE_KEYS = (GIT_COMMIT, GIT_DIRTY, CONFIG_HASH, BASE_MODEL, BASE_MODEL_REVISION, GX_VERDICT,
+                PREFECT_FLOW_RUN, START_FROM)
+
+# registration: the candidate itself
+METHOD = "ftpipe.method"
+CANDIDATE = "ftpipe.candidate"            # the training key (runs/train-KEY): one version per trained candidate
+TEST_SET = "ftpipe.test_set"              # sha256 of the test set it was scored on
+METRIC = "ftpipe.metric."                 # + metric name -> its score on TEST_SET
+
+# the gate (written after registration)
+DECISION = "ftpipe.decision"              # promote | refuse | manual-promote
+DECISION_REASONS = "ftpipe.decision.reasons"
+DECISION_SUMMARY = "ftpipe.decision.summary"   # older versions: the full summary (now in the description)
+CHAMPION_COMPARED = "ftpipe.champion_compared"
+CHAMPION_METRIC = "ftpipe.champion_metric."    # + primary metric -> the champion's score on TEST_SET
+FORGETTING = "ftpipe.forgetting"
+MANUAL_REASON = "ftpipe.manual.reason"
+
+# in the record: which of its keys were also written as version tags
+RECORD_TAGGED = "ftpipe.tagged"
+
+VERSION_TAGS = (METHOD, CANDIDATE, CONFIG_HASH, SPLITS, BASE_MODEL, BASE_MODEL_REVISION, START_FROM, TEST_SET)
+
+
+def is_registered(key: str) -> bool:
+    """A key that registration writes (in the record; some also as tags), not the gate."""
+    return key in LINEAGE_KEYS or key in (TRAIN_FILE, METHOD, CANDIDATE, TEST_SET) \
+        or key.startswith((DVC, SOURCE, METRIC))
+
+
+def version_tags(registered: dict[str, str], primary_metric: str) -> dict[str, str]:
+    """The registration facts that also become version tags: the ones people filter on and
+    the code queries, plus the primary metric."""
+    keep = set(VERSION_TAGS) | {METRIC + primary_metric}
+    return {k: v for k, v in registered.items() if k in keep}
