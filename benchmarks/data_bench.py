@@ -85,10 +85,10 @@ class PeakRSS:
 
 
 def bench(n: int, tokenizer: str, workdir: Path) -> dict:
-    from ftpipe.cleaning import clean
-    from ftpipe.collection import collect
+    from ftpipe.data.cleaning import clean
+    from ftpipe.data.collection import collect
     from ftpipe.config import load_config, parse_config
-    from ftpipe.quality import validate_cleaned, validate_raw
+    from ftpipe.data.quality import validate_cleaned, validate_raw
 
     base = load_config(REPO / "params.yaml")
     raw = base.model_dump(mode="json")

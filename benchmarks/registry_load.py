@@ -115,10 +115,10 @@ def time_cli(uri: str, project: Path, repeat: int) -> dict:
 
 def time_in_process(uri: str, repeat: int) -> dict:
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    from ftpipe import registry
+    from ftpipe.registry import store as registry
     from ftpipe.config import load_config
-    from ftpipe.gate import list_models, regression_sets
-    from ftpipe.promotion import decide
+    from ftpipe.registry.gate import list_models, regression_sets
+    from ftpipe.registry.promotion import decide
 
     reg = load_config(REPO / "params.yaml").registry
     registry.setup(reg, REPO)

@@ -21,7 +21,7 @@ layer, d = heads x head_dim, layers = decoder layers):
     full fine-tune   6*N*L + 6*layers*d*L^2            (causal attention: half of L^2 scored)
     LoRA / QLoRA     2/3 of that + 6*N_adapter*L        (no weight gradients for frozen weights)
 
-ftpipe's variants call the recipe's own building blocks (ftpipe.training.prepare_model,
+ftpipe's variants call the recipe's own building blocks (ftpipe.training.recipe.prepare_model,
 pack_flat, the ftpipe_varlen attention, LossModel's chunked loss, fused AdamW, the same
 token-weighted loss over a step) on pre-tokenized examples; the pipeline's fine_tune
 loop drives the same calls.
@@ -209,9 +209,9 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str, ste
     import torch.distributed as dist
 
     from ftpipe.config import LoraConfig, TrainConfig
-    from ftpipe.fastpath import adapter_autocast, register
-    from ftpipe.formatting import collate, pack_flat
-    from ftpipe.training import LossModel, forward_backward, prepare_model, step_inputs
+    from ftpipe.training.fastpath import adapter_autocast, register
+    from ftpipe.data.formatting import collate, pack_flat
+    from ftpipe.training.recipe import LossModel, forward_backward, prepare_model, step_inputs
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -259,7 +259,7 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str, ste
         torch.cuda.reset_peak_memory_stats()
     setup_s = time.perf_counter() - t0
     times, losses, tokens = [], [], []
-    # The loop of ftpipe.training.fine_tune: the next step's micro-batches are built while the
+    # The loop of ftpipe.training.recipe.fine_tune: the next step's micro-batches are built while the
     # GPU works, the host waits only to read the step's loss. Each step's time runs from its
     # start to the next one's (the last one to a final synchronize).
     upcoming = build(0)
@@ -375,7 +375,7 @@ def run_reference(v: dict, cfg, examples, steps: int, warmup: int, device: str) 
         b = collate([(x["input_ids"], x["labels"]) for x in batch], 0)
         return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"]}
 
-    from ftpipe.formatting import collate
+    from ftpipe.data.formatting import collate
     timer = _Timer()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=4, gradient_accumulation_steps=16,

@@ -16,16 +16,16 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from ftpipe.config import PipelineConfig, load_config
-from ftpipe.lineage import Lineage, file_pin, git_commit
-from ftpipe.quality import QualityResult
+from ftpipe.lineage.record import Lineage, file_pin, git_commit
+from ftpipe.data.quality import QualityResult
 from ftpipe.runlock import project_lock
 from tasks.data import (DataVersion, check_inputs, check_slices, clean_data, clean_report_path, collect_data,
                         fetch_sql_sources, log_data_reports, prepare_base_model, push_data,
                         split_data, split_paths, validate_cleaned_data, validate_data)
-from ftpipe.gate import EvalReport, PromotionResult
+from ftpipe.registry.gate import EvalReport, PromotionResult
 from tasks.evaluation import evaluate_all
 from tasks.incremental import champion_weights, last_tried, plan_increment, record_skip
-from ftpipe.incremental import Increment, scaled_steps, skip_reason
+from ftpipe.training.plan import Increment, scaled_steps, skip_reason
 from tasks.registry import (finish_run, promote_candidate, publish_reports, register_candidate,
                             registered_candidate, start_run)
 from tasks.io import io
@@ -114,7 +114,7 @@ def outcome(res: RetrainResult | SkippedRun, data=None):
 
 
 def _retrain(cfg: PipelineConfig, root: str, require_new_data: bool) -> RetrainResult | SkippedRun:
-    from ftpipe import registry
+    from ftpipe.registry import store as registry
 
     flow_run_id = str(flow_run.get_id() or "local")
     run_id = io(start_run, cfg.registry)(cfg, root, flow_run_id)

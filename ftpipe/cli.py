@@ -101,13 +101,13 @@ def run(
     cfg = _load(_config_path(config, project), overrides or [], project)
 
     from ftpipe.config import ConfigError
-    from ftpipe.modelref import ModelRefError
-    from ftpipe.preflight import PreflightFailed, preflight
-    from ftpipe.quality import QualityGateFailed
-    from ftpipe.sources import SourceError
-    from ftpipe.summary import print_summary
-    from ftpipe.versioning import StageFailed
-    from ftpipe.training import TrainingDiverged
+    from ftpipe.training.models import ModelRefError
+    from ftpipe.data.preflight import PreflightFailed, preflight
+    from ftpipe.data.quality import QualityGateFailed
+    from ftpipe.data.sources import SourceError
+    from ftpipe.cli_summary import print_summary
+    from ftpipe.data.versions import StageFailed
+    from ftpipe.training.recipe import TrainingDiverged
 
     os.chdir(project)
     problems = preflight(cfg.data, cfg.model, project)   # before Prefect starts: seconds, every problem at once
@@ -313,8 +313,8 @@ def generate(
     model = model or f"models:/{cfg.registry.model_name}@champion"
     row = {"instruction": prompt, "input": input_text}
     if Path(model).is_dir():
-        from ftpipe.evaluation import generate as gen, load_for_eval
-        from ftpipe.formatting import prompt_of
+        from ftpipe.evaluation.scoring import generate as gen, load_for_eval
+        from ftpipe.data.formatting import prompt_of
 
         m, tok = load_for_eval(model)
         answer = gen(m, tok, [prompt_of(row)], max_new_tokens)[0]
@@ -323,7 +323,7 @@ def generate(
         import pandas as pd
         from mlflow.exceptions import MlflowException
 
-        from ftpipe import registry
+        from ftpipe.registry import store as registry
 
         registry.setup(cfg.registry, project)
         try:
@@ -339,7 +339,7 @@ def _registry(config: Path, project: Path):
     _quiet_env()
     project = project.resolve()
     cfg = _load(_config_path(config, project), [], project)
-    from ftpipe import registry
+    from ftpipe.registry import store as registry
 
     registry.setup(cfg.registry, project)
     return cfg, project
@@ -358,8 +358,8 @@ def promote(
     if not re.fullmatch(r"v?[0-9]+", version):
         _fail(f"{version!r} is not a version number (e.g. 3 or v3; `ftpipe models` lists them)", 2)
     cfg, _ = _registry(config, project)
-    from ftpipe.gate import manual_promote
-    from ftpipe.registry import RegistryError
+    from ftpipe.registry.gate import manual_promote
+    from ftpipe.registry.store import RegistryError
 
     try:
         event = manual_promote(cfg.registry, str(int(version.removeprefix("v"))), reason)
@@ -378,8 +378,8 @@ def rollback(
 ) -> None:
     """Move champion back to the previous champion; recorded in the registry."""
     cfg, _ = _registry(config, project)
-    from ftpipe.gate import rollback as do_rollback
-    from ftpipe.registry import RegistryError
+    from ftpipe.registry.gate import rollback as do_rollback
+    from ftpipe.registry.store import RegistryError
 
     try:
         event = do_rollback(cfg.registry, reason)
@@ -400,19 +400,19 @@ def models(
 
     Each version's primary metric on a named test set, beside the champion's on the same set,
     its gate decision and the rule that decided."""
-    from ftpipe import registry
+    from ftpipe.registry import store as registry
 
     _quiet_env()
     cfg = _load(_config_path(config, project.resolve()), [], project.resolve())
     uri = registry.tracking_uri(cfg.registry, project.resolve())
     m = cfg.registry.promotion.primary_metric
     if uri.startswith(("http://", "https://")):   # a tracking server: its REST API, no mlflow import
-        from ftpipe.registry_rest import list_models as rest_list
+        from ftpipe.registry.rest import list_models as rest_list
 
         rows, history = rest_list(uri, cfg.registry.model_name, m, limit)
     else:
         cfg, _ = _registry(config, project)
-        from ftpipe.gate import list_models
+        from ftpipe.registry.gate import list_models
 
         rows, history = list_models(cfg.registry, limit), registry.champion_history(cfg.registry.model_name)
     if as_json:
@@ -468,7 +468,7 @@ def serve(
     `mlflow models serve` with this environment's packages:
     POST /invocations {"dataframe_records": [{"instruction": "...", "input": ""}]}."""
     cfg, project = _registry(config, project)
-    from ftpipe import registry
+    from ftpipe.registry import store as registry
 
     model = model or f"models:/{cfg.registry.model_name}@champion"
     bindir = str(Path(sys.executable).parent)
@@ -524,8 +524,8 @@ def lineage(
     if report and not report.parent.resolve().is_dir():
         _fail(f"--report {report}: folder {report.parent} does not exist", 2)
     cfg, project = _registry(config, project)
-    from ftpipe import audit as au
-    from ftpipe import registry
+    from ftpipe.lineage import audit as au
+    from ftpipe.registry import store as registry
 
     client = registry.client()
     try:
@@ -635,7 +635,7 @@ def data_status(
     _quiet_env()
     project = project.resolve()
     cfg = _load(_config_path(config, project), [], project)
-    from ftpipe.datastatus import data_status as status, print_status
+    from ftpipe.data.status import data_status as status, print_status
 
     st = status(cfg, project)
     if as_json:
@@ -653,7 +653,7 @@ def data_fetch(
     _quiet_env()
     project = project.resolve()
     cfg = _load(_config_path(config, project), [], project)
-    from ftpipe.sources import SourceError, fetch_sql
+    from ftpipe.data.sources import SourceError, fetch_sql
 
     for src in cfg.data.sources:
         if src.type == "sql":
@@ -679,8 +679,8 @@ def data_restore(
     Writes its train/validation/test files, byte for byte,
     from the DVC cache or remote, whatever data/ holds now."""
     cfg, project = _registry(config, project)
-    from ftpipe import audit as au
-    from ftpipe import registry
+    from ftpipe.lineage import audit as au
+    from ftpipe.registry import store as registry
 
     import shutil
     import tempfile

@@ -356,7 +356,7 @@ class PromotionConfig(_Section):
         return thresholds
 
     def higher_is_better(self, metric: str | None = None) -> bool:
-        from ftpipe.evaluation import lower_is_better
+        from ftpipe.evaluation.scoring import lower_is_better
 
         metric = metric or self.primary_metric
         if metric == self.primary_metric and self.direction != "auto":

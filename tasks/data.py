@@ -9,12 +9,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from ftpipe.config import DataConfig, ModelConfig, PromotionConfig, QualityConfig
-from ftpipe.lineage import base_model_revision, read_manifest
-from ftpipe.quality import REPORTS, QualityResult, gate_cleaned, gate_raw
-from ftpipe.registry import log_dir, log_files
-from ftpipe.sources import SqlExport, fetch_sql
-from ftpipe.stages import BASE_MODEL_DIR, CLEANED, COLLECTED, SPLITS
-from ftpipe.versioning import PushResult, StageResult, push, reproduce
+from ftpipe.lineage.record import base_model_revision, read_manifest
+from ftpipe.data.quality import REPORTS, QualityResult, gate_cleaned, gate_raw
+from ftpipe.registry.store import log_dir, log_files
+from ftpipe.data.sources import SqlExport, fetch_sql
+from ftpipe.data.stages import BASE_MODEL_DIR, CLEANED, COLLECTED, SPLITS
+from ftpipe.data.versions import PushResult, StageResult, push, reproduce
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def prepare_base_model(model: ModelConfig, root: str) -> BaseModelRef:
         st = reproduce(root_p, "base_model")
         _log(f"base model {model.base}: {'built' if st.ran else 'up to date, skipped'}")
         return BaseModelRef(str(local), model.base, base_model_revision(model.base, None, root_p), st.ran)
-    from ftpipe.modelref import check_model
+    from ftpipe.training.models import check_model
 
     path = check_model(model.base, root_p, model.revision, model.allow_pickle_weights)   # before any data work
     return BaseModelRef(path, model.base, base_model_revision(path, model.revision, root_p), None)
@@ -54,7 +54,7 @@ def prepare_base_model(model: ModelConfig, root: str) -> BaseModelRef:
 @task(name="preflight", cache_policy=NO_CACHE)
 def check_inputs(data: DataConfig, model: ModelConfig, root: str) -> None:
     """Every source and the base model looked at before any slow work; all problems at once."""
-    from ftpipe.preflight import require
+    from ftpipe.data.preflight import require
 
     require(data, model, Path(root))
 
@@ -66,7 +66,7 @@ def check_slices(promotion: PromotionConfig, root: str) -> None:
     import orjson
 
     from ftpipe.config import ConfigError
-    from ftpipe.promotion import unknown_slices
+    from ftpipe.registry.promotion import unknown_slices
 
     with (Path(root) / SPLITS / "test.jsonl").open("rb") as f:
         slices = {s for line in f if line.strip() and (s := orjson.loads(line).get("slice"))}

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from ftpipe import gate
+from ftpipe.registry import gate as gate
 from ftpipe.config import EvalConfig, ModelConfig, RegistryConfig
 
 

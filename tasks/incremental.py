@@ -8,10 +8,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from ftpipe import registry
-from ftpipe import tags as t
+from ftpipe.registry import store as registry
+from ftpipe.registry import tags as t
 from ftpipe.config import PipelineConfig, RegistryConfig
-from ftpipe.incremental import Increment, plan
+from ftpipe.training.plan import Increment, plan
 
 
 @task(name="plan-increment", cache_policy=NO_CACHE)
@@ -20,7 +20,7 @@ def plan_increment(cfg: PipelineConfig, root: str, splits_md5: str, run_id: str,
     """New rows (by content hash) since the champion's data version, and for an incremental
     run its training file: the new training rows plus incremental.replay_ratio of replay.
     A champion fine-tuned from another base model (id or revision) is never the start."""
-    from ftpipe.audit import TRAIN_FILE_ARTIFACT, Store, split_rows
+    from ftpipe.lineage.audit import TRAIN_FILE_ARTIFACT, Store, split_rows
 
     champ = registry.version_by_alias(cfg.registry.model_name, registry.CHAMPION)
     rows, base_changed = None, None

@@ -9,11 +9,13 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from ftpipe import gate, registry
-from ftpipe import tags as t
-from ftpipe.audit import recorded_tags, write_record
+from ftpipe.registry import gate as gate
+
+from ftpipe.registry import store as registry
+from ftpipe.registry import tags as t
+from ftpipe.lineage.audit import recorded_tags, write_record
 from ftpipe.config import EvalConfig, PipelineConfig, RegistryConfig
-from ftpipe.lineage import Lineage
+from ftpipe.lineage.record import Lineage
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -92,7 +94,7 @@ def promote_candidate(reg: RegistryConfig, eval_cfg: EvalConfig, run_id: str, ve
 def publish_reports(cfg: PipelineConfig, run_id: str, version: str, result: gate.PromotionResult,
                     loss_png: str | None, root: str) -> dict[str, str]:
     """The model card (into the version's own artifacts and the run's) and the run's HTML report."""
-    from ftpipe.reports import html_report, model_card
+    from ftpipe.evaluation.reports import html_report, model_card
 
     out = Path(root) / "runs" / f"eval-{run_id[:12]}"
     out.mkdir(parents=True, exist_ok=True)

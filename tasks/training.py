@@ -1,4 +1,4 @@
-"""Prefect task: fine-tune (ftpipe.launch.train: in-process, or torchrun for several
+"""Prefect task: fine-tune (ftpipe.training.launch.train: in-process, or torchrun for several
 devices), streaming metrics to MLflow and logging the loss curve."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
-from ftpipe.launch import train
-from ftpipe.registry import client
-from ftpipe.training import TrainResult
+from ftpipe.training.launch import train
+from ftpipe.registry.store import client
+from ftpipe.training.recipe import TrainResult
 
 
 def training_dir(root: str, model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig,

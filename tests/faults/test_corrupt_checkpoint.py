@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ftpipe.training import fine_tune
+from ftpipe.training.recipe import fine_tune
 from tests.integration.test_training_engine import (QUIET, _cfg, _killed_after_step_15, _losses,  # noqa: F401
                                                     _run_spec, tiny)
 

@@ -12,10 +12,10 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-from ftpipe.basemodel import build_base_model  # noqa: E402
+from ftpipe.training.basemodel import build_base_model  # noqa: E402
 from ftpipe.config import BuildConfig, LoraConfig, ModelConfig, TrainConfig  # noqa: E402
-from ftpipe.launch import train  # noqa: E402
-from ftpipe.training import fine_tune  # noqa: E402
+from ftpipe.training.launch import train  # noqa: E402
+from ftpipe.training.recipe import fine_tune  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from ftpipe import gate, registry
+from ftpipe.registry import gate as gate
+
+from ftpipe.registry import store as registry
 from ftpipe.config import EvalConfig, ModelConfig, RegistryConfig
 
 

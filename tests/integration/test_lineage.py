@@ -96,7 +96,7 @@ def test_restore_writes_the_first_versions_bytes_after_two_later_versions(lp, tm
 
 
 def test_reverse_queries_find_exactly_the_versions_that_used_a_source_or_row(lp, tmp_path):
-    from ftpipe import audit
+    from ftpipe.lineage import audit as audit
 
     project = lp["project"]
     client = mlflow_client(project)
@@ -129,7 +129,7 @@ def test_reverse_queries_find_exactly_the_versions_that_used_a_source_or_row(lp,
 def test_a_version_carries_few_tags_and_the_record_holds_the_rest(lp):
     """The registry page stays readable: a version's tags are the few people filter on (and
     the code queries); every other fact of its registration is in its immutable record."""
-    from ftpipe import audit
+    from ftpipe.lineage import audit as audit
 
     client = mlflow_client(lp["project"])
     tags = client.get_model_version(MODEL, "3").tags
@@ -148,7 +148,7 @@ def test_a_version_carries_few_tags_and_the_record_holds_the_rest(lp):
 def test_models_names_each_test_set_and_the_rule_that_decided(lp):
     """`ftpipe models` after three data versions: each score on its named test set beside the
     champion's on the same set, "why" the deciding rule."""
-    from ftpipe.promotion import Decision
+    from ftpipe.registry.promotion import Decision
 
     project = lp["project"]
     doc = json.loads(_ok(run_cli(["models", "--json"], project)))
@@ -186,7 +186,7 @@ def test_promote_refuses_an_unknown_version_or_a_non_number_in_one_line(lp):
 
 
 def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path, monkeypatch):
-    from ftpipe import audit
+    from ftpipe.lineage import audit as audit
 
     project = lp["project"]
     client = mlflow_client(project)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.cleaning import clean
-from ftpipe.collection import collect
+from ftpipe.data.cleaning import clean
+from ftpipe.data.collection import collect
 from ftpipe.config import CleanConfig, QualityConfig, SourceConfig, SplitConfig, parse_config
-from ftpipe.quality import QualityGateFailed, gate_cleaned, gate_raw, validate_cleaned, validate_raw
-from ftpipe.sources import SourceError, fetch_sql
+from ftpipe.data.quality import QualityGateFailed, gate_cleaned, gate_raw, validate_cleaned, validate_raw
+from ftpipe.data.sources import SourceError, fetch_sql
 from tests.helpers import make_project, mlflow_client, run_cli
 
 pytestmark = pytest.mark.integration

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe import gate, registry
-from ftpipe.basemodel import build_base_model
+from ftpipe.registry import gate as gate
+
+from ftpipe.registry import store as registry
+from ftpipe.training.basemodel import build_base_model
 from ftpipe.config import BuildConfig, EvalConfig, LoraConfig, ModelConfig, PromotionConfig, RegistryConfig, TrainConfig
-from ftpipe.training import fine_tune
+from ftpipe.training.recipe import fine_tune
 from tests.helpers import BIN, REPO, free_port, wait_http
 
 PG = "postgresql://postgres@127.0.0.1:5432"

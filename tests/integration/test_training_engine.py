@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftpipe.basemodel import build_base_model
+from ftpipe.training.basemodel import build_base_model
 from ftpipe.config import BuildConfig, LoraConfig, ModelConfig, TrainConfig
-from ftpipe.formatting import IGNORE_INDEX, collate, completion_of, encode, pack, prompt_of
-from ftpipe.launch import train, write_spec
-from ftpipe.training import _neftune_hook, fine_tune, token_loss_sum
+from ftpipe.data.formatting import IGNORE_INDEX, collate, completion_of, encode, pack, prompt_of
+from ftpipe.training.launch import train, write_spec
+from ftpipe.training.recipe import _neftune_hook, fine_tune, token_loss_sum
 
 REPO = Path(__file__).resolve().parents[2]
 QUIET = dict(log=lambda m: None)
@@ -101,9 +101,9 @@ def test_varlen_row_and_chunked_loss_match_the_padded_batch(tiny):
     from hidden states in chunks: the padded batch's loss and gradients, no leakage."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftpipe.fastpath import register
-    from ftpipe.formatting import pack_flat
-    from ftpipe.training import LossModel
+    from ftpipe.training.fastpath import register
+    from ftpipe.data.formatting import pack_flat
+    from ftpipe.training.recipe import LossModel
 
     tok = AutoTokenizer.from_pretrained(tiny / "base")
     rows = [json.loads(line) for line in (tiny / "train.jsonl").read_text().splitlines()[:12]]
@@ -184,14 +184,14 @@ def test_early_stopping_exports_the_best_checkpoint(tiny, tmp_path):
     assert [s for s, _ in res.val_history] == [2, 4, 6]
     # the exported model is the step-2 one: its validation loss is the best one recorded
     from ftpipe.config import EvalConfig
-    from ftpipe.evaluation import evaluate_model
+    from ftpipe.evaluation.scoring import evaluate_model
     rows = [json.loads(line) for line in (tiny / "val.jsonl").read_text().splitlines()]
     scores = evaluate_model(res.model_dir, rows, EvalConfig(max_new_tokens=2))
     assert scores.eval_loss == pytest.approx(res.val_history[0][1], rel=1e-4)
 
 
 def _run_spec(spec: Path, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ftpipe.launch", str(spec)], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "ftpipe.training.launch", str(spec)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ | {"PYTHONPATH": str(REPO)} | (env or {}))
 
@@ -268,7 +268,7 @@ def test_fsdp_run_whose_launcher_is_killed_resumes_with_the_same_curve(tiny, tmp
     out.mkdir()
     spec = write_spec(out / "spec.json", m, lo, fsdp, str(tiny / "train.jsonl"), str(tiny / "val.jsonl"), str(out))
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "ftpipe.launch", str(spec)], cwd=REPO, stdout=subprocess.DEVNULL,
+                             "-m", "ftpipe.training.launch", str(spec)], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=os.environ | {"OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while not (out / "checkpoints" / "step-0000006").is_dir():
@@ -293,8 +293,8 @@ def test_bf16_adapter_inputs_give_peft_s_loss_and_fp32_adapter_gradients(tiny):
     matmuls run in bf16 under autocast either way), and peft's setting is back afterwards."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftpipe.fastpath import adapter_autocast
-    from ftpipe.training import prepare_model
+    from ftpipe.training.fastpath import adapter_autocast
+    from ftpipe.training.recipe import prepare_model
 
     m, lo, t = _cfg(tiny)
     torch.manual_seed(0)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.basemodel import build_base_model
+from ftpipe.training.basemodel import build_base_model
 from ftpipe.config import BuildConfig, LoraConfig, ModelConfig, TrainConfig
-from ftpipe.training import TrainingDiverged, fine_tune
+from ftpipe.training.recipe import TrainingDiverged, fine_tune
 
 REPO = Path(__file__).resolve().parents[2]
 

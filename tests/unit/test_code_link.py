@@ -2,7 +2,7 @@
 not when DVC-versioned data, dvc.lock or the config (hashed and logged on its own) changed."""
 import subprocess
 
-from ftpipe.lineage import git_commit
+from ftpipe.lineage.record import git_commit
 
 
 def test_a_drop_and_a_new_dvc_lock_leave_the_code_clean(tmp_path):

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.cleaning import clean, normalize_text
-from ftpipe.collection import SourceError, collect
+from ftpipe.data.cleaning import clean, normalize_text
+from ftpipe.data.collection import SourceError, collect
 from ftpipe.config import CleanConfig, SourceConfig, SplitConfig
-from ftpipe.splitting import split_examples, split_of
+from ftpipe.data.splitting import split_examples, split_of
 
 
 def write(path: Path, lines: list[str]) -> None:

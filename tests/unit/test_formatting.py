@@ -1,8 +1,8 @@
 """The loss mask and the prompt/completion boundary, token by token."""
 import pytest
 
-from ftpipe.basemodel import build_tokenizer
-from ftpipe.formatting import IGNORE_INDEX, collate, encode, prompt_of
+from ftpipe.training.basemodel import build_tokenizer
+from ftpipe.data.formatting import IGNORE_INDEX, collate, encode, prompt_of
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 champion's weights cannot be the start."""
 import json
 
-from ftpipe.incremental import plan, scaled_steps, skip_reason
+from ftpipe.training.plan import plan, scaled_steps, skip_reason
 
 
 def _splits(tmp_path, train: list[str], test: list[str]):

@@ -4,8 +4,8 @@ import math
 import pytest
 
 from ftpipe.config import PromotionConfig
-from ftpipe.evaluation import rouge_l, score_predictions, token_f1
-from ftpipe.promotion import decide, forgetting
+from ftpipe.evaluation.scoring import rouge_l, score_predictions, token_f1
+from ftpipe.registry.promotion import decide, forgetting
 
 POLICY = PromotionConfig(primary_metric="exact_match", min_improvement=0.01,
                          thresholds={"exact_match": 0.5}, min_gain_over_base=0.0)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.cleaning import clean
-from ftpipe.collection import SourceError, collect
+from ftpipe.data.cleaning import clean
+from ftpipe.data.collection import SourceError, collect
 from ftpipe.config import CleanConfig, ConfigError, SourceConfig, parse_config
-from ftpipe.records import public
+from ftpipe.data.records import public
 
 
 # ------------------------------------------------------------------ helpers
@@ -579,7 +579,7 @@ def test_large_json_array_reads_in_linear_time(tmp_path):
     # Each element's line number must not cost a scan from the start of the file.
     n = 60_000
     put(tmp_path, "data/sources/big.json", json.dumps([alpaca(i) for i in range(n)], indent=2))
-    from ftpipe.sources import read_items
+    from ftpipe.data.sources import read_items
 
     start = time.perf_counter()
     items = list(read_items(tmp_path / "data/sources/big.json", "json", src("data/sources/big.json")))
@@ -594,7 +594,7 @@ def test_large_json_array_reads_in_linear_time(tmp_path):
 @pytest.fixture(scope="module")
 def chat_tokenizer(tmp_path_factory):
     """A real tokenizer with a chat template (the default base model's builder)."""
-    from ftpipe.basemodel import build_tokenizer
+    from ftpipe.training.basemodel import build_tokenizer
 
     tok = build_tokenizer(["Question one? Answer one.", "Be brief. Hello there."] * 50, vocab_size=300)
     path = tmp_path_factory.mktemp("tokenizer")

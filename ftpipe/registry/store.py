@@ -125,12 +125,12 @@ def log_model(run_id: str, model_dir: str, name: str, tags: dict[str, str] | Non
         info = mlflow.pyfunc.log_model(
             name="model",
             # Models from code: the version stores this file, not a pickle of an object.
-            python_model=str(Path(__file__).with_name("serving_model.py")),
+            python_model=str(Path(__file__).parents[1] / "serving" / "model_file.py"),
             artifacts={"model": model_dir},
             signature=signature,
             input_example=example,
             # ftpipe's own code travels with the model, so serving needs only these.
-            code_paths=[str(Path(__file__).parent)],
+            code_paths=[str(Path(__file__).parents[1])],
             pip_requirements=["torch>=2.4", "transformers>=5.2,<6", "mlflow>=3.17,<3.18", "pandas",
                               "safetensors", "accelerate"],
         )

@@ -1,6 +1,6 @@
 """Entry points of the DVC stages in dvc.yaml (run from the project root by `dvc repro`).
 
-    python -m ftpipe.stages base-model | collect | clean | split
+    python -m ftpipe.data.stages base-model | collect | clean | split
 
 Each reads params.yaml (DVC tracks the params it lists per stage) and writes only its
 declared outputs.
@@ -35,22 +35,22 @@ def main(argv: list[str]) -> int:
     cfg = load_config(ROOT / "params.yaml")
     stage = argv[0]
     if stage == "base-model":
-        from ftpipe.basemodel import build_base_model
+        from ftpipe.training.basemodel import build_base_model
         r = build_base_model(ROOT / "data/corpus/corpus.jsonl", ROOT / BASE_MODEL_DIR, cfg.model.build)
         print(f"built {r.path}: {r.parameters:,} parameters, pretrain loss {r.pretrain_loss}, "
               f"{r.seconds:.0f}s")
     elif stage == "collect":
-        from ftpipe.collection import collect
+        from ftpipe.data.collection import collect
         r = collect(ROOT, list(cfg.data.sources), ROOT / COLLECTED)
         print(f"collected {r.rows} rows from {len(r.files)} file(s), {r.parse_errors} unparseable")
     elif stage == "clean":
-        from ftpipe.cleaning import clean
+        from ftpipe.data.cleaning import clean
         r = clean(ROOT / COLLECTED / "snapshot.jsonl", cfg.data.clean, ROOT / CLEANED,
                   tokenizer=tokenizer_path(cfg.model.base), revision=cfg.model.revision,
                   trust_remote_code=cfg.model.trust_remote_code)
         print(f"cleaned: read {r.read} = kept {r.kept} + quarantined {r.quarantined} {r.reasons}")
     elif stage == "split":
-        from ftpipe.splitting import split_examples
+        from ftpipe.data.splitting import split_examples
         r = split_examples(ROOT / CLEANED / "clean.jsonl", cfg.data.split, ROOT / SPLITS,
                            list(cfg.data.sources))
         print(f"split: {r.counts}")
@@ -64,8 +64,8 @@ def run(argv: list[str]) -> int:
     """main(), with a known data error reported as one clear line (and handed to the
     caller through $FTPIPE_STAGE_ERROR) instead of a traceback."""
     from ftpipe.config import ConfigError
-    from ftpipe.records import FormatError
-    from ftpipe.sources import SourceError
+    from ftpipe.data.records import FormatError
+    from ftpipe.data.sources import SourceError
 
     try:
         return main(argv)

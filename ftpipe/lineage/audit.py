@@ -10,7 +10,7 @@ What is trusted: registry tags can be edited by anyone with registry access, so 
 version also gets an immutable record at registration: the run's param
 `ftpipe.lineage_sha256` (MLflow params cannot be changed once logged) over the lineage
 document stored as the run artifact `lineage/lineage.json`. The record holds every fact of
-the registration; only a few are also version tags (ftpipe.tags.VERSION_TAGS; the record
+the registration; only a few are also version tags (ftpipe.registry.tags.VERSION_TAGS; the record
 lists them). The audit reads the document, checks its digest against the param, and names
 every tag that no longer says what was recorded. Everything else is re-derived from what it
 points at: git objects, DVC cache and remote objects re-hashed, source files and an
@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ftpipe import tags as t
+from ftpipe.registry import tags as t
 
 RECORD_PARAM = "ftpipe.lineage_sha256"
 RECORD_ARTIFACT = "lineage/lineage.json"
@@ -399,7 +399,7 @@ def _flow_run(flow_run_id: str) -> tuple[bool | None, str]:
 
 
 def audit(client, root: Path, ref: str, remote: str | None = None) -> Audit:
-    from ftpipe.sources import sha256_path
+    from ftpipe.data.sources import sha256_path
 
     v = resolve(client, ref)
     links: list[Link] = []
@@ -532,7 +532,7 @@ def audit(client, root: Path, ref: str, remote: str | None = None) -> Audit:
 def versions_with_source(client, root: Path, path: str) -> list[dict]:
     """Every model version whose collected data included this source file: by its recorded
     path, or by the same bytes (sha256) under any path when the file is here."""
-    from ftpipe.sources import sha256_path
+    from ftpipe.data.sources import sha256_path
 
     p = Path(path)
     if p.is_absolute():
@@ -609,7 +609,7 @@ def trained_rows(client, v: Version, doc: dict) -> set[str] | str | None:
     """The `_hash` of every row an incremental version trained on (its run's training file,
     checked against the record's sha256); None when it trained on its whole train split; a
     string saying why the file cannot be read."""
-    from ftpipe.sources import sha256_path
+    from ftpipe.data.sources import sha256_path
 
     pin = doc.get(t.TRAIN_FILE, "")
     if not pin and not doc.get(t.START_FROM, "").startswith("champion "):

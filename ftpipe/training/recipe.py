@@ -1,9 +1,9 @@
 """The fine-tuning recipe: setup, loop, save — one file, top to bottom.
 
 Importable without prefect, mlflow, dvc or great_expectations, so it runs alone on a GPU
-machine, in-process or under torchrun (one process per GPU; see ftpipe/launch.py):
+machine, in-process or under torchrun (one process per GPU; see ftpipe/training/launch.py):
 
-    python -m ftpipe.launch spec.json                    # what `ftpipe run` does per device
+    python -m ftpipe.training.launch spec.json                    # what `ftpipe run` does per device
 
 Defaults for the embedded task (params.yaml):
     32 examples a step x ~44 tokens = ~1,400 tokens/step; 1,200 steps ~ 16 epochs of 2,400
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
-from ftpipe.formatting import pack_flat, IGNORE_INDEX, collate, encode, pack
-from ftpipe.modelref import check_weights
+from ftpipe.data.formatting import pack_flat, IGNORE_INDEX, collate, encode, pack
+from ftpipe.training.models import check_weights
 
 
 class TrainingDiverged(RuntimeError):
@@ -188,7 +188,7 @@ class LossModel:
     def build(core, chunk_tokens: int, liger: bool = False, compiled: bool = False):
         import torch
 
-        from ftpipe.fastpath import chunked_loss_sum
+        from ftpipe.training.fastpath import chunked_loss_sum
 
         class _LossModel(torch.nn.Module):
             def __init__(self):
@@ -235,7 +235,7 @@ def step_inputs(batches: list[dict], device, world: int = 1) -> tuple[list[dict]
     previous step."""
     import torch
 
-    from ftpipe.fastpath import loss_positions
+    from ftpipe.training.fastpath import loss_positions
 
     cuda = device.type == "cuda"
     n_label = n_real = 0
@@ -411,7 +411,7 @@ def prepare_model(model, lora_cfg: LoraConfig, train_cfg: TrainConfig):
     adapter = train_cfg.method in ("lora", "qlora")
     if train_cfg.kernels == "auto" and not train_cfg.compile:
         # (compiled layers get their RMSNorm/SwiGLU/RoPE fused by inductor instead)
-        from ftpipe.fastpath import apply_liger
+        from ftpipe.training.fastpath import apply_liger
         apply_liger(model)
     if adapter:
         model.requires_grad_(False)
@@ -430,7 +430,7 @@ def prepare_model(model, lora_cfg: LoraConfig, train_cfg: TrainConfig):
             target_modules=lora_cfg.target_modules, use_dora=lora_cfg.use_dora,
             use_rslora=lora_cfg.use_rslora, task_type="CAUSAL_LM"))
     if train_cfg.compile:
-        from ftpipe.fastpath import compile_layers
+        from ftpipe.training.fastpath import compile_layers
         compile_layers(model)
     return model
 
@@ -469,7 +469,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
     varlen = train_cfg.packing and train_cfg.packing_attention == "auto" and \
         model_cfg.attn_implementation in (None, "ftpipe_varlen")
     if varlen:
-        from ftpipe.fastpath import register
+        from ftpipe.training.fastpath import register
         model_cfg = model_cfg.model_copy(update={"attn_implementation": register()})
     model, tokenizer = load_base(model_cfg, load_dtype, device_index=local_rank)
     device = next(model.parameters()).device
@@ -547,7 +547,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     use_autocast = device.type == "cuda" and dtype != torch.float32
     autocast = torch.autocast(device.type, dtype=dtype, enabled=use_autocast)
-    from ftpipe.fastpath import adapter_autocast
+    from ftpipe.training.fastpath import adapter_autocast
     adapter_cast = adapter_autocast(core, adapter and use_autocast)
 
     # ---- resume -----------------------------------------------------------------------

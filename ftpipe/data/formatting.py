@@ -15,7 +15,7 @@ IGNORE_INDEX = -100
 
 
 def prompt_of(row: dict[str, Any], tokenizer=None) -> str:
-    """The prompt text of a canonical row (see ftpipe.records). Chat rows go through the
+    """The prompt text of a canonical row (see ftpipe.data.records). Chat rows go through the
     tokenizer's chat template, ending with the generation prompt of the assistant turn."""
     fmt = row.get("_format", "alpaca")
     if fmt == "prompt_completion":
@@ -47,7 +47,7 @@ def completion_of(row: dict[str, Any], tokenizer=None) -> str:
 
 def answer_of(row: dict[str, Any]) -> str:
     """The expected answer that exact match compares a generation with."""
-    from ftpipe.records import response_of
+    from ftpipe.data.records import response_of
 
     return response_of(row) or ""
 
@@ -135,7 +135,7 @@ def normalize_answer(text: str) -> str:
 
 def pack_flat(batch: list[tuple[list[int], list[int]]], max_len: int):
     """All examples end to end in ONE row, no padding at all, with `cu_seq_lens` (the
-    example boundaries) for varlen attention (ftpipe.fastpath). Each example's first label
+    example boundaries) for varlen attention (ftpipe.training.fastpath). Each example's first label
     is masked, positions restart per example, `lengths` as in pack()."""
     import torch
 

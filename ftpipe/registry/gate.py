@@ -6,7 +6,7 @@
     result = gate_and_promote(...)    # under the registry lock: re-check the champion,
                                       # re-score a new one, decide, move the alias, record
 
-The decision itself is ftpipe.promotion.decide (pure). Every earlier data version's test
+The decision itself is ftpipe.registry.promotion.decide (pure). Every earlier data version's test
 set is a regression set: each registered version's run carries its test set as the
 artifact eval/test_set.jsonl and its sha256 as the version tag ftpipe.test_set.
 """
@@ -25,11 +25,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from ftpipe import registry
-from ftpipe import tags as t
+from ftpipe.registry import store as registry
+from ftpipe.registry import tags as t
 from ftpipe.config import EvalConfig, ModelConfig, RegistryConfig
-from ftpipe.evaluation import ModelScores, evaluate_model
-from ftpipe.promotion import Decision, RuleResult, decide, forgetting
+from ftpipe.evaluation.scoring import ModelScores, evaluate_model
+from ftpipe.registry.promotion import Decision, RuleResult, decide, forgetting
 
 TEST_SET_ARTIFACT = "eval/test_set.jsonl"
 TEST_SET_TAG = t.TEST_SET
@@ -378,7 +378,7 @@ def list_models(reg: RegistryConfig, limit: int | None = None) -> list[dict]:
     by_version: dict[str, list[str]] = {}
     for alias, v in alias_map.items():
         by_version.setdefault(str(v), []).append(alias)
-    from ftpipe.registry_rest import name_test_sets, version_row
+    from ftpipe.registry.rest import name_test_sets, version_row
 
     rows = [version_row(mv.version, mv.creation_timestamp, mv.tags or {}, by_version.get(str(mv.version), []),
                         mv.run_id, m)

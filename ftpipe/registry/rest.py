@@ -1,6 +1,6 @@
 """The read path of `ftpipe models` against an MLflow tracking server, over its REST API
 with `requests` alone: importing mlflow takes ~2 s on 2 cores, more than the listing of a
-1,000-version registry. Writes always go through MLflow's client (ftpipe.registry)."""
+1,000-version registry. Writes always go through MLflow's client (ftpipe.registry.store)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import os
 import time
 from typing import Callable
 
-from ftpipe import tags as t
-from ftpipe.promotion import Decision
+from ftpipe.registry import tags as t
+from ftpipe.registry.promotion import Decision
 
 
 def version_row(version: str, created_ms: int, tags: dict, aliases: list[str], run_id: str,

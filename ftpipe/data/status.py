@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ftpipe.config import PipelineConfig
-from ftpipe.lineage import dvc_lock_hashes
-from ftpipe.versioning import DATA_STAGES, object_status, remote_of, split_row_hashes, workspace_changes
+from ftpipe.lineage.record import dvc_lock_hashes
+from ftpipe.data.versions import DATA_STAGES, object_status, remote_of, split_row_hashes, workspace_changes
 
 SPLITS_KEY = "split:data/splits"
 
@@ -43,7 +43,7 @@ def _workspace_rows(root: Path) -> set[str]:
 
 
 def data_status(cfg: PipelineConfig, root: Path) -> DataStatus:
-    from ftpipe import registry
+    from ftpipe.registry import store as registry
 
     notes: list[str] = []
     current = dvc_lock_hashes(root, list(DATA_STAGES))
@@ -63,7 +63,7 @@ def data_status(cfg: PipelineConfig, root: Path) -> DataStatus:
     if champ is None:
         notes.append(f"no champion yet for {cfg.registry.model_name}")
     else:
-        from ftpipe.audit import recorded_tags   # every data stage output is in the record, not a tag
+        from ftpipe.lineage.audit import recorded_tags   # every data stage output is in the record, not a tag
 
         tags = recorded_tags(registry.client(), champ.name, champ.version)
         champion_data = {k[len("ftpipe.dvc."):]: v for k, v in tags.items() if k.startswith("ftpipe.dvc.")}

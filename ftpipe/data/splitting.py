@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftpipe.config import SourceConfig, SplitConfig
-from ftpipe.records import prompt_parts, row_hash
+from ftpipe.data.records import prompt_parts, row_hash
 
 SPLITS = ("train", "validation", "test")
 

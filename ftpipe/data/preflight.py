@@ -7,15 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ftpipe.config import DataConfig, ModelConfig
-from ftpipe.stages import BASE_MODEL_DIR
+from ftpipe.data.stages import BASE_MODEL_DIR
 
 
 def preflight(data: DataConfig, model: ModelConfig, root: Path) -> list[str]:
     """One line per problem, naming the field or file: the base model (exists, loadable
     weights, a tokenizer), each file source (its path or glob, inside the project) and each
     SQL source (connects, and its query starts)."""
-    from ftpipe.modelref import ModelRefError, check_model
-    from ftpipe.sources import SourceError, check_sql, locate
+    from ftpipe.training.models import ModelRefError, check_model
+    from ftpipe.data.sources import SourceError, check_sql, locate
 
     problems = []
     if (root / model.base).resolve() != (root / BASE_MODEL_DIR).resolve():   # that one DVC builds

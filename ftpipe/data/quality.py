@@ -11,7 +11,7 @@ file and GX runs its expectations as SQL there (SQLite's REGEXP is Python's `re`
 `mostly` thresholds come from params.yaml (`quality.raw.mostly`, `quality.cleaned.mostly`).
 Results JSON land in data/reports/; both suites' validations of the current data version
 are kept by one file-backed GX context (data/reports/gx) and rendered as Data Docs in
-data/reports/docs, which work offline (their CDN assets are vendored in ftpipe/static).
+data/reports/docs, which work offline (their CDN assets are vendored in ftpipe/data/static).
 A failing gate raises `QualityGateFailed` whose message is a table of failed expectations
 and observed values.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ftpipe.config import CleanConfig, QualityConfig, SplitConfig
-from ftpipe.records import json_type, prompt_field, response_field, texts_of
+from ftpipe.data.records import json_type, prompt_field, response_field, texts_of
 
 FORMATS = ["alpaca", "prompt_completion", "chat"]
 REPORTS = Path("data/reports")
@@ -77,7 +77,7 @@ RAW_COLUMNS = ("_source", "_line", "_format", "_error", "prompt", "prompt_type",
 
 
 def _cleaned_record(row: dict, split: SplitConfig) -> tuple:
-    from ftpipe.splitting import split_of
+    from ftpipe.data.splitting import split_of
 
     s = split_of(row, split)
     return (row.get("_src") or row.get("_source"), row.get("_format"), row.get("_key"), row.get("_tokens"),
@@ -149,7 +149,7 @@ def raw_expectations(cfg: QualityConfig) -> list:
 
 def source_floor_query(share: float) -> str:
     """Sources keeping less than `share` of their rows through cleaning, one row each. Rows
-    quarantined as exact or near duplicates (ftpipe.cleaning's two categories) count neither
+    quarantined as exact or near duplicates (ftpipe.data.cleaning's two categories) count neither
     way: a re-delivered drop loses nothing. A source with rows and none kept has share 0."""
     return ("SELECT source, kept, checked, ROUND(1.0 * kept / checked, 4) AS kept_share FROM ("
             "SELECT src AS source, SUM(kept) AS kept, COUNT(*) AS checked FROM ("
@@ -161,7 +161,7 @@ def source_floor_query(share: float) -> str:
 def cleaned_expectations(cfg: QualityConfig, clean: CleanConfig, split: SplitConfig) -> list:
     import great_expectations.expectations as gxe
 
-    from ftpipe.pii import GX_PATTERNS
+    from ftpipe.data.pii import GX_PATTERNS
 
     m = _mostly(cfg.cleaned.mostly)
     tol = cfg.cleaned.split_tolerance
@@ -264,7 +264,7 @@ def run_suite(name: str, table: str, load: Callable[[Path], int], expectations: 
 
 # GX 1.24's page templates load these from CDNs: offline its pages render unstyled and the
 # index's validation list (a bootstrap-table) stays empty. Each goes to its copy under
-# ftpipe/static/datadocs (None: dropped, as vega only draws profiling charts, which these
+# ftpipe/data/static/datadocs (None: dropped, as vega only draws profiling charts, which these
 # pages do not have); the GX logo goes to the site's own static/images.
 CDN_ASSETS = {
     "https://maxcdn.bootstrapcdn.com/bootstrap/4.3.1/css/bootstrap.min.css": "bootstrap/bootstrap.min.css",

@@ -2,7 +2,7 @@
 
 A version's registration facts (lineage, recipe, metrics) all go into its immutable record
 (the run artifact lineage/lineage.json, digest in the run param ftpipe.lineage_sha256,
-ftpipe.audit). Only the few a person filters on in the registry, or the code queries, are
+ftpipe.lineage.audit). Only the few a person filters on in the registry, or the code queries, are
 also version tags (VERSION_TAGS); the audit names any of those edited after registration.
 The gate adds its decision tags (DECISION ...) afterwards.
 """

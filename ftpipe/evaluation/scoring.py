@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftpipe.config import EvalConfig
-from ftpipe.formatting import answer_of, encode, normalize_answer, prompt_of
+from ftpipe.data.formatting import answer_of, encode, normalize_answer, prompt_of
 
 QUALITY = ("eval_loss", "perplexity", "exact_match", "token_f1", "rouge_l")
 LOWER_IS_BETTER = frozenset({"eval_loss", "perplexity", "pii_outputs"})
@@ -91,7 +91,7 @@ def rouge_l(prediction: str, expected: str) -> float:
 
 def leaked_pii(prediction: str, prompt: str) -> list[str]:
     """PII kinds in the generation that the prompt did not itself contain."""
-    from ftpipe.pii import find
+    from ftpipe.data.pii import find
 
     given = set(find(prompt))
     return sorted(set(find(prediction)) - given)
@@ -143,7 +143,7 @@ def example_losses(model, encoded: list, batch_size: int, pad_id: int) -> list[t
     """(sum of token losses, labelled tokens) per example, in order."""
     import torch
 
-    from ftpipe.formatting import IGNORE_INDEX, collate
+    from ftpipe.data.formatting import IGNORE_INDEX, collate
 
     device = next(model.parameters()).device
     model.eval()
@@ -173,7 +173,7 @@ def _aggregate(preds: list[dict], losses: list[tuple[float, int]]) -> dict[str, 
 def score_predictions(rows: list[dict], prompts: list[str], answers: list[str],
                       losses: list[tuple[float, int]], name: str) -> ModelScores:
     """The metrics of given generations and per-example losses (pure: no model)."""
-    from ftpipe.pii import scrub
+    from ftpipe.data.pii import scrub
 
     preds = []
     for r, p, a, (ls, lc) in zip(rows, prompts, answers, losses):

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ftpipe.config import CleanConfig
-from ftpipe.pii import scrub, scrub_all
-from ftpipe.records import REQUIRED, prompt_key, response_of, texts_of
+from ftpipe.data.pii import scrub, scrub_all
+from ftpipe.data.records import REQUIRED, prompt_key, response_of, texts_of
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
 _TRAILING = re.compile(r"[ \t]+\n")
@@ -94,7 +94,7 @@ def _structure_problem(row: dict, cfg: CleanConfig) -> tuple[str, str] | None:
 
 def _scrub(row: dict, policy: str) -> list[str]:
     """Scrub PII in place (policy scrub) and return the kinds found."""
-    from ftpipe.pii import find
+    from ftpipe.data.pii import find
 
     found: list[str] = []
     if policy == "keep":
@@ -157,8 +157,8 @@ def _process_chunk(args: tuple[list[bytes], CleanConfig]) -> list[tuple]:
     deduplicates. pii_kinds: the PII found in the row, whatever became of it."""
     import orjson
 
-    from ftpipe.dedup import signatures
-    from ftpipe.formatting import completion_of, prompt_of
+    from ftpipe.data.dedup import signatures
+    from ftpipe.data.formatting import completion_of, prompt_of
 
     lines, cfg = args
     out: list = []
@@ -236,7 +236,7 @@ def clean(snapshot: Path, cfg: CleanConfig, out_dir: Path, tokenizer: str | None
 
     import orjson
 
-    from ftpipe.dedup import DedupIndex
+    from ftpipe.data.dedup import DedupIndex
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cleaned_path, quarantine_path = out_dir / "clean.jsonl", out_dir / "quarantine.jsonl"

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftpipe.lineage import dvc_lock_hashes
+from ftpipe.lineage.record import dvc_lock_hashes
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def reproduce(root: Path, stage: str) -> StageResult:
 
     from dvc.exceptions import DvcException
 
-    # The stage command writes its error here (ftpipe.stages), so the run can show the
+    # The stage command writes its error here (ftpipe.data.stages), so the run can show the
     # real reason, not just "failed to reproduce".
     fd, err_file = tempfile.mkstemp(prefix="ftpipe-stage-", suffix=".err")
     os.close(fd)

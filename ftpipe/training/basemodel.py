@@ -1,6 +1,6 @@
 """Build the tiny default base model: tokenizer, Llama architecture, brief pretraining.
 
-Run by the DVC stage `base_model` (`python -m ftpipe.stages base-model`). The result is a
+Run by the DVC stage `base_model` (`python -m ftpipe.data.stages base-model`). The result is a
 normal Hugging Face checkpoint (safetensors + tokenizer files) that the rest of ftpipe
 loads with `from_pretrained`, exactly like a hub id or a local Qwen/Llama directory.
 
@@ -138,7 +138,7 @@ def build_base_model(corpus_path: Path, out_dir: Path, cfg: BuildConfig,
     tokenizer.save_pretrained(out_dir)
     seconds = time.perf_counter() - start
     (out_dir / "build_info.json").write_text(json.dumps({
-        "builder": "ftpipe.basemodel", "config": cfg.model_dump(), "parameters": n_params,
+        "builder": "ftpipe.training.basemodel", "config": cfg.model_dump(), "parameters": n_params,
         "corpus_tokens": len(ids), "pretrain_loss": loss_value,
     }, indent=2, sort_keys=True))
     return BuildResult(str(out_dir), n_params, loss_value, seconds)

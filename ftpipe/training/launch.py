@@ -1,16 +1,16 @@
 """Run the training recipe on N devices: in-process for one, under torchrun for more.
 
-    python -m ftpipe.launch spec.json        # one process of a torchrun job (or alone)
+    python -m ftpipe.training.launch spec.json        # one process of a torchrun job (or alone)
 
-`train.devices: 1` (the default) calls ftpipe.training.fine_tune in this process (GPU 0
+`train.devices: 1` (the default) calls ftpipe.training.recipe.fine_tune in this process (GPU 0
 or the CPU). `train.devices: N` or `auto` (every visible GPU) starts
-`torchrun --standalone --nproc_per_node N -m ftpipe.launch spec.json`: the same recipe,
+`torchrun --standalone --nproc_per_node N -m ftpipe.training.launch spec.json`: the same recipe,
 one process per device (DDP, or FSDP with train.strategy: fsdp). Rank 0 prints its log
 lines and `@@metric {json}` lines, which this launcher streams back to the caller.
 
 Multi-node is torchrun's own rendezvous, not ours: run on every node
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \\
-             --rdzv_endpoint HEAD_HOST:29500 -m ftpipe.launch spec.json
+             --rdzv_endpoint HEAD_HOST:29500 -m ftpipe.training.launch spec.json
 with the spec (written by `ftpipe run --dry-run`-style tooling or by hand) on shared storage.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
-from ftpipe.training import TrainResult, fine_tune
+from ftpipe.training.recipe import TrainResult, fine_tune
 
 METRIC = "@@metric "
 
@@ -70,7 +70,7 @@ def train(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, train_pa
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = write_spec(out_dir / "spec.json", model, lora, train_cfg, train_path, val_path, str(out_dir))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "ftpipe.launch", str(spec)]
+           "-m", "ftpipe.training.launch", str(spec)]
     log(f"launching {n} processes: {' '.join(cmd[2:])}")
     env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -87,7 +87,7 @@ def train(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, train_pa
         tail = (tail + [line])[-40:]
         log(line)
     if proc.wait() != 0:
-        from ftpipe.training import TrainingDiverged
+        from ftpipe.training.recipe import TrainingDiverged
 
         text = "\n".join(tail)
         if "TrainingDiverged" in text:

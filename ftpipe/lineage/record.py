@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from ftpipe import tags as t
+from ftpipe.registry import tags as t
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ class Lineage:
     train_file: str = ""                 # an incremental run's training file: "sha256:HEX rows:N"
 
     def tags(self) -> dict[str, str]:
-        """The lineage as ftpipe.* keys (ftpipe.tags): all go into the immutable record, a few
-        also onto the version (ftpipe.tags.version_tags)."""
+        """The lineage as ftpipe.* keys (ftpipe.registry.tags): all go into the immutable record, a few
+        also onto the version (ftpipe.registry.tags.version_tags)."""
         tags = {
             t.GIT_COMMIT: self.git_commit,
             t.GIT_DIRTY: str(self.git_dirty).lower(),
@@ -50,7 +50,7 @@ class Lineage:
 
 def file_pin(path: str | Path) -> str:
     """A JSONL file as a record pins it: 'sha256:HEX rows:N'."""
-    from ftpipe.sources import sha256_path
+    from ftpipe.data.sources import sha256_path
 
     rows = sum(1 for line in Path(path).read_bytes().splitlines() if line.strip())
     return f"sha256:{sha256_path(Path(path))} rows:{rows}"

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from ftpipe.config import PipelineConfig
-from ftpipe.gate import KEY_METRICS, EvalReport, PromotionResult
-from ftpipe.summary import _fmt as _f
+from ftpipe.registry.gate import KEY_METRICS, EvalReport, PromotionResult
+from ftpipe.cli_summary import _fmt as _f
 
 
 

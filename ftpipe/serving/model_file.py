@@ -2,6 +2,6 @@
 loading the version runs this file, which names the pyfunc model to serve."""
 from mlflow.models import set_model
 
-from ftpipe.serving import TextGenerator
+from ftpipe.serving.model import TextGenerator
 
 set_model(TextGenerator())

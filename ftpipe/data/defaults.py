@@ -2,7 +2,7 @@
 
 Regenerate the committed files (deterministic, fixed seeds):
 
-    python -m ftpipe.defaults
+    python -m ftpipe.data.defaults
 
 Why this task: it has one exact answer per prompt (so exact match means something), a
 2M-parameter model learns it on 2 CPU cores in a couple of minutes, and a model that has
@@ -93,7 +93,7 @@ def corpus_texts(n: int, seed: int) -> list[str]:
     vocabulary, the prompt format and how to copy digits, but never the mapping that
     fine-tuning must learn (the base model scores 0 exact match on it).
     """
-    from ftpipe.formatting import ALPACA_PROMPT
+    from ftpipe.data.formatting import ALPACA_PROMPT
 
     def chat(instruction: str, answer: str) -> str:
         return ALPACA_PROMPT.format(instruction=instruction) + " " + answer
