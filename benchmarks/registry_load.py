@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from ftpipe.registry.lock import PromotionLock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -117,7 +118,8 @@ def time_in_process(uri: str, repeat: int) -> dict:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     from ftpipe.registry import store as registry
     from ftpipe.config import load_config
-    from ftpipe.registry.gate import list_models, regression_sets
+    from ftpipe.registry.manual import list_models
+    from ftpipe.evaluation.compare import regression_sets
     from ftpipe.registry.promotion import decide
 
     reg = load_config(REPO / "params.yaml").registry
@@ -140,7 +142,7 @@ def time_in_process(uri: str, repeat: int) -> dict:
         m = {"exact_match": float(tags["ftpipe.metric.exact_match"]), "eval_loss": 0.5}
         d = decide({"exact_match": 0.95, "eval_loss": 0.4}, m, {"exact_match": 0.0, "eval_loss": 3.0},
                    reg.promotion, {"data_gate": True}, {})
-        with registry.PromotionLock(NAME, holder="benchmark"):
+        with PromotionLock(NAME, holder="benchmark"):
             registry.tag_version(NAME, champ.version, {"ftpipe.benchmark": d.verdict})
             registry.client().set_registered_model_alias(NAME, registry.CHALLENGER, champ.version)
         return d

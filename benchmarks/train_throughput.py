@@ -209,9 +209,12 @@ def run_ftpipe(v: dict, cfg, examples, steps: int, warmup: int, device: str, ste
     import torch.distributed as dist
 
     from ftpipe.config import LoraConfig, TrainConfig
-    from ftpipe.training.fastpath import adapter_autocast, register
-    from ftpipe.data.formatting import collate, pack_flat
-    from ftpipe.training.recipe import LossModel, forward_backward, prepare_model, step_inputs
+    from ftpipe.training.kernels import adapter_autocast
+    from ftpipe.training.attention import register
+    from ftpipe.training.batches import collate, pack_flat
+    from ftpipe.training.loss import LossModel
+    from ftpipe.training.step import forward_backward, step_inputs
+    from ftpipe.training.recipe import prepare_model
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -375,7 +378,7 @@ def run_reference(v: dict, cfg, examples, steps: int, warmup: int, device: str) 
         b = collate([(x["input_ids"], x["labels"]) for x in batch], 0)
         return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"]}
 
-    from ftpipe.data.formatting import collate
+    from ftpipe.training.batches import collate
     timer = _Timer()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=4, gradient_accumulation_steps=16,

@@ -5,13 +5,9 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Optional
 
 import typer
-
-if TYPE_CHECKING:
-    from prefect import Flow
-    from prefect.client.schemas.objects import FlowRun
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="ftpipe: fine-tune LLMs through data gates, an MLflow registry and promotion gates.")
@@ -113,10 +109,12 @@ def run(
     problems = preflight(cfg.data, cfg.model, project)   # before Prefect starts: seconds, every problem at once
     if problems:
         _fail("\n".join(problems) + "\nNothing was run.", 2)
-    _prefect_store(project)
+    from flows.runtime import project_store, quiet_terminal
+
+    project_store(project)
     from flows.retrain import SkippedRun, retrain
 
-    _no_tracebacks_on_terminal()
+    quiet_terminal()
 
     try:
         result = retrain(cfg, root=str(project), require_new_data=if_new_data)
@@ -149,31 +147,6 @@ def run(
     print_summary(result)
 
 
-def _no_tracebacks_on_terminal() -> None:
-    """Prefect prints a traceback for each failed task and for the flow; a failed `ftpipe run`
-    ends with one `error:` line instead. The tracebacks stay in the run's log on the Prefect
-    server (the UI, `prefect flow-run logs ID`): only the terminal's copy goes."""
-    import logging
-
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    class OneLine(logging.Formatter):
-        def __init__(self, inner: logging.Formatter | None):
-            super().__init__()
-            self.inner = inner or logging.Formatter()
-
-        def format(self, record: logging.LogRecord) -> str:
-            saved = record.exc_info, record.exc_text, record.stack_info
-            record.exc_info = record.exc_text = record.stack_info = None
-            try:
-                return self.inner.format(record)
-            finally:
-                record.exc_info, record.exc_text, record.stack_info = saved
-
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, OneLine):
-            handler.setFormatter(OneLine(handler.formatter))
-
 
 def _first_line(exc: BaseException) -> str:
     from ftpipe.retry import chain
@@ -185,81 +158,7 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _project_server(project: Path) -> str | None:
-    """The API URL of this project's `ftpipe prefect-server` (recorded in .prefect/server.json) if it answers."""
-    import json
-    import urllib.request
 
-    try:
-        record = json.loads((project / ".prefect" / "server.json").read_text())
-        os.kill(record["pid"], 0)
-        with urllib.request.urlopen(f"{record['url']}/health", timeout=3):
-            return record["url"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _prefect_store(project: Path) -> str | None:
-    """One project, one Prefect run store, however a command is started. With no Prefect API set
-    (environment, profile, prefect.toml): this project's `ftpipe prefect-server` when it answers, else
-    Prefect's temporary server on the file that server serves, PROJECT/.prefect/prefect.db (not the
-    user-wide $PREFECT_HOME one). Call before anything else imports prefect. Returns the API URL, if any."""
-    from prefect.context import refresh_global_settings_context
-    from prefect.settings import get_current_settings
-
-    settings = get_current_settings()
-    if settings.api.url:
-        return settings.api.url
-    url = _project_server(project)
-    if url:
-        os.environ["PREFECT_API_URL"] = url
-    elif "connection_url" not in settings.server.database.model_fields_set:   # unless one is set
-        (project / ".prefect").mkdir(exist_ok=True)
-        os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{project}/.prefect/prefect.db"
-    refresh_global_settings_context()
-    return url
-
-
-def _serve(flow: Flow, name: str, **deployment: Any) -> None:
-    """`flow.serve(name, **deployment)`, except that stopping it never rewrites a run that has finished.
-
-    On SIGTERM Prefect 3.9's runner cancels every run whose process it still tracks (Runner.astop ->
-    CancellationManager.cancel_all) and ends each with a forced CANCELLED (StateProposer.propose_cancelled:
-    set_flow_run_state(force=True), which skips the server's orchestration rules). A run is still tracked
-    after it has reported COMPLETED, while its process tears down: its engine sends the outcome receipt
-    that makes the runner skip it only at the very end. A stop in that window turned COMPLETED into
-    CANCELLED. Here a finished run's process is left to exit, and CANCELLED never replaces a final state."""
-    import asyncio
-
-    from prefect.runner import Runner
-
-    class Serving(Runner):
-        async def __aenter__(self) -> Serving:
-            await super().__aenter__()
-            force_cancelled = self._state_proposer.propose_cancelled
-
-            async def propose_cancelled(flow_run: FlowRun, state_updates: dict | None = None) -> bool:
-                state = (await self._client.read_flow_run(flow_run.id)).state
-                if state is not None and state.is_final():   # it ended before the stop reached it
-                    return False
-                return await force_cancelled(flow_run, state_updates)
-
-            self._state_proposer.propose_cancelled = propose_cancelled
-            return self
-
-        async def cancel_all(self) -> None:
-            for run_id in self._process_manager.flow_run_ids():
-                state = (await self._client.read_flow_run(run_id)).state
-                if state is not None and state.is_final():   # finished, tearing down: let it exit
-                    await self._process_manager.wait_for_exit(run_id, grace_seconds=60)
-            await super().cancel_all()
-
-    runner = Serving(name=name)
-    runner.add_flow(flow, name=name, **deployment)
-    try:
-        asyncio.run(runner.start())
-    except KeyboardInterrupt:
-        pass
 
 
 @app.command()
@@ -281,18 +180,16 @@ def schedule(
     cfg_path = _config_path(config, project).resolve()     # before the chdir below
     cfg = _load(cfg_path, [], project)
     os.chdir(project)
-    if not _prefect_store(project):
+    from flows.runtime import project_store, serve
+
+    if not project_store(project):
         _fail(f"no Prefect server: a served deployment needs one (`ftpipe prefect-server --project {project}`, "
               "or PREFECT_API_URL set to a running server)", 2)
-    from prefect.schedules import Cron
-
     from flows.retrain import scheduled_retrain
 
     print(f"serving deployment scheduled-retrain/{name}: cron '{cfg.schedule.cron}' ({cfg.schedule.timezone}), "
           f"min_new_rows {cfg.schedule.min_new_rows}, project {project}", flush=True)
-    _serve(scheduled_retrain, name, schedule=Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone),
-           parameters={"root": str(project), "config": str(cfg_path)}, tags=["ftpipe"],
-           concurrency_limit=1)   # one retrain at a time in this workspace
+    serve(scheduled_retrain, name, cfg.schedule, parameters={"root": str(project), "config": str(cfg_path)})
 
 
 @app.command()
@@ -313,7 +210,7 @@ def generate(
     model = model or f"models:/{cfg.registry.model_name}@champion"
     row = {"instruction": prompt, "input": input_text}
     if Path(model).is_dir():
-        from ftpipe.evaluation.scoring import generate as gen, load_for_eval
+        from ftpipe.evaluation.generation import generate as gen, load_for_eval
         from ftpipe.data.formatting import prompt_of
 
         m, tok = load_for_eval(model)
@@ -358,7 +255,7 @@ def promote(
     if not re.fullmatch(r"v?[0-9]+", version):
         _fail(f"{version!r} is not a version number (e.g. 3 or v3; `ftpipe models` lists them)", 2)
     cfg, _ = _registry(config, project)
-    from ftpipe.registry.gate import manual_promote
+    from ftpipe.registry.manual import manual_promote
     from ftpipe.registry.store import RegistryError
 
     try:
@@ -378,7 +275,7 @@ def rollback(
 ) -> None:
     """Move champion back to the previous champion; recorded in the registry."""
     cfg, _ = _registry(config, project)
-    from ftpipe.registry.gate import rollback as do_rollback
+    from ftpipe.registry.manual import rollback as do_rollback
     from ftpipe.registry.store import RegistryError
 
     try:
@@ -412,7 +309,7 @@ def models(
         rows, history = rest_list(uri, cfg.registry.model_name, m, limit)
     else:
         cfg, _ = _registry(config, project)
-        from ftpipe.registry.gate import list_models
+        from ftpipe.registry.manual import list_models
 
         rows, history = list_models(cfg.registry, limit), registry.champion_history(cfg.registry.model_name)
     if as_json:
@@ -525,14 +422,17 @@ def lineage(
         _fail(f"--report {report}: folder {report.parent} does not exist", 2)
     cfg, project = _registry(config, project)
     from ftpipe.lineage import audit as au
+    from ftpipe.lineage import queries as lq
+    from ftpipe.lineage import record as lr
+    from ftpipe.lineage import report as lrep
     from ftpipe.registry import store as registry
 
     client = registry.client()
     try:
         if source is not None or row_hash is not None:
-            hits = (au.versions_with_source(client, project, source) if source
-                    else au.versions_with_row(client, project, row_hash, cfg.data.remote))
-            hits = au.with_descendants(client, hits)
+            hits = (lq.versions_with_source(client, project, source) if source
+                    else lq.versions_with_row(client, project, row_hash, cfg.data.remote))
+            hits = lq.with_descendants(client, hits)
             what = f"source {source}" if source else f"row {row_hash}"
             if as_json:
                 print(json.dumps({"query": {"source": source, "row_hash": row_hash}, "versions": hits}, indent=2))
@@ -562,16 +462,18 @@ def lineage(
             return
         if not model:
             _fail("give a MODEL (models:/NAME@champion, models:/NAME/3 or a run id), or --source / --row-hash", 2)
-        _prefect_store(project)   # the flow run is looked up where this project's runs are
-        result = au.audit(client, project, model, cfg.data.remote)
-    except au.AuditError as exc:
+        from flows.runtime import project_store, read_flow_run
+
+        project_store(project)   # the flow run is looked up where this project's runs are
+        result = au.audit(client, project, model, cfg.data.remote, flow_run=read_flow_run)
+    except lr.AuditError as exc:
         _fail(str(exc), 2)
     if report:
-        report.write_text(au.html_report(result), encoding="utf-8")
+        report.write_text(lrep.html_report(result), encoding="utf-8")
     if as_json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
-        print("\n".join(au.tree_lines(result)))
+        print("\n".join(lrep.tree_lines(result)))
         print()
         if result.ok:
             print("lineage verified: every link holds" + (f"; report: {report}" if report else ""))
@@ -679,11 +581,13 @@ def data_restore(
     Writes its train/validation/test files, byte for byte,
     from the DVC cache or remote, whatever data/ holds now."""
     cfg, project = _registry(config, project)
-    from ftpipe.lineage import audit as au
-    from ftpipe.registry import store as registry
-
     import shutil
     import tempfile
+
+    from ftpipe.data.versions import Store, restore_output
+    from ftpipe.lineage import record as lr
+    from ftpipe.names import SPLITS_OUTPUT
+    from ftpipe.registry import store as registry
 
     if to.exists() and not to.is_dir():
         _fail(f"{to}: a file; restore writes into an empty or new directory", 2)
@@ -693,33 +597,33 @@ def data_restore(
         _fail(f"{to}: folder {to.resolve().parent} does not exist", 2)
     client = registry.client()
     try:
-        v = au.resolve(client, model)
-    except au.AuditError as exc:
+        v = lr.resolve(client, model)
+    except lr.AuditError as exc:
         _fail(str(exc), 2)
-    doc, _, problems = au.recorded_lineage(client, v)
+    doc, _, problems = lr.recorded_lineage(client, v)
     if problems and not force:
         _fail("the lineage of " + f"{v.name} v{v.version} does not hold:\n" + "\n".join(problems)
               + "\n(`ftpipe lineage` for the whole audit; --force restores what the record says anyway)", 1)
     outputs = {k[len("ftpipe.dvc."):]: md5 for k, md5 in doc.items() if k.startswith("ftpipe.dvc.")
                and ":" in k[len("ftpipe.dvc."):]}
-    wanted = outputs if every_stage else {k: m for k, m in outputs.items() if k == au.SPLITS_KEY}
+    wanted = outputs if every_stage else {k: m for k, m in outputs.items() if k == SPLITS_OUTPUT}
     if not wanted:
         _fail(f"{v.name} v{v.version}: no data version recorded", 2)
     # written next to DIR, moved into place only when every file re-hashed: never half a restore
     staging = Path(tempfile.mkdtemp(dir=to.resolve().parent, prefix=f".{to.name}.restoring-"))
-    store = au.Store(project, cfg.data.remote)
+    store = Store(project, cfg.data.remote)
     try:
         lines = []
         for key, md5 in sorted(wanted.items()):
             dest = staging / key.split(":", 1)[1] if every_stage else staging
-            files = au.restore_output(store, md5, dest)
+            files = restore_output(store, md5, dest)
             remote = sum(f["from"] == "remote" for f in files)
             lines.append(f"{key} {md5}: {len(files)} files, {sum(f['bytes'] for f in files):,} bytes"
                          + (f" ({remote} from {store.where()}: no good copy in the cache)" if remote else ""))
         if to.exists():
             to.rmdir()
         staging.rename(to)
-    except au.AuditError as exc:
+    except lr.AuditError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         _fail(f"{exc}\nnothing written to {to}", 1)
     finally:

@@ -2,34 +2,27 @@
 
 from __future__ import annotations
 
-from ftpipe.secrets import redact
-
 from rich.console import Console
 from rich.table import Table
 
-
-def _fmt(v) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
+from ftpipe.names import METRICS, SLICE_METRICS, fmt as _fmt
+from ftpipe.secrets import redact
 
 
 def print_summary(result, console: Console | None = None) -> None:
     console = console or Console()
-    r = result
+    r, d = result, result.data
     data = Table(title="Data", show_header=False, title_justify="left")
     data.add_column(style="bold")
     data.add_column()
-    for key, md5 in sorted(r.data_hashes.items()):
+    for key, md5 in sorted(d.hashes.items()):
         data.add_row(f"DVC {key}", md5)
-    for f in r.data.manifest.get("files", []):
+    for f in d.manifest.get("files", []):
         data.add_row(f"file {f['path']}", f"{f['rows']} rows ({f['format']}), {f['size']:,} bytes, "
                      f"sha256 {f['sha256'][:12]}…")
-    for sk in r.data.manifest.get("skipped", []):
+    for sk in d.manifest.get("skipped", []):
         data.add_row(f"skipped {sk['path']}", sk["why"])
-    c = r.clean
+    c = d.clean_report
     data.add_row("rows", f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']}")
     if c.get("reasons"):
         data.add_row("quarantine reasons", ", ".join(f"{k}: {v}" for k, v in sorted(c["reasons"].items())))
@@ -37,20 +30,20 @@ def print_summary(result, console: Console | None = None) -> None:
     pii = (c.get("pii") or {}).get("found") or {}
     if pii:
         data.add_row(f"PII ({c['pii']['policy']})", ", ".join(f"{k}: {v}" for k, v in sorted(pii.items())))
-    splits = r.split_counts.get("splits", {})
+    splits = d.split_counts.get("splits", {})
     data.add_row("splits", ", ".join(f"{k} {v}" for k, v in splits.items()))
-    for q in (r.quality, r.cleaned_quality):
+    for q in (d.raw, d.cleaned):
         data.add_row(f"GX {q.suite}", f"{'passed' if q.success else 'FAILED'} ({q.evaluated} "
                      f"expectations on {q.rows} rows; {q.report})")
-    if r.cleaned_quality.docs:
-        data.add_row("GX Data Docs", r.cleaned_quality.docs)
-    data.add_row("DVC remote", f"pushed to '{r.pushed}'" if r.pushed else "not pushed (data.push: false)")
+    if d.cleaned.docs:
+        data.add_row("GX Data Docs", d.cleaned.docs)
+    data.add_row("DVC remote", f"pushed to '{d.pushed}'" if d.pushed else "not pushed (data.push: false)")
     console.print(data)
 
     per = Table(title="Rows per source (read = kept + quarantined)", title_justify="left")
     for col in ("source", "read", "kept", "quarantined", "train rows (weight)"):
         per.add_column(col, justify="left" if col == "source" else "right")
-    mix = r.split_counts.get("train_mix", {})
+    mix = d.split_counts.get("train_mix", {})
     for name, n in sorted(c.get("per_source", {}).items()):
         m = mix.get(name, {})
         per.add_row(name, str(n.get("read", 0)), str(n.get("kept", 0)), str(n.get("quarantined", 0)),
@@ -59,15 +52,15 @@ def print_summary(result, console: Console | None = None) -> None:
     data = Table(title="Training", show_header=False, title_justify="left")
     data.add_column(style="bold")
     data.add_column()
-    data.add_row("training", f"train loss {_fmt(r.train_loss)}, val loss {_fmt(r.val_loss)}, "
-                 f"{r.train_seconds:.0f}s")
+    data.add_row("training", f"train loss {_fmt(r.candidate.train_loss)}, val loss {_fmt(r.candidate.val_loss)}, "
+                 f"{r.candidate.seconds:.0f}s")
     console.print(data)
 
     rep = r.report
     metrics = Table(title=f"Test set: {rep.candidate.n_examples} examples ({rep.test_set})",
                     title_justify="left")
     metrics.add_column("model")
-    cols = ("exact_match", "token_f1", "rouge_l", "eval_loss", "perplexity")
+    cols = METRICS[:5]
     for name in cols:
         metrics.add_column(name, justify="right")
     rows = [("base", rep.base), ("candidate", rep.candidate)]
@@ -81,31 +74,31 @@ def print_summary(result, console: Console | None = None) -> None:
         reg = Table(title="Earlier test sets (regression)", title_justify="left")
         for col in ("set", "rows", "candidate", "champion"):
             reg.add_column(col)
-        m = r.primary_metric
+        m = r.cfg.registry.promotion.primary_metric
         for sid, s in rep.candidate_regression.items():
             champ = rep.champion_regression.get(sid)
-            reg.add_row(sid, str(s.n_examples), _fmt(s.metrics()[m]), _fmt(champ.metrics()[m]) if champ else "—")
+            reg.add_row(sid, str(s.n_examples), _fmt(s.metrics().get(m)), _fmt(champ.metrics().get(m)) if champ else "—")
         console.print(reg)
     if rep.candidate.slices:
         sl = Table(title="Candidate per slice", title_justify="left")
-        for col in ("slice", "n", "exact_match", "token_f1", "rouge_l", "eval_loss"):
+        for col in ("slice", "n", *SLICE_METRICS):
             sl.add_column(col)
         for name, v in sorted(rep.candidate.slices.items()):
-            sl.add_row(name, str(int(v["n"])), *(_fmt(v[k]) for k in ("exact_match", "token_f1", "rouge_l", "eval_loss")))
+            sl.add_row(name, str(int(v["n"])), *(_fmt(v[k]) for k in SLICE_METRICS))
         console.print(sl)
 
     p = r.promotion
     gate = Table(title=f"Promotion gate: {p.decision.verdict.upper()} "
-                 f"{r.model_name} v{p.version}", title_justify="left")
+                 f"{r.cfg.registry.model_name} v{p.version}", title_justify="left")
     gate.add_column("rule")
     gate.add_column("ok")
     gate.add_column("detail")
     for reason in p.decision.reasons:
         gate.add_row(reason.rule, "[green]yes[/]" if reason.passed else "[red]no[/]", reason.detail)
     console.print(gate)
-    console.print(f"model version [bold]{r.model_name} v{p.version}[/] aliases: "
+    console.print(f"model version [bold]{r.cfg.registry.model_name} v{p.version}[/] aliases: "
                   f"{', '.join(p.aliases) or '—'}; champion: "
                   f"{'v' + p.champion_after if p.champion_after else '—'} "
                   f"(was {'v' + p.champion_before if p.champion_before else '—'})")
-    console.print(f"MLflow run {r.run_id} in experiment '{r.experiment}' at {redact(r.tracking_uri)}")
+    console.print(f"MLflow run {r.run_id} in experiment '{r.cfg.registry.experiment}' at {redact(r.tracking_uri)}")
     console.print("Open the UI:  make ui   (or .venv/bin/python mlflow/launch.py; then http://127.0.0.1:5000)")

@@ -303,13 +303,12 @@ class EvalConfig(_Section):
     regression_max_examples: int | None = Field(200, ge=1)
 
 
-METRICS = ("eval_loss", "perplexity", "exact_match", "token_f1", "rouge_l", "non_empty", "pii_outputs")
-
-
 def _known_metrics(metrics: list[str]) -> None:
     import re
 
-    pattern = re.compile(r"^(?:slice\.[^.]+\.(?:eval_loss|perplexity|exact_match|token_f1|rouge_l)|"
+    from ftpipe.names import METRICS, SLICE_METRICS
+
+    pattern = re.compile(r"^(?:slice\.[^.]+\.(?:" + "|".join(SLICE_METRICS + ("perplexity",)) + ")|"
                          + "|".join(METRICS) + ")$")
     bad = [m for m in metrics if not pattern.match(m)]
     if bad:
@@ -356,7 +355,7 @@ class PromotionConfig(_Section):
         return thresholds
 
     def higher_is_better(self, metric: str | None = None) -> bool:
-        from ftpipe.evaluation.scoring import lower_is_better
+        from ftpipe.names import lower_is_better
 
         metric = metric or self.primary_metric
         if metric == self.primary_metric and self.direction != "auto":
@@ -441,8 +440,7 @@ class PipelineConfig(_Section):
 
     def hash(self) -> str:
         """Content hash of the whole config: the same settings give the same hash."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return digest(self.model_dump(mode="json"))
 
 
 def cross_section_problems(doc: dict) -> list[str]:
@@ -461,6 +459,13 @@ def cross_section_problems(doc: dict) -> list[str]:
     if method == "lora" and quant != "none":
         problems.append("train.method=lora with a quantized base is qlora: set train.method=qlora")
     return problems
+
+
+def digest(value: Any, length: int = 16) -> str:
+    """The content hash ftpipe keys things by (a config, a recipe, its data): sha256 of the
+    canonical JSON, cut to `length` hex digits."""
+    blob = json.dumps(value, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
 
 
 class ConfigError(ValueError):

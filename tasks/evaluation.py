@@ -8,15 +8,14 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from ftpipe.registry import gate as gate
 from ftpipe.config import EvalConfig, ModelConfig, RegistryConfig
+from ftpipe.evaluation.compare import EvalReport, evaluate_all, log_evaluation
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_all(cfg: EvalConfig, model: ModelConfig, reg: RegistryConfig, base_path: str,
-                 candidate_dir: str, test_path: str, max_seq_len: int, run_id: str, root: str) -> gate.EvalReport:
-    logger = get_run_logger()
-    report = gate.evaluate_all(cfg, model, reg, base_path, candidate_dir, test_path, max_seq_len,
-                               Path(root) / "runs" / "regression", log=logger.info)
-    gate.log_evaluation(run_id, report, Path(root) / "runs" / f"eval-{run_id[:12]}")
+def evaluate(cfg: EvalConfig, model: ModelConfig, reg: RegistryConfig, base_path: str, candidate_dir: str,
+             test_path: str, max_seq_len: int, run_id: str, root: str) -> EvalReport:
+    report = evaluate_all(cfg, model, reg, base_path, candidate_dir, test_path, max_seq_len,
+                          Path(root) / "runs" / "regression", log=get_run_logger().info)
+    log_evaluation(run_id, report, Path(root) / "runs" / f"eval-{run_id[:12]}")
     return report

@@ -1,66 +1,51 @@
-"""Prefect task: fine-tune (ftpipe.training.launch.train: in-process, or torchrun for several
-devices), streaming metrics to MLflow and logging the loss curve."""
+"""Prefect tasks of training: the plan, the fine-tune (cached by recipe and data, so a run
+started again after a crash past training gets the result back; checkpoints cover a crash
+during it), and putting the training on the run."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from dataclasses import dataclass
-
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.cache_policies import CachePolicy
 
-from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
-from ftpipe.training.launch import train
-from ftpipe.registry.store import client
-from ftpipe.training.recipe import TrainResult
-
-
-def training_dir(root: str, model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig,
-                 data_hash: str) -> Path:
-    """Where a training run keeps its checkpoints: keyed by the recipe and the data, so a
-    crashed `ftpipe run` started again finds and resumes its own checkpoints."""
-    key = json.dumps([model.model_dump(mode="json"), lora.model_dump(mode="json"),
-                      train_cfg.model_dump(mode="json"), data_hash], sort_keys=True)
-    return Path(root) / "runs" / f"train-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+from ftpipe.config import LoraConfig, ModelConfig, PipelineConfig
+from ftpipe.data.versions import DataVersion
+from ftpipe.registry import runs
+from ftpipe.training.plan import TrainingPlan
+from ftpipe.training.recipe import TrainResult, training_dir
+from tasks.io import io_task
 
 
-def plot_loss(result: TrainResult, path: Path) -> Path:
-    import matplotlib
+@io_task("plan-training")
+def plan_training(cfg: PipelineConfig, data: DataVersion, run_id: str, root: str,
+                  require_new_data: bool) -> TrainingPlan:
+    """Scratch, from the champion, or skip, and why (ftpipe.training.plan); what is new goes
+    on the run, and an incremental run's training file with it (the lineage pins its sha256)."""
+    from ftpipe.lineage.record import TRAIN_FILE_ARTIFACT
+    from ftpipe.registry.store import client
+    from ftpipe.training.plan import plan_training as decide
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if result.loss_history:
-        ax.plot(*zip(*result.loss_history), label="train loss")
-    if result.val_history:
-        ax.plot(*zip(*result.val_history), "o-", label="validation loss")
-    if result.best_step:
-        ax.axvline(result.best_step, color="grey", linestyle=":", label=f"best (step {result.best_step})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (completion tokens)")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title(f"{result.method}: {result.steps} steps, {result.tokens:,} tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    plan = decide(data, cfg.registry, cfg.incremental, cfg.train, cfg.schedule.min_new_rows, cfg.hash(),
+                  Path(root), require_new_data, cfg.data.remote)
+    inc = plan.increment
+    client().set_tag(run_id, "ftpipe.new_rows", str(inc.new_rows))
+    get_run_logger().info(f"new rows since {inc.champion or 'no champion'}: {inc.new_rows}; {inc.reason}"
+                          + (f"; {plan.skip}" if plan.skip else ""))
+    if inc.train_path:
+        client().log_artifact(run_id, inc.train_path, str(Path(TRAIN_FILE_ARTIFACT).parent))
+    return plan
 
 
 @dataclass
 class TrainingCache(CachePolicy):
-    """A training's cache key is its recipe and its data (training_dir's key), never the run:
-    a flow run started again after a crash past training gets the finished result back from
-    the project's result store instead of training again (checkpoints cover a crash during)."""
+    """A training's cache key is its recipe and its data (training_dir's key), never the run."""
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
-        model = inputs["model"].model_copy(update={"base": inputs["base_path"]})
-        return training_dir(inputs["root"], model, inputs["lora"], inputs["train_cfg"], inputs["data_hash"]).name
+        plan = inputs["plan"]
+        return training_dir(inputs["root"], inputs["model"].model_copy(update={"base": plan.base_path}),
+                            inputs["lora"], plan.train, plan.data_key).name
 
 
 def result_store(root: str) -> Path:
@@ -72,72 +57,32 @@ def result_store(root: str) -> Path:
 
 
 @task(name="fine-tune", cache_policy=TrainingCache(), persist_result=True, result_serializer="json")
-def fine_tune(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, base_path: str,
-              splits: dict[str, str], run_id: str, root: str, data_hash: str) -> TrainResult:
+def fine_tune(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, run_id: str, root: str) -> TrainResult:
     """Train (or resume from the last checkpoint); metrics stream to the run that trains."""
+    from ftpipe.training.launch import train
+
     logger = get_run_logger()
-    mlflow_client = client()
-
-    unreachable = []
-
-    def on_metrics(step: int, metrics: dict) -> None:
-        # Training never dies because MLflow does: the history is in the result, and
-        # log-training copies what did not get through once MLflow answers again.
-        if unreachable:
-            return
-        try:
-            for key, value in metrics.items():
-                mlflow_client.log_metric(run_id, key, value, step=step)
-        except Exception as exc:   # noqa: BLE001
-            unreachable.append(step)
-            logger.warning(f"MLflow did not take the metrics of step {step} ({type(exc).__name__}: "
-                           f"{str(exc)[:200]}); training goes on, the history is logged after training")
-
-    model = model.model_copy(update={"base": base_path})
-    out_dir = training_dir(root, model, lora, train_cfg, data_hash)
-    result = train(model, lora, train_cfg, splits["train"], splits["validation"], out_dir,
-                   log=logger.info, on_metrics=on_metrics)
+    model = model.model_copy(update={"base": plan.base_path})
+    result = train(model, lora, plan.train, plan.splits["train"], plan.splits["validation"],
+                   training_dir(root, model, lora, plan.train, plan.data_key), log=logger.info,
+                   on_metrics=runs.metrics_streamer(run_id, logger.warning))
     if result.resumed_from:
         logger.info(f"resumed from the checkpoint at step {result.resumed_from}")
     return result
 
 
-def train_candidate(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, base_path: str,
-                    splits: dict[str, str], run_id: str, root: str, data_hash: str) -> TrainResult:
+def train_candidate(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, run_id: str, root: str) -> TrainResult:
     """The candidate of this flow run: trained, resumed, or (same recipe and data, weights
-    still on disk) the cached result of an earlier run. log_training puts it on the run once
-    the flow knows the run goes on (a run that ends skipped carries no reused metrics)."""
-    args = (model, lora, train_cfg, base_path, splits, run_id, root, data_hash)
+    still on disk) the cached result of an earlier run."""
     cached = fine_tune.with_options(result_storage=result_store(root))
-    result = cached(*args)
+    result = cached(model, lora, plan, run_id, root)
     if not (Path(result.model_dir) / "config.json").is_file():   # cached, but the weights are gone
         get_run_logger().warning(f"the cached training's weights are gone ({result.model_dir}): training again")
-        result = cached.with_options(refresh_cache=True)(*args)
+        result = cached.with_options(refresh_cache=True)(model, lora, plan, run_id, root)
     return result
 
 
-@task(name="log-training", cache_policy=NO_CACHE)
-def log_training(run_id: str, result: TrainResult) -> TrainResult:
-    mlflow_client = client()
-    out_dir = Path(result.model_dir).parent
-    logged = {m.step for m in mlflow_client.get_metric_history(run_id, "train_loss")}
-    missing = [(step, loss) for step, loss in result.loss_history if step not in logged]
-    if missing:   # trained by an earlier flow run, or MLflow was away while training
-        get_run_logger().info(f"{len(missing)} of {len(result.loss_history)} loss points of {out_dir.name} "
-                              "were not on this run (trained earlier, or MLflow was unreachable): logged now")
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        points = [Metric("train_loss", loss, now, step) for step, loss in missing]
-        val_logged = {m.step for m in mlflow_client.get_metric_history(run_id, "val_loss")}
-        points += [Metric("val_loss", loss, now, step) for step, loss in result.val_history
-                   if step not in val_logged]
-        for i in range(0, len(points), 1000):
-            mlflow_client.log_batch(run_id, metrics=points[i:i + 1000])
-    mlflow_client.log_metric(run_id, "train_seconds", result.seconds)
-    mlflow_client.log_metric(run_id, "train_tokens", result.tokens)
-    if result.val_loss is not None:
-        mlflow_client.log_metric(run_id, "val_loss", result.val_loss)
-    mlflow_client.log_artifact(run_id, str(plot_loss(result, out_dir / "loss_curve.png")), "train")
-    mlflow_client.log_artifact(run_id, str(out_dir / "train_result.json"), "train")
-    return result
+@io_task("log-training")
+def log_training(run_id: str, result: TrainResult) -> None:
+    """The training on this run, once the run goes on (a run that ends skipped carries none)."""
+    runs.log_training(run_id, result, get_run_logger().info)

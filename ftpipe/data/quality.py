@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 
 from ftpipe.config import CleanConfig, QualityConfig, SplitConfig
 from ftpipe.data.records import json_type, prompt_field, response_field, texts_of
+from ftpipe.files import iter_jsonl
 
 FORMATS = ["alpaca", "prompt_completion", "chat"]
 REPORTS = Path("data/reports")
@@ -111,14 +112,6 @@ def load_sqlite(db: Path, table: str, columns: tuple[str, ...], rows: Iterable[t
     con.close()
     return n
 
-
-def _jsonl(path: Path) -> Iterable[dict]:
-    import orjson
-
-    with path.open("rb") as f:
-        for line in f:
-            if line.strip():
-                yield orjson.loads(line)
 
 
 # ------------------------------------------------------------------ suites
@@ -338,7 +331,7 @@ def validate_raw(snapshot: Path, cfg: QualityConfig, reports: Path, docs: bool =
     on their MLflow runs)."""
     for stale in ("docs", "gx"):
         shutil.rmtree(reports / stale, ignore_errors=True)
-    load = lambda db: load_sqlite(db, "raw", RAW_COLUMNS, map(_raw_record, _jsonl(snapshot)))  # noqa: E731
+    load = lambda db: load_sqlite(db, "raw", RAW_COLUMNS, map(_raw_record, iter_jsonl(snapshot)))  # noqa: E731
     return run_suite("raw_snapshot", "raw", load, raw_expectations(cfg), reports / "raw_validation.json", docs)
 
 
@@ -349,10 +342,10 @@ def validate_cleaned(cleaned: Path, cfg: QualityConfig, clean: CleanConfig, spli
     quarantine = cleaned.parent / "quarantine.jsonl"
 
     def load(db: Path) -> int:
-        lost = ((q.get("src") or q.get("source"), q.get("category")) for q in _jsonl(quarantine)) \
+        lost = ((q.get("src") or q.get("source"), q.get("category")) for q in iter_jsonl(quarantine)) \
             if quarantine.exists() else ()
         load_sqlite(db, "quarantined", QUARANTINED_COLUMNS, lost)
-        return load_sqlite(db, "cleaned", CLEANED_COLUMNS, (_cleaned_record(r, split) for r in _jsonl(cleaned)))
+        return load_sqlite(db, "cleaned", CLEANED_COLUMNS, (_cleaned_record(r, split) for r in iter_jsonl(cleaned)))
 
     return run_suite("cleaned", "cleaned", load, cleaned_expectations(cfg, clean, split),
                      reports / "cleaned_validation.json", docs)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import codecs
 import csv
 import glob as globlib
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ftpipe.config import SourceConfig
+from ftpipe.files import sha256_path
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
               ".parquet": "parquet", ".pq": "parquet"}
@@ -43,18 +43,6 @@ class Item:
     error: str | None = None
     raw: str | None = None
 
-
-def sha256_path(path: Path) -> str:
-    """sha256 of a file, or of a folder (its files' relative names and bytes, sorted)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def size_of(path: Path) -> int:

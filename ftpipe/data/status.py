@@ -12,7 +12,7 @@ from ftpipe.config import PipelineConfig
 from ftpipe.lineage.record import dvc_lock_hashes
 from ftpipe.data.versions import DATA_STAGES, object_status, remote_of, split_row_hashes, workspace_changes
 
-SPLITS_KEY = "split:data/splits"
+from ftpipe.names import SPLITS_OUTPUT as SPLITS_KEY
 
 
 @dataclass(frozen=True)

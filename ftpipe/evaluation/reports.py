@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 from ftpipe.config import PipelineConfig
-from ftpipe.registry.gate import KEY_METRICS, EvalReport, PromotionResult
-from ftpipe.cli_summary import _fmt as _f
+from ftpipe.names import METRICS as KEY_METRICS, SLICE_METRICS, fmt as _f
+from ftpipe.registry.gate import PromotionResult
+from ftpipe.evaluation.compare import EvalReport
 
 
 
@@ -118,7 +119,7 @@ def html_report(cfg: PipelineConfig, run_id: str, version: str, report: EvalRepo
     ]
     if report.candidate.slices:
         parts += ["<h3>Per slice (candidate)</h3>", _table(
-            ["slice", "n", "exact_match", "token_f1", "rouge_l", "eval_loss"],
+            ["slice", "n", *SLICE_METRICS],
             [[s, int(m["n"]), m["exact_match"], m["token_f1"], m["rouge_l"], m["eval_loss"]]
              for s, m in sorted(report.candidate.slices.items())])]
     if report.candidate_regression:
@@ -135,3 +136,23 @@ def html_report(cfg: PipelineConfig, run_id: str, version: str, report: EvalRepo
                       for p in wrong_first]),
               "<h2>Model card</h2>", f"<pre>{html.escape(card_md)}</pre>", "</body></html>"]
     return "\n".join(parts)
+
+
+def publish(cfg: PipelineConfig, run_id: str, result: PromotionResult, loss_png: Path, out: Path) -> Path:
+    """The model card into the version's own artifacts and the run's, and the run's HTML
+    report; returns the report's path."""
+    from ftpipe.lineage.record import recorded_tags
+    from ftpipe.registry import store
+
+    out.mkdir(parents=True, exist_ok=True)
+    tags = recorded_tags(store.client(), cfg.registry.model_name, result.version)   # tags + the record
+    card = model_card(cfg, result.version, run_id, tags, result.report, result)
+    (out / "model_card.md").write_text(card, encoding="utf-8")
+    store.log_model_file(cfg.registry.model_name, result.version, out / "model_card.md")
+    store.log_files(run_id, [out / "model_card.md"], "model_card")
+    page = out / "report.html"
+    page.write_text(html_report(cfg, run_id, result.version, result.report, result,
+                                loss_png if loss_png.is_file() else None, out / "metrics_comparison.png", card),
+                    encoding="utf-8")
+    store.log_files(run_id, [page], "report")
+    return page

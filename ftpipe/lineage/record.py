@@ -11,7 +11,14 @@ from pathlib import Path
 
 import yaml
 
-from ftpipe.registry import tags as t
+from ftpipe import names as t
+import shutil
+import tempfile
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ftpipe.data.versions import DataVersion
+    from ftpipe.training.plan import TrainingPlan
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ class Lineage:
 
 def file_pin(path: str | Path) -> str:
     """A JSONL file as a record pins it: 'sha256:HEX rows:N'."""
-    from ftpipe.data.sources import sha256_path
+    from ftpipe.files import sha256_path
 
     rows = sum(1 for line in Path(path).read_bytes().splitlines() if line.strip())
     return f"sha256:{sha256_path(Path(path))} rows:{rows}"
@@ -90,19 +97,175 @@ def dvc_lock_hashes(root: Path, stages: list[str] | None = None) -> dict[str, st
     return out
 
 
-def base_model_revision(base: str, revision: str | None, root: Path) -> str:
-    """The revision asked for, else a content hash of a local checkpoint's weights."""
-    if revision:
-        return revision
-    path = (root / base) if not Path(base).is_absolute() else Path(base)
-    if path.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(path.glob("*.safetensors")):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-        return "sha256:" + h.hexdigest()[:16]
-    return "unpinned"
-
-
 def read_manifest(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+RECORD_PARAM = "ftpipe.lineage_sha256"
+
+
+RECORD_ARTIFACT = "lineage/lineage.json"
+
+
+TRAIN_FILE_ARTIFACT = "data/increment/train.jsonl"   # an incremental run's training file
+
+
+class AuditError(RuntimeError):
+    """The model reference or the store cannot be read at all (not a broken link)."""
+
+
+def record_digest(doc: dict) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def lineage_tags_of(tags: dict[str, str]) -> dict[str, str]:
+    """The lineage among a version's tags (what records before VERSION_TAGS held, all as tags)."""
+    return {k: v for k, v in tags.items() if k in t.LINEAGE_KEYS or k.startswith((t.DVC, t.SOURCE))}
+
+
+def write_record(client, run_id: str, facts: dict[str, str], tagged: dict[str, str]) -> str:
+    """At registration: every fact as a run artifact, its digest as an immutable param; the
+    record names the facts that are also version tags (`tagged`)."""
+    doc = facts | {t.RECORD_TAGGED: sorted(tagged)}
+    client.log_text(run_id, json.dumps(doc, indent=2, sort_keys=True), RECORD_ARTIFACT)
+    digest = record_digest(doc)
+    client.log_param(run_id, RECORD_PARAM, digest)
+    return digest
+
+
+def tag_problems(doc: dict, tags: dict[str, str], where: str) -> list[str]:
+    """Each version tag that no longer says what the record holds (`where`: "NAME vN"). A
+    record lists the facts it also wrote as tags; an older one (no list) wrote them all."""
+    tagged = doc.get(t.RECORD_TAGGED)
+    if tagged is None:
+        tagged, watched = set(doc), lineage_tags_of(tags)
+    else:
+        tagged, watched = set(tagged), {k: v for k, v in tags.items() if t.is_registered(k)}
+    problems = []
+    for key in sorted((tagged | set(watched)) - {t.RECORD_TAGGED}):
+        if key not in tags:
+            problems.append(f"tag {key} on {where} was removed: recorded {doc[key]!r}")
+        elif key not in doc:
+            problems.append(f"tag {key} on {where} was added after registration: {tags[key]!r}")
+        elif doc[key] != tags[key]:
+            problems.append(f"tag {key} on {where} was rewritten: recorded {doc[key]!r}, now {tags[key]!r}")
+    return problems
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    version: str
+    run_id: str
+    aliases: tuple[str, ...]
+    tags: dict
+    created: str
+
+
+def _version(mv) -> Version:
+    import datetime as dt
+
+    created = dt.datetime.fromtimestamp(mv.creation_timestamp / 1000, dt.timezone.utc).isoformat(timespec="seconds") \
+        if mv.creation_timestamp else ""
+    return Version(mv.name, str(mv.version), mv.run_id, tuple(mv.aliases or ()), dict(mv.tags or {}), created)
+
+
+def resolve(client, ref: str) -> Version:
+    """`models:/NAME@alias`, `models:/NAME/VERSION` or an MLflow run id."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if ref.startswith("models:/"):
+            body = ref[len("models:/"):]
+            if "@" in body:
+                name, alias = body.split("@", 1)
+                return _version(client.get_model_version_by_alias(name, alias))
+            name, _, version = body.rpartition("/")
+            if not name or not version.isdigit():
+                raise AuditError(f"{ref}: expected models:/NAME@alias, models:/NAME/VERSION or a run id")
+            return _version(client.get_model_version(name, version))
+        found = client.search_model_versions(f"run_id = '{ref}'")
+    except MlflowException as exc:
+        raise AuditError(f"{ref}: {exc.message}") from None
+    if not found:
+        raise AuditError(f"{ref}: no model version was registered from a run with this id "
+                         "(expected models:/NAME@alias, models:/NAME/VERSION or a run id)")
+    return _version(found[0])
+
+
+def all_versions(client) -> list[Version]:
+    out = []
+    for rm in client.search_registered_models():
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (client.get_registered_model(rm.name).aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for mv in client.search_model_versions(f"name = '{rm.name}'"):
+            v = _version(mv)   # (search results carry no aliases)
+            out.append(Version(v.name, v.version, v.run_id, tuple(sorted(aliases.get(v.version, []))), v.tags, v.created))
+    return sorted(out, key=lambda v: (v.name, int(v.version)))
+
+
+class _Run:
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+        self._dir = Path(tempfile.mkdtemp(prefix="ftpipe-audit-"))
+        try:
+            self.info = client.get_run(run_id)
+        except Exception as exc:  # noqa: BLE001 - deleted run, wrong store
+            raise AuditError(f"run {run_id}: {getattr(exc, 'message', exc)}") from None
+
+    def artifact(self, path: str) -> Path | None:
+        try:
+            local = self.client.download_artifacts(self.run_id, path, str(self._dir))
+        except Exception:  # noqa: BLE001 - not there
+            return None
+        return Path(local) if Path(local).is_file() else None
+
+    def json(self, path: str):
+        p = self.artifact(path)
+        if p is None:
+            return None
+        if p.suffix == ".jsonl":
+            return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+        return json.loads(p.read_text())
+
+    def close(self):
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def recorded_lineage(client, v: Version) -> tuple[dict, str, list[str]]:
+    """(the lineage document to trust, where it came from, problems with the record/tags)."""
+    run = _Run(client, v.run_id)
+    try:
+        digest = run.info.data.params.get(RECORD_PARAM)
+        doc = run.json(RECORD_ARTIFACT)
+    finally:
+        run.close()
+    tags = lineage_tags_of(v.tags)
+    if digest is None:
+        return tags, "tags (no immutable record: registered before lineage records)", []
+    if doc is None:
+        return tags, "tags", [f"lineage record: the run's {RECORD_ARTIFACT} is missing"]
+    if record_digest(doc) != digest:
+        return tags, "tags", [f"lineage record: {RECORD_ARTIFACT} does not hash to the run's immutable "
+                              f"param {RECORD_PARAM} (the artifact was altered)"]
+    problems = tag_problems(doc, v.tags, f"{v.name} v{v.version}")
+    return {k: x for k, x in doc.items() if k != t.RECORD_TAGGED}, "immutable run record", problems
+
+
+def recorded_tags(client, name: str, version: str) -> dict[str, str]:
+    """A version's tags with every fact of its record (lineage, all metrics): what the
+    version tags alone held before only a few facts were kept as tags."""
+    v = _version(client.get_model_version(name, str(version)))
+    return v.tags | recorded_lineage(client, v)[0]
+
+
+def lineage_of(data: DataVersion, plan: TrainingPlan, config_hash: str, root: Path, flow_run_id: str) -> Lineage:
+    """Everything a candidate came from: code, config, base model, data version, GX verdict,
+    sources, the Prefect flow run, and (incremental) its start and training file."""
+    commit, dirty = git_commit(root)
+    train_file = plan.splits["train"] if plan.increment.train_path else None
+    return Lineage(git_commit=commit, git_dirty=dirty, config_hash=config_hash, base_model=data.base.id,
+                   base_model_revision=data.base.revision, data_hashes=data.hashes, gx_verdict=data.gx_verdict,
+                   manifest=data.manifest, prefect_flow_run=flow_run_id, start_from=plan.start_from,
+                   train_file=file_pin(train_file) if train_file else "")

@@ -11,6 +11,7 @@ much.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass
 
 from ftpipe.config import PromotionConfig
@@ -64,6 +65,16 @@ def unknown_slices(policy: PromotionConfig, slices: set[str]) -> list[str]:
     return [f"{where}: {metric} names slice {metric.split('.')[1]!r}, which the test set does not have "
             f"(its slices: {have})" for where, metric in fields
             if metric.startswith("slice.") and metric.split(".")[1] not in slices]
+
+
+def check_slices(policy: PromotionConfig, test_path: Path) -> None:
+    """Raise ConfigError naming every policy field on a slice the test set lacks."""
+    from ftpipe.config import ConfigError
+    from ftpipe.files import iter_jsonl
+
+    problems = unknown_slices(policy, {s for row in iter_jsonl(test_path) if (s := row.get("slice"))})
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def improvement(metric: str, candidate: float, reference: float, policy: PromotionConfig | None = None) -> float:

@@ -9,7 +9,7 @@ import os
 import time
 from typing import Callable
 
-from ftpipe.registry import tags as t
+from ftpipe import names as t
 from ftpipe.registry.promotion import Decision
 
 

@@ -18,14 +18,14 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     max_new_tokens = 48
 
     def load_context(self, context) -> None:
-        from ftpipe.evaluation.scoring import load_for_eval
+        from ftpipe.evaluation.generation import load_for_eval
 
         self.model, self.tokenizer = load_for_eval(context.artifacts["model"])
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
-        from ftpipe.evaluation.scoring import generate
+        from ftpipe.evaluation.generation import generate
         from ftpipe.data.formatting import prompt_of
 
         if isinstance(model_input, pd.DataFrame):

@@ -10,6 +10,9 @@ import json
 import os
 import re
 from pathlib import Path
+from ftpipe.config import ModelConfig
+import hashlib
+from dataclasses import dataclass
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -86,3 +89,82 @@ def check_model(ref: str, root: Path, revision: str | None = None, allow_pickle:
         return ref
     check_checkpoint(cached, allow_pickle, field)
     return ref
+
+
+def pick_dtype(precision: str):
+    """bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU — unless set."""
+    import torch
+
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_base(model_cfg: ModelConfig, dtype, for_training: bool = True, device_index: int = 0):
+    """The base model and tokenizer through the one `from_pretrained` path (hub id or dir)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    check_weights(model_cfg.base, model_cfg.allow_pickle_weights)
+
+    kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.base, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    quant = None
+    if for_training and model_cfg.quantization == "nf4":
+        compute = dtype if model_cfg.compute_dtype == "auto" else pick_dtype(model_cfg.compute_dtype)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_use_double_quant=model_cfg.double_quant,
+                                   bnb_4bit_compute_dtype=compute)
+    elif for_training and model_cfg.quantization == "int8":
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    device_map = {"": device_index} if torch.cuda.is_available() else None
+    extra = {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        model_cfg.base, dtype=dtype, quantization_config=quant, device_map=device_map,
+        use_safetensors=None if model_cfg.allow_pickle_weights else True, **kwargs, **extra)
+    return model, tokenizer
+
+
+def base_model_revision(base: str, revision: str | None, root: Path) -> str:
+    """The revision asked for, else a content hash of a local checkpoint's weights."""
+    if revision:
+        return revision
+    path = (root / base) if not Path(base).is_absolute() else Path(base)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(path.glob("*.safetensors")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        return "sha256:" + h.hexdigest()[:16]
+    return "unpinned"
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """The base model of a run, as lineage records it."""
+    path: str           # what from_pretrained gets: a local folder or a hub id
+    id: str             # model.base as written in params.yaml
+    revision: str       # model.revision, else a content hash of a local checkpoint's weights
+    built: bool | None  # the default built (True) or up to date (False); None: not ours to build
+
+
+def resolve_base(model: ModelConfig, root: Path) -> BaseModelRef:
+    """The tiny default built by the DVC stage base_model (skipped when up to date) when
+    params.yaml points at it; any other model.base as it is, checked."""
+    from ftpipe.data.stages import BASE_MODEL_DIR
+    from ftpipe.data.versions import reproduce
+
+    local = root / model.base
+    if local.resolve() == (root / BASE_MODEL_DIR).resolve():
+        ran = reproduce(root, "base_model").ran
+        return BaseModelRef(str(local), model.base, base_model_revision(model.base, None, root), ran)
+    path = check_model(model.base, root, model.revision, model.allow_pickle_weights)
+    return BaseModelRef(path, model.base, base_model_revision(path, model.revision, root), None)

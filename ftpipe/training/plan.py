@@ -1,6 +1,9 @@
-"""Incremental learning: what is new since the champion's data version (by row content
-hash), and the training file of an incremental run (the new training rows plus a replay
-sample of rows the champion already saw). No Prefect or MLflow here."""
+"""The training plan of a run: from scratch, from the champion's weights, or skip, and why.
+
+What is new since the champion's data version is counted by row content hash; an incremental
+run trains on the new training rows plus a replay sample of rows the champion already saw
+(`plan`, pure). `plan_training` gathers what the champion saw from the registry and DVC and
+returns the whole decision as one frozen TrainingPlan."""
 
 from __future__ import annotations
 
@@ -8,6 +11,11 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+from ftpipe.config import IncrementalConfig, RegistryConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from ftpipe.data.versions import DataVersion
 
 SPLITS = ("train", "validation", "test")
 
@@ -93,3 +101,60 @@ def scaled_steps(max_steps: int, inc: Increment) -> int:
     """train.max_steps scaled to the incremental set: as many epochs as a full run would make."""
     rows = inc.new_train_rows + inc.replay_rows
     return max(1, -(-max_steps * rows // max(1, inc.train_rows)))
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a run trains, from which weights, on which rows — or why it trains nothing."""
+    increment: Increment
+    skip: str | None           # why this run trains nothing; None: it trains
+    base_path: str             # the weights training starts from (model.base, or the champion's)
+    splits: dict[str, str]     # train (an incremental run: new rows + replay), validation, test
+    train: TrainConfig         # an incremental run: max_steps scaled to its set
+    data_key: str              # the data version and the start: with the recipe, the training key
+    start_from: str            # for the lineage: "scratch" or "champion models:/NAME/V: ..."
+
+
+def plan_training(data: DataVersion, reg: RegistryConfig, incremental: IncrementalConfig, train: TrainConfig,
+                  min_new_rows: int, config_hash: str, root: Path, require_new_data: bool,
+                  remote: str | None = None) -> TrainingPlan:
+    """Scratch, from the champion, or skip, and why. From the champion: on the rows new since
+    its data version (by content hash, read from DVC) plus a replay sample, unless the base
+    model changed since it trained. Skip (scheduled / --if-new-data runs only): too few new
+    rows, none in the training split, the champion's data unreadable, or this data version
+    already tried with this config."""
+    from ftpipe import names as t
+    from ftpipe.data.versions import Store, split_rows
+    from ftpipe.lineage.record import recorded_tags
+    from ftpipe.registry import store
+
+    champ = store.version_by_alias(reg.model_name, store.CHAMPION)
+    rows, base_changed = None, None
+    if champ is not None:
+        facts = recorded_tags(store.client(), champ.name, champ.version)
+        was = (facts.get(t.BASE_MODEL), facts.get(t.BASE_MODEL_REVISION))
+        if was[0] is not None and was != (data.base.id, data.base.revision):
+            base_changed = (f"the base model changed since {champ.name} v{champ.version} "
+                            f"({was[0]}@{was[1]} -> {data.base.id}@{data.base.revision})")
+        if facts.get(t.SPLITS):
+            dvc = Store(root, remote)
+            try:
+                found = split_rows(dvc, facts[t.SPLITS])
+            finally:
+                dvc.close()
+            rows = set(found) if found is not None else None
+    out = root / "runs" / f"increment-{data.splits_md5.removesuffix('.dir')[:12]}-v{champ.version if champ else 0}"
+    inc = plan(Path(data.splits["train"]).parent, f"{champ.name} v{champ.version}" if champ else None,
+               champ.version if champ else None, rows, incremental.start_from, incremental.replay_ratio,
+               train.seed, out, base_changed)
+    skip = skip_reason(inc, min_new_rows, store.decided_on(reg.model_name, data.splits_md5, config_hash)) \
+        if require_new_data else None
+    if inc.start_from != "champion":
+        return TrainingPlan(inc, skip, data.base.path, data.splits, train, f"{data.splits_md5}:scratch", "scratch")
+    return TrainingPlan(
+        inc, skip, "" if skip else store.version_weights(reg.model_name, inc.champion_version, root),
+        data.splits | {"train": inc.train_path},
+        train.model_copy(update={"max_steps": incremental.max_steps or scaled_steps(train.max_steps, inc)}),
+        f"{data.splits_md5}:champion:{inc.champion_version}",
+        f"champion models:/{reg.model_name}/{inc.champion_version}: {inc.new_train_rows} new training rows + "
+        f"{inc.replay_rows} replayed")

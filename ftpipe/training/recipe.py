@@ -28,9 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
-from ftpipe.data.formatting import pack_flat, IGNORE_INDEX, collate, encode, pack
-from ftpipe.training.models import check_weights
+from ftpipe.config import LoraConfig, ModelConfig, TrainConfig, digest
+from ftpipe.training.batches import pack_flat, collate, encode, pack
+from ftpipe.files import read_jsonl
+from ftpipe.training.models import load_base, pick_dtype
+from ftpipe.training.loss import LossModel, mean_loss
+from ftpipe.training.step import neftune_hook, forward_backward, step_examples, step_inputs
+from ftpipe.training.checkpoints import (verified_checkpoints, full_state, is_fsdp, load_trainable, save_checkpoint, trainable_state)
 
 
 class TrainingDiverged(RuntimeError):
@@ -54,340 +58,20 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def pick_dtype(precision: str):
-    """bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU — unless set."""
-    import torch
-
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def load_base(model_cfg: ModelConfig, dtype, for_training: bool = True, device_index: int = 0):
-    """The base model and tokenizer through the one `from_pretrained` path (hub id or dir)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    check_weights(model_cfg.base, model_cfg.allow_pickle_weights)
-
-    kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.base, **kwargs)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    quant = None
-    if for_training and model_cfg.quantization == "nf4":
-        compute = dtype if model_cfg.compute_dtype == "auto" else pick_dtype(model_cfg.compute_dtype)
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_use_double_quant=model_cfg.double_quant,
-                                   bnb_4bit_compute_dtype=compute)
-    elif for_training and model_cfg.quantization == "int8":
-        quant = BitsAndBytesConfig(load_in_8bit=True)
-    device_map = {"": device_index} if torch.cuda.is_available() else None
-    extra = {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        model_cfg.base, dtype=dtype, quantization_config=quant, device_map=device_map,
-        use_safetensors=None if model_cfg.allow_pickle_weights else True, **kwargs, **extra)
-    return model, tokenizer
-
 
 # ------------------------------------------------------------------ data order
-
-def step_examples(n: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Indices of the examples of optimizer step `step` (0-based): each epoch is a fresh
-    permutation seeded by (seed, epoch); a function of the step alone, so resuming at
-    step k needs no sampler state."""
-    import torch
-
-    per_epoch = max(1, n // batch_size)
-    epoch, pos = divmod(step, per_epoch)
-    cache = step_examples.__dict__.setdefault("_cache", {})
-    key = (n, seed, epoch)
-    if key not in cache:
-        cache.clear()
-        cache[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    order = cache[key]
-    return order[pos * batch_size: (pos + 1) * batch_size]
 
 
 # ------------------------------------------------------------------ NEFTune
 
-def _neftune_hook(alpha: float):
-    """NEFTune noise, uniform in +-alpha / sqrt(L * d) with L each example's own length.
-
-    `module._ftpipe_lengths` holds, for every token, the length of the example it belongs
-    to (set before each forward): padding never shrinks an example's noise, and in packed
-    rows each example keeps its own scale instead of the row's.
-    """
-    import torch
-
-    def hook(module, inputs, output):
-        if not module.training:
-            return output
-        lengths = getattr(module, "_ftpipe_lengths", None)
-        dims = output.shape[-1]
-        if lengths is None:
-            lengths = torch.full(output.shape[:2], output.shape[1], device=output.device)
-        scale = alpha / torch.sqrt(lengths.to(output.dtype) * dims)
-        noise = torch.zeros_like(output).uniform_(-1, 1)
-        return output + noise * scale.unsqueeze(-1)
-
-    return hook
-
 
 # ------------------------------------------------------------------ evaluation
-
-def mean_loss(model, encoded: list, batch_size: int, pad_id: int) -> float:
-    """Token-weighted mean loss over labelled tokens (the completion, by default)."""
-    import torch
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(encoded), batch_size):
-            batch = {k: v.to(device) for k, v in collate(encoded[i: i + batch_size], pad_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            shift_logits = logits[:, :-1].float()
-            shift_labels = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum")
-            total += float(loss)
-            count += int((shift_labels != IGNORE_INDEX).sum())
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-class LossModel:
-    """Wraps the (peft) causal LM so that its forward returns the summed token loss of a
-    micro-batch, computed in chunks from the final hidden states (fastpath.chunked_loss_sum).
-    Built as an nn.Module on first use; DDP wraps this module, so gradient sync is intact."""
-
-    @staticmethod
-    def supported(core) -> bool:
-        base = core.get_base_model() if hasattr(core, "get_base_model") else core
-        cfg = base.config
-        return (hasattr(base, "get_decoder") and base.get_output_embeddings() is not None
-                and getattr(cfg, "final_logit_softcapping", None) is None
-                and getattr(cfg, "logit_scale", None) is None
-                and not getattr(base, "_ftpipe_no_chunked_loss", False))
-
-    @staticmethod
-    def build(core, chunk_tokens: int, liger: bool = False, compiled: bool = False):
-        import torch
-
-        from ftpipe.training.fastpath import chunked_loss_sum
-
-        class _LossModel(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.core = core
-                base = core.get_base_model() if hasattr(core, "get_base_model") else core
-                object.__setattr__(self, "_body", base.get_decoder())
-                object.__setattr__(self, "_head", base.get_output_embeddings())
-
-            def forward(self, input_ids, labels, loss_positions=None, **kwargs):
-                hidden = self._body(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
-                return chunked_loss_sum(hidden, self._head.weight, labels, IGNORE_INDEX, chunk_tokens,
-                                        getattr(self._head, "bias", None), liger, loss_positions, compiled)
-
-        return _LossModel()
-
-
-def token_loss_sum(model, batch: dict) -> tuple:
-    """(sum of token losses over labelled tokens, their count) for one micro-batch."""
-    import torch
-
-    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
-    if "position_ids" in batch:
-        kwargs["position_ids"] = batch["position_ids"]   # packed: no mask, positions restart
-        kwargs |= {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-                   if k in batch}
-    else:
-        kwargs["attention_mask"] = batch["attention_mask"]
-    logits = model(**kwargs).logits
-    labels = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (labels != IGNORE_INDEX).sum()
 
 
 # ------------------------------------------------------------------ one optimizer step
 
-def step_inputs(batches: list[dict], device, world: int = 1) -> tuple[list[dict], int, int]:
-    """A step's micro-batches, built on the CPU, ready for the device: (batches, labelled
-    tokens, real tokens), the counts summed over the `world` processes. The counts and each
-    micro-batch's loss positions are read on the CPU, and the tensors travel from pinned
-    memory without blocking, so on one process nothing here waits for the GPU to finish the
-    previous step."""
-    import torch
-
-    from ftpipe.training.fastpath import loss_positions
-
-    cuda = device.type == "cuda"
-    n_label = n_real = 0
-    out = []
-    for b in batches:
-        b = dict(b)
-        n_real += int(b.pop("real"))
-        pos = loss_positions(b["labels"], IGNORE_INDEX)
-        n_label += pos.numel()
-        b["loss_positions"] = pos
-        out.append({k: (v.contiguous().pin_memory().to(device, non_blocking=True) if cuda else v.to(device))
-                    if hasattr(v, "to") else v for k, v in b.items()})
-    if world > 1:
-        import torch.distributed as dist
-
-        totals = torch.tensor([n_label, n_real], dtype=torch.int64, device=device)
-        dist.all_reduce(totals)
-        n_label, n_real = totals.tolist()
-    return out, n_label, n_real
-
-
-def forward_backward(model, batches: list[dict], scale: float, embed, autocast, adapter_cast,
-                     loss_model: bool, device):
-    """Forward and backward over a step's micro-batches (from step_inputs), each token loss
-    weighted by `scale`; returns the step's summed token loss as a device tensor (float64),
-    not read back, so the host can prepare the next step while the GPU works."""
-    import torch
-
-    step_loss = torch.zeros((), dtype=torch.float64, device=device)
-    for b in batches:
-        embed._ftpipe_lengths = b.pop("lengths", None)
-        positions = b.pop("loss_positions")
-        with autocast, adapter_cast:
-            if loss_model:
-                loss_sum = model(loss_positions=positions, **{k: v for k, v in b.items() if k != "attention_mask"
-                                                             or "position_ids" not in b})
-            else:
-                loss_sum, _ = token_loss_sum(model, b)
-        (loss_sum * scale).backward()
-        step_loss += loss_sum.detach().double()
-    return step_loss
-
 
 # ------------------------------------------------------------------ checkpoints
-
-def _is_fsdp(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def _trainable_state(model) -> dict:
-    """The trainable parameters as full CPU tensors. Under FSDP this is a collective: every
-    rank must call it; rank 0 gets the tensors, the others an empty dict."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if _is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {n: full[n].contiguous() for n in names if n in full}
-    params = dict(model.named_parameters())
-    return {n: params[n].detach().to("cpu").contiguous() for n in names}
-
-
-def _full_state(model) -> dict:
-    """The whole state dict gathered from FSDP shards (collective; rank 0 gets it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _optimizer_state(model, opt) -> dict:
-    if _is_fsdp(model):  # collective, like _trainable_state
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
-                                                                            cpu_offload=True))
-    return opt.state_dict()
-
-
-def _save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, state: dict, keep: int,
-                     main: bool = True) -> None:
-    """Write step-N atomically (a temp dir renamed into place), then prune old ones.
-    Every rank calls it (FSDP gathers shards); only rank 0 writes."""
-    import torch
-    from safetensors.torch import save_file
-
-    weights, optimizer = _trainable_state(model), _optimizer_state(model, opt)  # every rank
-    if not main:
-        return
-    final = ckpt_dir / f"step-{step:07d}"
-    tmp = ckpt_dir / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save({"optimizer": optimizer, "scheduler": sched.state_dict(), "rng": rng},
-               tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
-    # what resuming verifies first: a file cut short or flipped on disk is caught, not loaded
-    (tmp / "checksums.json").write_text(json.dumps({f.name: _sha256(f) for f in sorted(tmp.iterdir())}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(ckpt_dir.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _checkpoints(ckpt_dir: Path, fingerprint: str, say: Callable[[str], None]) -> list[Path]:
-    """This recipe's checkpoints, newest first, each verified against its checksums; a
-    corrupt one is named in the log and the next older one is used instead."""
-    good = []
-    for d in sorted(ckpt_dir.glob("step-*"), reverse=True):
-        try:
-            state = json.loads((d / "state.json").read_text())
-            if state.get("fingerprint") != fingerprint:
-                continue
-            sums = json.loads((d / "checksums.json").read_text()) if (d / "checksums.json").exists() else {}
-            bad = [name for name, digest in sums.items() if _sha256(d / name) != digest]
-            if bad:
-                raise ValueError(f"{', '.join(bad)} does not match its checksum")
-        except (OSError, ValueError) as exc:   # json errors are ValueErrors
-            say(f"checkpoint {d} is corrupt ({exc}): skipped, an older one is used")
-            continue
-        good.append(d)
-    return good
-
-
-def _load_trainable(model, path: Path) -> None:
-    import torch
-    from safetensors.torch import load_file
-
-    saved = load_file(str(path))
-    if _is_fsdp(model):  # every rank loads the full tensors and keeps its shard
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
-        return
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
 
 # ------------------------------------------------------------------ the recipe
@@ -398,6 +82,13 @@ def _checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def training_dir(root: str | Path, model: ModelConfig, lora: LoraConfig, train: TrainConfig, data_key: str) -> Path:
+    """Where a training keeps its checkpoints and exports, keyed by the recipe and the data
+    (runs/train-KEY): a crashed `ftpipe run` started again finds and resumes its own."""
+    recipe = [model.model_dump(mode="json"), lora.model_dump(mode="json"), train.model_dump(mode="json"), data_key]
+    return Path(root) / "runs" / f"train-{digest(recipe, 12)}"
 
 
 def prepare_model(model, lora_cfg: LoraConfig, train_cfg: TrainConfig):
@@ -411,7 +102,7 @@ def prepare_model(model, lora_cfg: LoraConfig, train_cfg: TrainConfig):
     adapter = train_cfg.method in ("lora", "qlora")
     if train_cfg.kernels == "auto" and not train_cfg.compile:
         # (compiled layers get their RMSNorm/SwiGLU/RoPE fused by inductor instead)
-        from ftpipe.training.fastpath import apply_liger
+        from ftpipe.training.kernels import apply_liger
         apply_liger(model)
     if adapter:
         model.requires_grad_(False)
@@ -430,7 +121,7 @@ def prepare_model(model, lora_cfg: LoraConfig, train_cfg: TrainConfig):
             target_modules=lora_cfg.target_modules, use_dora=lora_cfg.use_dora,
             use_rslora=lora_cfg.use_rslora, task_type="CAUSAL_LM"))
     if train_cfg.compile:
-        from ftpipe.training.fastpath import compile_layers
+        from ftpipe.training.kernels import compile_layers
         compile_layers(model)
     return model
 
@@ -469,7 +160,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
     varlen = train_cfg.packing and train_cfg.packing_attention == "auto" and \
         model_cfg.attn_implementation in (None, "ftpipe_varlen")
     if varlen:
-        from ftpipe.training.fastpath import register
+        from ftpipe.training.attention import register
         model_cfg = model_cfg.model_copy(update={"attn_implementation": register()})
     model, tokenizer = load_base(model_cfg, load_dtype, device_index=local_rank)
     device = next(model.parameters()).device
@@ -483,7 +174,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
         + (f", {world} processes" if world > 1 else ""))
     embed = model.get_input_embeddings()
     if train_cfg.neftune_alpha:
-        embed.register_forward_hook(_neftune_hook(train_cfg.neftune_alpha))
+        embed.register_forward_hook(neftune_hook(train_cfg.neftune_alpha))
     core = model  # the unwrapped model: what is saved and evaluated
     # The loss from hidden states in chunks (not under FSDP: its root owns the output layer).
     loss_model = LossModel.build(core, train_cfg.loss_chunk_tokens, compiled=bool(train_cfg.compile)) \
@@ -547,29 +238,26 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     use_autocast = device.type == "cuda" and dtype != torch.float32
     autocast = torch.autocast(device.type, dtype=dtype, enabled=use_autocast)
-    from ftpipe.training.fastpath import adapter_autocast
+    from ftpipe.training.kernels import adapter_autocast
     adapter_cast = adapter_autocast(core, adapter and use_autocast)
 
     # ---- resume -----------------------------------------------------------------------
     # A checkpoint is only resumed by the same recipe on the same data: its fingerprint.
-    fingerprint = json.dumps([model_cfg.model_dump(mode="json"), lora_cfg.model_dump(mode="json"),
-                              train_cfg.model_dump(mode="json", exclude={"resume", "log_every",
-                                                                         "checkpoint_every",
-                                                                         "keep_checkpoints"}),
-                              len(train_enc), sum(len(e[0]) for e in train_enc), world], sort_keys=True)
-    import hashlib
-    fingerprint = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    fingerprint = digest([model_cfg.model_dump(mode="json"), lora_cfg.model_dump(mode="json"),
+                          train_cfg.model_dump(mode="json", exclude={"resume", "log_every", "checkpoint_every",
+                                                                     "keep_checkpoints"}),
+                          len(train_enc), sum(len(e[0]) for e in train_enc), world])
     ckpt_dir = out_dir / "checkpoints"
     state = {"step": 0, "tokens": 0, "history": [], "val_history": [], "window": [],
              "best_val": None, "best_step": None, "bad_evals": 0, "elapsed": 0.0,
              "fingerprint": fingerprint}
     resumed_from = None
-    for latest in (_checkpoints(ckpt_dir, fingerprint, say) if train_cfg.resume else [])[:1]:
+    for latest in (verified_checkpoints(ckpt_dir, fingerprint, say) if train_cfg.resume else [])[:1]:
         state = json.loads((latest / "state.json").read_text())
-        _load_trainable(core, latest / "trainable.safetensors")
+        load_trainable(core, latest / "trainable.safetensors")
         # tensors and plain containers only: no pickled code runs from a checkpoint
         saved = torch.load(latest / "optimizer.pt", weights_only=True)
-        if _is_fsdp(core):
+        if is_fsdp(core):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             set_optimizer_state_dict(core, opt, saved["optimizer"],
@@ -649,7 +337,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
                     on_metrics(step, {"val_loss": val})
                 if state["best_val"] is None or val < state["best_val"] - train_cfg.early_stopping_min_delta:
                     state["best_val"], state["best_step"], state["bad_evals"] = val, step, 0
-                    best = _trainable_state(core)  # every rank: a collective under FSDP
+                    best = trainable_state(core)  # every rank: a collective under FSDP
                     if main:
                         from safetensors.torch import save_file
                         best_dir.mkdir(parents=True, exist_ok=True)
@@ -664,7 +352,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
             state["step"], state["elapsed"] = step, time.perf_counter() - loop_start
             if train_cfg.checkpoint_every and (step % train_cfg.checkpoint_every == 0) \
                     and step < train_cfg.max_steps and not stopped_early:
-                _save_checkpoint(ckpt_dir, step, core, opt, sched, state, train_cfg.keep_checkpoints, main)
+                save_checkpoint(ckpt_dir, step, core, opt, sched, state, train_cfg.keep_checkpoints, main)
             if stopped_early:
                 break
     finally:
@@ -674,7 +362,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
     # The best validation checkpoint is what gets exported when validation ran during training.
     if state["best_step"] is not None and (best_dir / "trainable.safetensors").is_file() \
             and state["best_step"] != step:
-        _load_trainable(core, best_dir / "trainable.safetensors")
+        load_trainable(core, best_dir / "trainable.safetensors")
         say(f"exporting the best checkpoint: step {state['best_step']} (validation loss {state['best_val']:.4f})")
     val_loss = state["best_val"] if state["best_step"] is not None else (
         mean_loss(core, val_enc, 64, tokenizer.pad_token_id) if val_enc else None)
@@ -688,12 +376,12 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
         base_model = core.get_base_model() if hasattr(core, "get_base_model") else core
         base_model.set_attn_implementation("sdpa")
     # Under FSDP the weights are sharded: gather them (every rank) before rank 0 saves.
-    full_state = _full_state(core) if _is_fsdp(core) else None
+    gathered = full_state(core) if is_fsdp(core) else None
     if main:
         if adapter:
             # adapter_model.safetensors + adapter_config.json
-            core.save_pretrained(adapter_dir, state_dict=full_state)
-            if train_cfg.method == "qlora" or _is_fsdp(core):
+            core.save_pretrained(adapter_dir, state_dict=gathered)
+            if train_cfg.method == "qlora" or is_fsdp(core):
                 # Merge into a base reloaded unquantized (never into 4-bit or sharded weights).
                 from peft import PeftModel
                 base, _ = load_base(model_cfg, torch.float32, for_training=False, device_index=local_rank)
@@ -702,7 +390,7 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
                 merged = core.merge_and_unload()
             merged.save_pretrained(model_dir)
         else:
-            core.save_pretrained(model_dir, state_dict=full_state)
+            core.save_pretrained(model_dir, state_dict=gathered)
         tokenizer.save_pretrained(model_dir)
     history = [tuple(h) for h in state["history"]]
     result = TrainResult(

@@ -66,7 +66,7 @@ def test_sigkill_during_training_then_the_same_run_resumes_and_registers_once(pr
     assert _versions(c) == []                                                # nothing registered
 
     out = _ok(run_cli(["run"], project, prefect_server))
-    assert f"resuming from" in out and f"(step {killed_at}/300)" in out
+    assert "resuming from" in out and f"(step {killed_at}/300)" in out
     result = json.loads(next(project.glob("runs/train-*/train_result.json")).read_text())
     assert result["resumed_from"] == killed_at and result["steps"] == 300
     vs = _versions(c)

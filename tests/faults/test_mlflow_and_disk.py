@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.helpers import BIN, REPO, free_port, make_project, mlflow_client, run_cli, wait_http
+from tests.helpers import BIN, REPO, free_port, make_project, run_cli, wait_http
 
 MODEL = "ftpipe-dates"
 

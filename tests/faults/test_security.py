@@ -172,7 +172,7 @@ def test_remote_code_never_runs_unless_trusted_per_model(tiny_base, tmp_path):
     import shutil
 
     from ftpipe.config import ModelConfig
-    from ftpipe.training.recipe import load_base
+    from ftpipe.training.models import load_base
 
     d = tmp_path / "custom"
     shutil.copytree(tiny_base, d)
@@ -197,7 +197,7 @@ def test_pickled_weights_are_refused_unless_allowed(tiny_base, tmp_path):
     from safetensors.torch import load_file
 
     from ftpipe.config import ModelConfig
-    from ftpipe.training.recipe import load_base
+    from ftpipe.training.models import load_base
 
     d = tmp_path / "pickled"
     shutil.copytree(tiny_base, d)
@@ -213,7 +213,8 @@ def test_pickled_weights_are_refused_unless_allowed(tiny_base, tmp_path):
 
 
 def test_paths_from_config_or_a_data_listing_cannot_escape(tmp_path):
-    from ftpipe.lineage.audit import AuditError, Store, restore_output
+    from ftpipe.lineage.record import AuditError
+    from ftpipe.data.versions import Store, restore_output
     from ftpipe.config import ConfigError, parse_config
 
     for path in ("/etc/passwd", "data/sources/../../../etc/passwd", "../outside.jsonl"):

@@ -12,6 +12,8 @@ from ftpipe.registry import gate as gate
 
 from ftpipe.registry import store as registry
 from ftpipe.config import EvalConfig, ModelConfig, RegistryConfig
+from ftpipe.evaluation.compare import evaluate_all, log_evaluation
+from ftpipe.names import TEST_SET as TEST_SET_TAG
 
 
 def main(spec_path: str) -> None:
@@ -23,11 +25,11 @@ def main(spec_path: str) -> None:
     c = registry.client()
     exp = c.get_experiment_by_name(reg.experiment).experiment_id
     run_id = c.create_run(exp, run_name=spec["label"]).info.run_id
-    report = gate.evaluate_all(ev, ModelConfig(base=spec["base"]), reg, spec["base"], spec["candidate"],
+    report = evaluate_all(ev, ModelConfig(base=spec["base"]), reg, spec["base"], spec["candidate"],
                                spec["test"], 128, root / "regression", log=lambda m: None)
-    gate.log_evaluation(run_id, report, root / f"eval-{spec['label']}")
+    log_evaluation(run_id, report, root / f"eval-{spec['label']}")
     v = registry.log_model(run_id, spec["candidate"], reg.model_name)
-    registry.tag_version(reg.model_name, v.version, {gate.TEST_SET_TAG: report.test_sha} | {
+    registry.tag_version(reg.model_name, v.version, {TEST_SET_TAG: report.test_sha} | {
         f"ftpipe.metric.{k}": f"{val:.6g}" for k, val in report.candidate.metrics().items() if "." not in k})
     Path(spec["ready"]).write_text(v.version)
     while not Path(spec["go"]).exists():          # both evaluated against the same champion

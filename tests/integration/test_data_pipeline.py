@@ -5,7 +5,6 @@ status` before and after a new drop lands."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -193,7 +193,7 @@ def test_three_drops_through_the_served_deployment(project, prefect_server):
     audit3 = json.loads(run_cli(["lineage", f"models:/{MODEL}/3", "--json"], project, prefect_server).stdout)
     assert audit3["base_model"]["start_from"] == start
     # a deletion request against v1's data reaches every version trained from v1's weights
-    from ftpipe.lineage.audit import with_descendants
+    from ftpipe.lineage.queries import with_descendants
 
     found = with_descendants(c, [{"model": MODEL, "version": "1"}])
     assert {(h["version"], h.get("via")) for h in found} == {

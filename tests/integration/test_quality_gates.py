@@ -12,7 +12,7 @@ import pytest
 from ftpipe.data.cleaning import clean
 from ftpipe.data.collection import collect
 from ftpipe.config import CleanConfig, QualityConfig, SourceConfig, SplitConfig, parse_config
-from ftpipe.data.quality import QualityGateFailed, gate_cleaned, gate_raw, validate_cleaned, validate_raw
+from ftpipe.data.quality import QualityGateFailed, gate_cleaned, gate_raw, validate_cleaned
 from ftpipe.data.sources import SourceError, fetch_sql
 from tests.helpers import make_project, mlflow_client, run_cli
 

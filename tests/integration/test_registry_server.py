@@ -23,6 +23,9 @@ from ftpipe.training.basemodel import build_base_model
 from ftpipe.config import BuildConfig, EvalConfig, LoraConfig, ModelConfig, PromotionConfig, RegistryConfig, TrainConfig
 from ftpipe.training.recipe import fine_tune
 from tests.helpers import BIN, REPO, free_port, wait_http
+from ftpipe.evaluation.compare import evaluate_all, log_evaluation
+from ftpipe.names import TEST_SET as TEST_SET_TAG
+from ftpipe.registry.lock import LOCK_SUFFIX
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 NAME = "gate-test"
@@ -126,11 +129,11 @@ def _run(server, models, candidate: str, test: str, reg: RegistryConfig):
     c = registry.client()
     run_id = c.create_run(c.get_experiment_by_name(reg.experiment).experiment_id).info.run_id
     cache = server["dir"] / "regression"
-    report = gate.evaluate_all(EVAL, ModelConfig(base=models["base"]), reg, models["base"], models[candidate],
+    report = evaluate_all(EVAL, ModelConfig(base=models["base"]), reg, models["base"], models[candidate],
                                str(models["dir"] / f"test_{test}.jsonl"), 128, cache, log=lambda m: None)
-    gate.log_evaluation(run_id, report, server["dir"] / f"eval-{run_id}")
+    log_evaluation(run_id, report, server["dir"] / f"eval-{run_id}")
     v = registry.log_model(run_id, models[candidate], reg.model_name)
-    registry.tag_version(reg.model_name, v.version, {gate.TEST_SET_TAG: report.test_sha} | {
+    registry.tag_version(reg.model_name, v.version, {TEST_SET_TAG: report.test_sha} | {
         f"ftpipe.metric.{k}": f"{x:.6g}" for k, x in report.candidate.metrics().items() if "." not in k})
     result = gate.gate_and_promote(reg, EVAL, run_id, v.version, report, {"data_gate": True}, 128, cache,
                                    log=lambda m: None)
@@ -277,7 +280,7 @@ def test_two_flows_promoting_at_once_never_both_win_from_a_stale_comparison(serv
     # the lock is gone
     from mlflow.exceptions import MlflowException
     with pytest.raises(MlflowException):
-        registry.client().get_registered_model(NAME + registry.LOCK_SUFFIX)
+        registry.client().get_registered_model(NAME + LOCK_SUFFIX)
 
 
 def test_mlflow_models_serve_answers_with_the_champion(server, models):

@@ -33,7 +33,7 @@ def test_first_run_registers_and_promotes_with_lineage(project, prefect_server):
     c = mlflow_client(project)
     champ = c.get_model_version_by_alias(NAME, "champion")
     assert champ.version == 1
-    from ftpipe.lineage.audit import recorded_tags
+    from ftpipe.lineage.record import recorded_tags
 
     tags = recorded_tags(c, NAME, "1")   # the version's few tags + every fact of its lineage record
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True,

@@ -17,9 +17,12 @@ import torch
 
 from ftpipe.training.basemodel import build_base_model
 from ftpipe.config import BuildConfig, LoraConfig, ModelConfig, TrainConfig
-from ftpipe.data.formatting import IGNORE_INDEX, collate, completion_of, encode, pack, prompt_of
+from ftpipe.training.batches import IGNORE_INDEX, collate, encode, pack
+from ftpipe.data.formatting import completion_of, prompt_of
 from ftpipe.training.launch import train, write_spec
-from ftpipe.training.recipe import _neftune_hook, fine_tune, token_loss_sum
+from ftpipe.training.step import neftune_hook
+from ftpipe.training.recipe import fine_tune
+from ftpipe.training.loss import token_loss_sum
 
 REPO = Path(__file__).resolve().parents[2]
 QUIET = dict(log=lambda m: None)
@@ -101,9 +104,9 @@ def test_varlen_row_and_chunked_loss_match_the_padded_batch(tiny):
     from hidden states in chunks: the padded batch's loss and gradients, no leakage."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftpipe.training.fastpath import register
-    from ftpipe.data.formatting import pack_flat
-    from ftpipe.training.recipe import LossModel
+    from ftpipe.training.attention import register
+    from ftpipe.training.batches import pack_flat
+    from ftpipe.training.loss import LossModel
 
     tok = AutoTokenizer.from_pretrained(tiny / "base")
     rows = [json.loads(line) for line in (tiny / "train.jsonl").read_text().splitlines()[:12]]
@@ -150,7 +153,7 @@ def test_packed_training_follows_the_padded_loss_curve(tiny, tmp_path, packing, 
 def test_neftune_noise_is_scaled_per_example_in_packed_rows():
     alpha, dims = 5.0, 64
     emb = torch.nn.Embedding(10, dims)
-    emb.register_forward_hook(_neftune_hook(alpha))
+    emb.register_forward_hook(neftune_hook(alpha))
     emb.train()
     ids = torch.zeros((1, 40), dtype=torch.long)
     lengths = torch.tensor([[4] * 4 + [36] * 36])         # a 4-token and a 36-token example
@@ -293,7 +296,7 @@ def test_bf16_adapter_inputs_give_peft_s_loss_and_fp32_adapter_gradients(tiny):
     matmuls run in bf16 under autocast either way), and peft's setting is back afterwards."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftpipe.training.fastpath import adapter_autocast
+    from ftpipe.training.kernels import adapter_autocast
     from ftpipe.training.recipe import prepare_model
 
     m, lo, t = _cfg(tiny)

@@ -2,7 +2,8 @@
 import pytest
 
 from ftpipe.training.basemodel import build_tokenizer
-from ftpipe.data.formatting import IGNORE_INDEX, collate, encode, prompt_of
+from ftpipe.training.batches import IGNORE_INDEX, collate, encode
+from ftpipe.data.formatting import prompt_of
 
 
 @pytest.fixture(scope="module")

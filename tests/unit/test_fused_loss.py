@@ -1,4 +1,4 @@
-"""The training loss from hidden states (ftpipe.training.fastpath): chunked, gradients computed in the
+"""The training loss from hidden states (ftpipe.training.loss): chunked, gradients computed in the
 forward pass, equal to plain cross-entropy over the full logits."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ftpipe.training.fastpath import chunked_loss_sum, fused_linear_cross_entropy, loss_positions  # noqa: E402
+from ftpipe.training.loss import chunked_loss_sum, fused_linear_cross_entropy, loss_positions  # noqa: E402
 from ftpipe.training.recipe import step_inputs  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def test_loss_positions_computed_ahead_give_the_same_loss():
 
 
 def test_step_inputs_count_tokens_on_the_cpu():
-    from ftpipe.data.formatting import pack_flat
+    from ftpipe.training.batches import pack_flat
 
     examples = [([1, 2, 3, 4, 5], [-100, -100, 3, 4, 5]), ([6, 7, 8], [-100, 7, 8])]
     batches, n_label, n_real = step_inputs([pack_flat(examples, 16)], torch.device("cpu"))

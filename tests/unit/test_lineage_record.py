@@ -1,6 +1,6 @@
 """The lineage record against a version's tags: which tags a record expects, and every edit named."""
-from ftpipe.registry import tags as t
-from ftpipe.lineage.audit import tag_problems
+from ftpipe import names as t
+from ftpipe.lineage.record import tag_problems
 
 FACTS = {t.GIT_COMMIT: "abc", t.CONFIG_HASH: "c0ffee", t.SPLITS: "d1.dir", t.DVC + "collect:data/collected": "d2.dir",
          t.SOURCE + "data/sources/dates.jsonl": "sha256:00 rows:3", t.METHOD: "lora", t.CANDIDATE: "train-1",

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from ftpipe.config import PromotionConfig
-from ftpipe.evaluation.scoring import rouge_l, score_predictions, token_f1
+from ftpipe.evaluation.metrics import rouge_l, score_predictions, token_f1
 from ftpipe.registry.promotion import decide, forgetting
 
 POLICY = PromotionConfig(primary_metric="exact_match", min_improvement=0.01,

@@ -1,4 +1,5 @@
-"""The keys ftpipe writes on MLflow model versions, and which of them stay version tags.
+"""The names ftpipe writes and reads: the metrics the evaluation reports, and the keys it
+writes on MLflow model versions (and which of them stay version tags).
 
 A version's registration facts (lineage, recipe, metrics) all go into its immutable record
 (the run artifact lineage/lineage.json, digest in the run param ftpipe.lineage_sha256,
@@ -8,6 +9,24 @@ The gate adds its decision tags (DECISION ...) afterwards.
 """
 
 from __future__ import annotations
+
+# metrics: every one the evaluation reports (per model and set); the first four also per slice
+# ("slice.NAME.METRIC"); non_empty and pii_outputs are gate checks
+METRICS = ("exact_match", "token_f1", "rouge_l", "eval_loss", "perplexity", "non_empty", "pii_outputs")
+SLICE_METRICS = ("exact_match", "token_f1", "rouge_l", "eval_loss")
+LOWER_IS_BETTER = frozenset({"eval_loss", "perplexity", "pii_outputs"})
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER
+
+
+def fmt(value) -> str:
+    """A metric as tables show it: 4 decimals, — when missing."""
+    if value is None:
+        return "—"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
 
 # lineage: where the code, config, base model and data came from
 GIT_COMMIT = "ftpipe.git_commit"
@@ -20,7 +39,8 @@ PREFECT_FLOW_RUN = "ftpipe.prefect_flow_run"
 START_FROM = "ftpipe.start_from"          # "scratch" | "champion models:/NAME/V: N new training rows + M replayed"
 TRAIN_FILE = "ftpipe.train_file"          # an incremental run's training file: "sha256:HEX rows:N"
 DVC = "ftpipe.dvc."                       # + "stage:path" -> DVC md5
-SPLITS = DVC + "split:data/splits"
+SPLITS_OUTPUT = "split:data/splits"         # the DVC output a version trains and tests on
+SPLITS = DVC + SPLITS_OUTPUT
 SOURCE = "ftpipe.source."                 # + path -> "sha256:HEX rows:N"
 LINEAGE_KEYS = (GIT_COMMIT, GIT_DIRTY, CONFIG_HASH, BASE_MODEL, BASE_MODEL_REVISION, GX_VERDICT,
                 PREFECT_FLOW_RUN, START_FROM)

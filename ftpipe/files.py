@@ -1,0 +1,35 @@
+"""Files as ftpipe reads and pins them: content hashes and JSON Lines, written once here."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterator
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file, or of a folder (its files' relative names and bytes, sorted)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    """The objects of a JSON Lines file, one at a time (blank lines skipped)."""
+    import orjson
+
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                yield orjson.loads(line)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return list(iter_jsonl(path))

@@ -1,0 +1,136 @@
+"""The MLflow run of one flow run: started with the whole config, metrics streamed during
+training (never fatal), the training logged once the run goes on, a skip recorded, the run
+finished or marked failed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from ftpipe.config import PipelineConfig
+from ftpipe.registry import store
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return out
+
+
+def start_run(cfg: PipelineConfig, root: Path, flow_run_id: str) -> str:
+    """One MLflow run per flow run, tagged with it; the whole config is logged once, here."""
+    import yaml
+    from mlflow.entities import Param
+
+    from ftpipe import names as t
+
+    exp_id = store.setup(cfg.registry, root)
+    c = store.client()
+    run = c.create_run(exp_id, run_name=f"retrain-{flow_run_id[:8]}",
+                       tags={t.PREFECT_FLOW_RUN: flow_run_id, t.CONFIG_HASH: cfg.hash()})
+    doc = cfg.model_dump(mode="json")
+    c.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in _flatten(doc).items()])
+    c.log_text(run.info.run_id, yaml.safe_dump(doc, sort_keys=False), "config/params.yaml")
+    return run.info.run_id
+
+
+def metrics_streamer(run_id: str, warn: Callable[[str], None]) -> Callable[[int, dict], None]:
+    """on_metrics for training: each logging step's metrics to the run. Training never dies
+    because MLflow does: after the first failure it stops trying (the history is in the
+    result, and log_training copies what did not get through)."""
+    client = store.client()
+    failed: list[int] = []
+
+    def on_metrics(step: int, metrics: dict) -> None:
+        if failed:
+            return
+        try:
+            for key, value in metrics.items():
+                client.log_metric(run_id, key, value, step=step)
+        except Exception as exc:   # noqa: BLE001
+            failed.append(step)
+            warn(f"MLflow did not take the metrics of step {step} ({type(exc).__name__}: {str(exc)[:200]}); "
+                 "training goes on, the history is logged after training")
+    return on_metrics
+
+
+def plot_loss(result, path: Path) -> Path:
+    """Train (and validation) loss against steps, log scale, the best step marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if result.loss_history:
+        ax.plot(*zip(*result.loss_history), label="train loss")
+    if result.val_history:
+        ax.plot(*zip(*result.val_history), "o-", label="validation loss")
+    if result.best_step:
+        ax.axvline(result.best_step, color="grey", linestyle=":", label=f"best (step {result.best_step})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (completion tokens)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title(f"{result.method}: {result.steps} steps, {result.tokens:,} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def log_training(run_id: str, result, log: Callable[[str], None] = print) -> None:
+    """The training on the run: loss points it lacks (trained by an earlier flow run, or
+    MLflow was away), time, tokens, validation loss, the loss curve and the result file."""
+    from mlflow.entities import Metric
+
+    c = store.client()
+    out_dir = Path(result.model_dir).parent
+    logged = {m.step for m in c.get_metric_history(run_id, "train_loss")}
+    missing = [(step, loss) for step, loss in result.loss_history if step not in logged]
+    if missing:
+        log(f"{len(missing)} of {len(result.loss_history)} loss points of {out_dir.name} were not on this run "
+            "(trained earlier, or MLflow was unreachable): logged now")
+        now = int(time.time() * 1000)
+        val_logged = {m.step for m in c.get_metric_history(run_id, "val_loss")}
+        points = [Metric("train_loss", loss, now, step) for step, loss in missing]
+        points += [Metric("val_loss", loss, now, step) for step, loss in result.val_history if step not in val_logged]
+        for i in range(0, len(points), 1000):
+            c.log_batch(run_id, metrics=points[i:i + 1000])
+    c.log_metric(run_id, "train_seconds", result.seconds)
+    c.log_metric(run_id, "train_tokens", result.tokens)
+    if result.val_loss is not None:
+        c.log_metric(run_id, "val_loss", result.val_loss)
+    c.log_artifact(run_id, str(plot_loss(result, out_dir / "loss_curve.png")), "train")
+    c.log_artifact(run_id, str(out_dir / "train_result.json"), "train")
+
+
+def record_skip(run_id: str, message: str, champion: str | None) -> str:
+    """A run that trains nothing says why, on the run and its MLflow note; returns the line."""
+    line = f"{message}" + (f" (champion: {champion})" if champion else "")
+    c = store.client()
+    c.set_tag(run_id, "ftpipe.skipped", message)
+    c.set_tag(run_id, "mlflow.note.content", f"{line}; nothing trained")
+    return f"{line}: nothing trained, no alias moved"
+
+
+def finish_run(run_id: str, status: str = "FINISHED") -> None:
+    store.client().set_terminated(run_id, status=status)
+
+
+def runs_of_flow_run(flow_run_id: str) -> list[str]:
+    """The MLflow runs (still RUNNING) that a flow run started, found by their tag."""
+    from ftpipe import names as t
+
+    c = store.client()
+    exps = [e.experiment_id for e in c.search_experiments()]
+    found = c.search_runs(exps, filter_string=f"tags.`{t.PREFECT_FLOW_RUN}` = '{flow_run_id}' "
+                                              "and attributes.status = 'RUNNING'") if exps else []
+    return [r.info.run_id for r in found]
