@@ -69,7 +69,7 @@ def retrain_steps(cfg: PipelineConfig, root: str, require_new_data: bool) -> Ret
         plan = io.plan_training(cfg, data, run, root, require_new_data)   # scratch / champion / skip, and why
         if plan.skip:
             return skipped(run, plan.skip, plan, cfg, root, io)
-        candidate = train_candidate(cfg.model, cfg.lora, plan, run, root)  # trained, resumed or cached
+        candidate = train_candidate(cfg.model, cfg.lora, plan, run, root, cfg.eval.batch_size)   # or cached
         known = io.find_registered(cfg.registry, candidate.model_dir, run)
         if known and known.skip(cfg.registry.model_name):      # these weights were decided already
             return skipped(run, known.skip(cfg.registry.model_name), plan, cfg, root, io)

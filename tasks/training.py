@@ -57,7 +57,8 @@ def result_store(root: str) -> Path:
 
 
 @task(name="fine-tune", cache_policy=TrainingCache(), persist_result=True, result_serializer="json")
-def fine_tune(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, run_id: str, root: str) -> TrainResult:
+def fine_tune(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, run_id: str, root: str,
+              val_batch_size: int = 64) -> TrainResult:
     """Train (or resume from the last checkpoint); metrics stream to the run that trains."""
     from ftpipe.training.launch import train
 
@@ -65,20 +66,21 @@ def fine_tune(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, run_id: 
     model = model.model_copy(update={"base": plan.base_path})
     result = train(model, lora, plan.train, plan.splits["train"], plan.splits["validation"],
                    training_dir(root, model, lora, plan.train, plan.data_key), log=logger.info,
-                   on_metrics=runs.metrics_streamer(run_id, logger.warning))
+                   on_metrics=runs.metrics_streamer(run_id, logger.warning), val_batch_size=val_batch_size)
     if result.resumed_from:
         logger.info(f"resumed from the checkpoint at step {result.resumed_from}")
     return result
 
 
-def train_candidate(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, run_id: str, root: str) -> TrainResult:
+def train_candidate(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, run_id: str, root: str,
+                    val_batch_size: int = 64) -> TrainResult:
     """The candidate of this flow run: trained, resumed, or (same recipe and data, weights
-    still on disk) the cached result of an earlier run."""
+    still on disk) the cached result of an earlier run. val_batch_size: eval.batch_size."""
     cached = fine_tune.with_options(result_storage=result_store(root))
-    result = cached(model, lora, plan, run_id, root)
+    result = cached(model, lora, plan, run_id, root, val_batch_size)
     if not (Path(result.model_dir) / "config.json").is_file():   # cached, but the weights are gone
         get_run_logger().warning(f"the cached training's weights are gone ({result.model_dir}): training again")
-        result = cached.with_options(refresh_cache=True)(model, lora, plan, run_id, root)
+        result = cached.with_options(refresh_cache=True)(model, lora, plan, run_id, root, val_batch_size)
     return result
 
 

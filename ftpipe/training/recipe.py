@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -57,24 +57,6 @@ class TrainResult:
     resumed_from: int | None = None
     stopped_early: bool = False
 
-
-
-# ------------------------------------------------------------------ data order
-
-
-# ------------------------------------------------------------------ NEFTune
-
-
-# ------------------------------------------------------------------ evaluation
-
-
-# ------------------------------------------------------------------ one optimizer step
-
-
-# ------------------------------------------------------------------ checkpoints
-
-
-# ------------------------------------------------------------------ the recipe
 
 def _checkpointing(model) -> None:
     kwargs = {"use_reentrant": False}
@@ -126,287 +108,417 @@ def prepare_model(model, lora_cfg: LoraConfig, train_cfg: TrainConfig):
     return model
 
 
+# ------------------------------------------------------------------ the state of a run
+
+@dataclass
+class Progress:
+    """Where training is and what it has seen: all a checkpoint carries besides tensors."""
+    fingerprint: str                      # the recipe and data it belongs to (a resume must match)
+    step: int = 0
+    tokens: int = 0                       # real tokens seen, all processes
+    history: list = field(default_factory=list)       # (step, mean loss of its logging window)
+    val_history: list = field(default_factory=list)   # (step, validation loss)
+    window: list = field(default_factory=list)        # step losses since the last log line
+    best_val: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0                    # evaluations in a row without improvement
+    elapsed: float = 0.0                  # seconds in the loop, across resumes
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process among the torchrun processes (one of one without torchrun)."""
+    world: int
+    rank: int
+    local_rank: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class Trainee:
+    """The model side of a run: `model` is what steps (DDP / FSDP / loss wrapper), `core` the
+    unwrapped (peft) model that is saved and evaluated."""
+    model: object
+    core: object
+    tokenizer: object
+    trainable: list
+    embed: object
+    device: object
+    dtype: object
+    loss_model: bool
+    varlen: bool
+    model_cfg: ModelConfig   # with the attention implementation training used
+
+
+@dataclass
+class Batches:
+    """The encoded examples, and this process's micro-batches of any step."""
+    train: list
+    val: list
+    micro_batches: Callable[[int], list]
+
+
+@dataclass
+class Optimizer:
+    opt: object
+    sched: object
+    autocast: object
+    adapter_cast: object
+
+
+# ------------------------------------------------------------------ the recipe
+
 def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConfig,
               train_path: str | Path, val_path: str | Path | None, out_dir: str | Path,
               log: Callable[[str], None] = print,
               on_metrics: Callable[[int, dict], None] | None = None,
-              progress: bool | None = None) -> TrainResult:
+              progress: bool | None = None, val_batch_size: int = 64) -> TrainResult:
+    """Setup, resume, loop, save. val_batch_size: examples per validation forward (eval.batch_size)."""
     import torch
-    import torch.distributed as dist
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    # ---- setup: processes ---------------------------------------------------------------
-    # Under torchrun each process trains on its share of every step; rank 0 logs and saves.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    main = rank == 0
-    say = log if main else (lambda msg: None)
-    train_cfg = train_cfg.resolved(torch.cuda.is_available(), world)
+    procs = setup_processes()
+    say = log if procs.main else (lambda msg: None)
+    train_cfg = train_cfg.resolved(torch.cuda.is_available(), procs.world)
     torch.manual_seed(train_cfg.seed)
     random.seed(train_cfg.seed)
+    t = setup_model(model_cfg, lora_cfg, train_cfg, procs, say)
+    data = setup_batches(t, train_cfg, train_path, val_path, procs)
+    o = setup_optimizer(t, train_cfg)
+    fingerprint = digest([t.model_cfg.model_dump(mode="json"), lora_cfg.model_dump(mode="json"),
+                          train_cfg.model_dump(mode="json", exclude={"resume", "log_every", "checkpoint_every",
+                                                                     "keep_checkpoints"}),
+                          len(data.train), sum(len(e[0]) for e in data.train), procs.world])
+    state, resumed_from = resume(out_dir / "checkpoints", fingerprint, t, o, train_cfg, say)
+    stopped_early = train_loop(t, data, o, state, train_cfg, procs, out_dir, resumed_from, say, on_metrics,
+                               val_batch_size, procs.main and (progress if progress is not None else _is_terminal()))
+    val_loss = best_weights(t, data, state, out_dir / "best", val_batch_size, say)
+    adapter_dir = save(t, train_cfg, out_dir, procs)
+    history = [tuple(h) for h in state.history]
+    result = TrainResult(
+        model_dir=str(out_dir / "model"), adapter_dir=str(adapter_dir) if adapter_dir else None,
+        method=train_cfg.method, steps=state.step, train_loss=history[-1][1] if history else float("nan"),
+        val_loss=val_loss, tokens=state.tokens, seconds=time.perf_counter() - start, loss_history=history,
+        val_history=[tuple(v) for v in state.val_history], best_step=state.best_step,
+        resumed_from=resumed_from, stopped_early=stopped_early)
+    if procs.main:
+        (out_dir / "train_result.json").write_text(json.dumps(result.__dict__, indent=2))
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # finished: the export replaces them
+    if procs.world > 1:
+        import torch.distributed as dist
 
-    # ---- setup: model, adapters -------------------------------------------------------
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def setup_processes() -> Processes:
+    """Under torchrun each process trains on its share of every step; rank 0 logs and saves."""
+    import torch
+    import torch.distributed as dist
+
+    procs = Processes(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
+                      int(os.environ.get("LOCAL_RANK", "0")))
+    if procs.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(procs.local_rank)
+    return procs
+
+
+def setup_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConfig, procs: Processes,
+                say: Callable[[str], None]) -> Trainee:
+    """The base model loaded (full fine-tuning keeps fp32 master weights under autocast),
+    adapters and kernels applied, the loss from hidden states where the model allows it,
+    wrapped for DDP or sharded by FSDP under torchrun."""
+    import torch
+
     dtype = pick_dtype(train_cfg.precision)
-    # Full fine-tuning keeps fp32 master weights and runs the forward under autocast.
-    fsdp = world > 1 and train_cfg.strategy == "fsdp"
-    load_dtype = torch.float32 if train_cfg.method == "full" else dtype
+    fsdp = procs.world > 1 and train_cfg.strategy == "fsdp"
     varlen = train_cfg.packing and train_cfg.packing_attention == "auto" and \
         model_cfg.attn_implementation in (None, "ftpipe_varlen")
     if varlen:
         from ftpipe.training.attention import register
         model_cfg = model_cfg.model_copy(update={"attn_implementation": register()})
-    model, tokenizer = load_base(model_cfg, load_dtype, device_index=local_rank)
+    model, tokenizer = load_base(model_cfg, torch.float32 if train_cfg.method == "full" else dtype,
+                                 device_index=procs.local_rank)
     device = next(model.parameters()).device
-    adapter = train_cfg.method in ("lora", "qlora")
-    model = prepare_model(model, lora_cfg, train_cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    n_total = sum(p.numel() for p in model.parameters())
+    core = prepare_model(model, lora_cfg, train_cfg)
+    trainable = [p for p in core.parameters() if p.requires_grad]
+    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in core.parameters())
     say(f"method {train_cfg.method}: {n_trainable:,} of {n_total:,} parameters train "
         f"({100 * n_trainable / n_total:.1f}%), dtype {str(dtype).split('.')[-1]}, device {device}"
-        + (f", {world} processes" if world > 1 else ""))
-    embed = model.get_input_embeddings()
+        + (f", {procs.world} processes" if procs.world > 1 else ""))
+    embed = core.get_input_embeddings()
     if train_cfg.neftune_alpha:
         embed.register_forward_hook(neftune_hook(train_cfg.neftune_alpha))
-    core = model  # the unwrapped model: what is saved and evaluated
-    # The loss from hidden states in chunks (not under FSDP: its root owns the output layer).
+    # the loss from hidden states in chunks (not under FSDP: its root owns the output layer)
     loss_model = LossModel.build(core, train_cfg.loss_chunk_tokens, compiled=bool(train_cfg.compile)) \
         if train_cfg.loss_chunk_tokens and LossModel.supported(core) and not fsdp else None
-    if world > 1:
-        if train_cfg.strategy == "fsdp":
-            from torch.distributed.fsdp import fully_shard
+    stepped = loss_model or core
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
 
-            for layer in core.get_decoder().layers if hasattr(core, "get_decoder") else []:
-                fully_shard(layer)
-            model = fully_shard(core)
-            # fully_shard swaps every parameter for a sharded DTensor: collect them again.
-            trainable = [p for p in core.parameters() if p.requires_grad]
-        else:
-            model = torch.nn.parallel.DistributedDataParallel(
-                loss_model or core, device_ids=[local_rank] if device.type == "cuda" else None)
-    elif loss_model is not None:
-        model = loss_model
+        for layer in core.get_decoder().layers if hasattr(core, "get_decoder") else []:
+            fully_shard(layer)
+        stepped = fully_shard(core)
+        trainable = [p for p in core.parameters() if p.requires_grad]   # now sharded DTensors
+    elif procs.world > 1:
+        stepped = torch.nn.parallel.DistributedDataParallel(
+            stepped, device_ids=[procs.local_rank] if device.type == "cuda" else None)
+    return Trainee(stepped, core, tokenizer, trainable, embed, device, dtype, loss_model is not None, varlen, model_cfg)
 
-    # ---- setup: data ------------------------------------------------------------------
+
+def setup_batches(t: Trainee, train_cfg: TrainConfig, train_path: str | Path, val_path: str | Path | None,
+                  procs: Processes) -> Batches:
+    """Every example encoded once (prompt masked unless completion_only_loss is off); a step's
+    `batch_size x grad_accum` examples chosen by (seed, step), this process taking every
+    world-th, laid out as varlen-packed, packed or padded micro-batches."""
     train_rows = read_jsonl(train_path)
     if not train_rows:
         raise ValueError(f"{train_path}: no training examples")
-    train_enc = [encode(tokenizer, r, train_cfg.max_seq_len, train_cfg.completion_only_loss)
-                 for r in train_rows]
-    val_enc = [encode(tokenizer, r, train_cfg.max_seq_len, True) for r in read_jsonl(val_path)] \
+    train = [encode(t.tokenizer, r, train_cfg.max_seq_len, train_cfg.completion_only_loss) for r in train_rows]
+    val = [encode(t.tokenizer, r, train_cfg.max_seq_len, True) for r in read_jsonl(val_path)] \
         if val_path and Path(val_path).is_file() else []
-    per_step = min(train_cfg.batch_size, len(train_enc))
+    per_step = min(train_cfg.batch_size, len(train))
+    pad = t.tokenizer.pad_token_id
 
-    def micro_batches(step: int):
+    def micro_batches(step: int) -> list:
         """This process's micro-batches of optimizer step `step` (0-based)."""
-        idx = step_examples(len(train_enc), per_step * train_cfg.grad_accum, train_cfg.seed, step)
+        idx = step_examples(len(train), per_step * train_cfg.grad_accum, train_cfg.seed, step)
+        out = []
         for a in range(train_cfg.grad_accum):
-            mine = idx[a * per_step: (a + 1) * per_step][rank::world]
-            examples = [train_enc[i] for i in mine]
+            examples = [train[i] for i in idx[a * per_step: (a + 1) * per_step][procs.rank::procs.world]]
             if not examples:
                 continue
-            if varlen:
-                yield pack_flat(examples, train_cfg.max_seq_len)
+            if t.varlen:
+                out.append(pack_flat(examples, train_cfg.max_seq_len))
             elif train_cfg.packing:
-                yield pack(examples, train_cfg.max_seq_len, tokenizer.pad_token_id)
+                out.append(pack(examples, train_cfg.max_seq_len, pad))
             else:
-                b = collate(examples, tokenizer.pad_token_id)
+                b = collate(examples, pad)
                 b["lengths"] = b["attention_mask"].sum(dim=1, keepdim=True).expand_as(b["input_ids"]).contiguous()
                 b["real"] = b["attention_mask"].sum()
-                yield b
+                out.append(b)
+        return out
 
-    # ---- setup: optimizer, schedule ---------------------------------------------------
-    opt = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                            fused=device.type == "cuda")
+    return Batches(train, val, micro_batches)
 
-    def lr_at(step: int) -> float:  # linear warm-up, then decay to min_lr_ratio
+
+def setup_optimizer(t: Trainee, train_cfg: TrainConfig) -> Optimizer:
+    """AdamW (fused on GPU), linear warm-up then cosine / linear decay to min_lr_ratio (or
+    constant), autocast for low-precision compute, bf16 inputs for LoRA layers under it."""
+    import torch
+
+    from ftpipe.training.kernels import adapter_autocast
+
+    opt = torch.optim.AdamW(t.trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                            fused=t.device.type == "cuda")
+
+    def lr_at(step: int) -> float:
         if step < train_cfg.warmup_steps:
             return (step + 1) / train_cfg.warmup_steps
         if train_cfg.schedule == "constant":
             return 1.0
-        progress_ = (step - train_cfg.warmup_steps) / max(1, train_cfg.max_steps - train_cfg.warmup_steps)
-        shape = 0.5 * (1 + math.cos(math.pi * progress_)) if train_cfg.schedule == "cosine" else 1 - progress_
+        done = (step - train_cfg.warmup_steps) / max(1, train_cfg.max_steps - train_cfg.warmup_steps)
+        shape = 0.5 * (1 + math.cos(math.pi * done)) if train_cfg.schedule == "cosine" else 1 - done
         return train_cfg.min_lr_ratio + (1 - train_cfg.min_lr_ratio) * shape
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    use_autocast = device.type == "cuda" and dtype != torch.float32
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=use_autocast)
-    from ftpipe.training.kernels import adapter_autocast
-    adapter_cast = adapter_autocast(core, adapter and use_autocast)
+    low = t.device.type == "cuda" and t.dtype != torch.float32
+    return Optimizer(opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at),
+                     torch.autocast(t.device.type, dtype=t.dtype, enabled=low),
+                     adapter_autocast(t.core, train_cfg.method in ("lora", "qlora") and low))
 
-    # ---- resume -----------------------------------------------------------------------
-    # A checkpoint is only resumed by the same recipe on the same data: its fingerprint.
-    fingerprint = digest([model_cfg.model_dump(mode="json"), lora_cfg.model_dump(mode="json"),
-                          train_cfg.model_dump(mode="json", exclude={"resume", "log_every", "checkpoint_every",
-                                                                     "keep_checkpoints"}),
-                          len(train_enc), sum(len(e[0]) for e in train_enc), world])
-    ckpt_dir = out_dir / "checkpoints"
-    state = {"step": 0, "tokens": 0, "history": [], "val_history": [], "window": [],
-             "best_val": None, "best_step": None, "bad_evals": 0, "elapsed": 0.0,
-             "fingerprint": fingerprint}
-    resumed_from = None
+
+def resume(ckpt_dir: Path, fingerprint: str, t: Trainee, o: Optimizer, train_cfg: TrainConfig,
+           say: Callable[[str], None]) -> tuple[Progress, int | None]:
+    """The newest verified checkpoint of this recipe and data (weights, optimizer, schedule,
+    RNG), or a fresh start: (progress, the step resumed from)."""
+    import torch
+
     for latest in (verified_checkpoints(ckpt_dir, fingerprint, say) if train_cfg.resume else [])[:1]:
-        state = json.loads((latest / "state.json").read_text())
-        load_trainable(core, latest / "trainable.safetensors")
+        state = Progress(**json.loads((latest / "state.json").read_text()))
+        load_trainable(t.core, latest / "trainable.safetensors")
         # tensors and plain containers only: no pickled code runs from a checkpoint
         saved = torch.load(latest / "optimizer.pt", weights_only=True)
-        if is_fsdp(core):
+        if is_fsdp(t.core):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(core, opt, saved["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(t.core, o.opt, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
         else:
-            opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
+            o.opt.load_state_dict(saved["optimizer"])
+        o.sched.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"]["torch"])
         random.setstate(saved["rng"]["python"])
         if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-        resumed_from = state["step"]
-        say(f"resuming from {latest} (step {resumed_from}/{train_cfg.max_steps})")
-    best_dir = out_dir / "best"
+        say(f"resuming from {latest} (step {state.step}/{train_cfg.max_steps})")
+        return state, state.step
+    return Progress(fingerprint), None
 
-    bar = None
-    if main and (progress if progress is not None else _is_terminal()):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeRemainingColumn)
-        bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  ETA"),
-                       TimeRemainingColumn())
-        task = bar.add_task("train", total=train_cfg.max_steps, completed=state["step"], loss="—", tps="—")
-        bar.start()
 
-    # ---- loop --------------------------------------------------------------------------
-    model.train()
-    loop_start = time.perf_counter() - state["elapsed"]
+def train_loop(t: Trainee, data: Batches, o: Optimizer, state: Progress, train_cfg: TrainConfig, procs: Processes,
+               out_dir: Path, resumed_from: int | None, say: Callable[[str], None],
+               on_metrics: Callable[[int, dict], None] | None, val_batch_size: int, bar: bool) -> bool:
+    """Steps until max_steps (or early stopping: returns True): forward/backward weighted by
+    the step's labelled tokens, clip, step; log every log_every steps, validate every
+    eval_every (the best weights kept), checkpoint every checkpoint_every."""
+    import torch
+    import torch.distributed as dist
+
+    progress = _progress_bar(train_cfg.max_steps, state.step) if bar else None
+    t.model.train()
+    loop_start = time.perf_counter() - state.elapsed
     stopped_early = False
-    step = state["step"]
-    upcoming = list(micro_batches(step)) if step < train_cfg.max_steps else []
+    step = state.step
+    upcoming = data.micro_batches(step) if step < train_cfg.max_steps else []
     try:
         while step < train_cfg.max_steps:
             # Every process weights its token-loss sum by the step's labelled-token total,
             # so gradients are those of one token-mean over the whole step.
-            batches, n_label, n_real = step_inputs(upcoming, device, world)
-            step_label, step_real = float(n_label), n_real
+            batches, n_label, n_real = step_inputs(upcoming, t.device, procs.world)
             # x world: DDP averages gradients over processes; this makes it a sum.
-            step_loss = forward_backward(model, batches, world / max(step_label, 1.0), embed, autocast,
-                                         adapter_cast, loss_model is not None, device)
+            step_loss = forward_backward(t.model, batches, procs.world / max(float(n_label), 1.0), t.embed,
+                                         o.autocast, o.adapter_cast, t.loss_model, t.device)
             # the next step's micro-batches are built on the CPU while the GPU works on this one
-            upcoming = list(micro_batches(step + 1)) if step + 1 < train_cfg.max_steps else []
-            if world > 1:
+            upcoming = data.micro_batches(step + 1) if step + 1 < train_cfg.max_steps else []
+            if procs.world > 1:
                 dist.all_reduce(step_loss)
-            step_loss_f = float(step_loss) / max(step_label, 1.0)
+            loss = float(step_loss) / max(float(n_label), 1.0)
             step += 1
-            if not math.isfinite(step_loss_f) or step_loss_f > train_cfg.max_loss:
+            if not math.isfinite(loss) or loss > train_cfg.max_loss:
                 raise TrainingDiverged(
-                    f"training stopped at step {step}: loss {step_loss_f} is "
-                    f"{'not finite' if not math.isfinite(step_loss_f) else f'above train.max_loss={train_cfg.max_loss}'}"
+                    f"training stopped at step {step}: loss {loss} is "
+                    f"{'not finite' if not math.isfinite(loss) else f'above train.max_loss={train_cfg.max_loss}'}"
                     "; nothing is registered. Lower train.lr or check the data.")
-            torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            state["tokens"] += step_real
-            state["window"].append(step_loss_f)
+            torch.nn.utils.clip_grad_norm_(t.trainable, train_cfg.max_grad_norm)
+            o.opt.step()
+            o.sched.step()
+            o.opt.zero_grad(set_to_none=True)
+            state.tokens += n_real
+            state.window.append(loss)
             elapsed = time.perf_counter() - loop_start
-            if bar is not None:
-                bar.update(task, completed=step, loss=f"{step_loss_f:.4f}",
-                           tps=f"{state['tokens'] / max(elapsed, 1e-9):,.0f}")
+            if progress is not None:
+                progress[0].update(progress[1], completed=step, loss=f"{loss:.4f}",
+                                   tps=f"{state.tokens / max(elapsed, 1e-9):,.0f}")
             if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
-                avg = sum(state["window"]) / len(state["window"])
-                state["window"] = []
-                state["history"].append((step, avg))
-                eta = elapsed / max(step - (resumed_from or 0), 1) * (train_cfg.max_steps - step)
-                if bar is None:
-                    say(f"step {step}/{train_cfg.max_steps}  loss {avg:.4f}  lr {sched.get_last_lr()[0]:.2e}  "
-                        f"{state['tokens'] / elapsed:,.0f} tok/s  ETA {eta:.0f}s")
-                if on_metrics and main:
-                    on_metrics(step, {"train_loss": avg, "learning_rate": sched.get_last_lr()[0],
-                                      "tokens_per_second": state["tokens"] / elapsed})
-            if train_cfg.eval_every and val_enc and (step % train_cfg.eval_every == 0 or step == train_cfg.max_steps):
-                val = mean_loss(core, val_enc, 64, tokenizer.pad_token_id)
-                state["val_history"].append((step, val))
-                if on_metrics and main:
-                    on_metrics(step, {"val_loss": val})
-                if state["best_val"] is None or val < state["best_val"] - train_cfg.early_stopping_min_delta:
-                    state["best_val"], state["best_step"], state["bad_evals"] = val, step, 0
-                    best = trainable_state(core)  # every rank: a collective under FSDP
-                    if main:
-                        from safetensors.torch import save_file
-                        best_dir.mkdir(parents=True, exist_ok=True)
-                        save_file(best, str(best_dir / "trainable.safetensors"))
-                else:
-                    state["bad_evals"] += 1
-                say(f"step {step}: validation loss {val:.4f} (best {state['best_val']:.4f} at step "
-                    f"{state['best_step']})")
-                if train_cfg.early_stopping_patience and state["bad_evals"] >= train_cfg.early_stopping_patience:
-                    say(f"early stopping at step {step}: no improvement in {state['bad_evals']} evaluations")
-                    stopped_early = True
-            state["step"], state["elapsed"] = step, time.perf_counter() - loop_start
-            if train_cfg.checkpoint_every and (step % train_cfg.checkpoint_every == 0) \
+                _log_window(state, step, elapsed, resumed_from, o, train_cfg, say if progress is None else None,
+                            on_metrics if procs.main else None)
+            if train_cfg.eval_every and data.val and (step % train_cfg.eval_every == 0 or step == train_cfg.max_steps):
+                stopped_early = validate(t, data, state, step, out_dir / "best", train_cfg, procs, val_batch_size,
+                                         say, on_metrics if procs.main else None)
+            state.step, state.elapsed = step, time.perf_counter() - loop_start
+            if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 \
                     and step < train_cfg.max_steps and not stopped_early:
-                save_checkpoint(ckpt_dir, step, core, opt, sched, state, train_cfg.keep_checkpoints, main)
+                save_checkpoint(out_dir / "checkpoints", step, t.core, o.opt, o.sched, asdict(state),
+                                train_cfg.keep_checkpoints, procs.main)
             if stopped_early:
                 break
     finally:
-        if bar is not None:
-            bar.stop()
+        if progress is not None:
+            progress[0].stop()
+    return stopped_early
 
-    # The best validation checkpoint is what gets exported when validation ran during training.
-    if state["best_step"] is not None and (best_dir / "trainable.safetensors").is_file() \
-            and state["best_step"] != step:
-        load_trainable(core, best_dir / "trainable.safetensors")
-        say(f"exporting the best checkpoint: step {state['best_step']} (validation loss {state['best_val']:.4f})")
-    val_loss = state["best_val"] if state["best_step"] is not None else (
-        mean_loss(core, val_enc, 64, tokenizer.pad_token_id) if val_enc else None)
+
+def _log_window(state: Progress, step: int, elapsed: float, resumed_from: int | None, o: Optimizer,
+                train_cfg: TrainConfig, say: Callable[[str], None] | None,
+                on_metrics: Callable[[int, dict], None] | None) -> None:
+    """The mean loss of the steps since the last log line: into the history, the log, MLflow."""
+    avg = sum(state.window) / len(state.window)
+    state.window = []
+    state.history.append((step, avg))
+    lr = o.sched.get_last_lr()[0]
+    if say:
+        eta = elapsed / max(step - (resumed_from or 0), 1) * (train_cfg.max_steps - step)
+        say(f"step {step}/{train_cfg.max_steps}  loss {avg:.4f}  lr {lr:.2e}  "
+            f"{state.tokens / elapsed:,.0f} tok/s  ETA {eta:.0f}s")
+    if on_metrics:
+        on_metrics(step, {"train_loss": avg, "learning_rate": lr, "tokens_per_second": state.tokens / elapsed})
+
+
+def validate(t: Trainee, data: Batches, state: Progress, step: int, best_dir: Path, train_cfg: TrainConfig,
+             procs: Processes, batch_size: int, say: Callable[[str], None],
+             on_metrics: Callable[[int, dict], None] | None) -> bool:
+    """Validation loss now; the best weights so far kept in best_dir; True when early stopping
+    has run out of patience."""
+    val = mean_loss(t.core, data.val, batch_size, t.tokenizer.pad_token_id)
+    state.val_history.append((step, val))
+    if on_metrics:
+        on_metrics(step, {"val_loss": val})
+    if state.best_val is None or val < state.best_val - train_cfg.early_stopping_min_delta:
+        state.best_val, state.best_step, state.bad_evals = val, step, 0
+        best = trainable_state(t.core)  # every rank: a collective under FSDP
+        if procs.main:
+            from safetensors.torch import save_file
+
+            best_dir.mkdir(parents=True, exist_ok=True)
+            save_file(best, str(best_dir / "trainable.safetensors"))
+    else:
+        state.bad_evals += 1
+    say(f"step {step}: validation loss {val:.4f} (best {state.best_val:.4f} at step {state.best_step})")
+    if train_cfg.early_stopping_patience and state.bad_evals >= train_cfg.early_stopping_patience:
+        say(f"early stopping at step {step}: no improvement in {state.bad_evals} evaluations")
+        return True
+    return False
+
+
+def best_weights(t: Trainee, data: Batches, state: Progress, best_dir: Path, batch_size: int,
+                 say: Callable[[str], None]) -> float | None:
+    """The weights to export: the best validation checkpoint when validation ran during
+    training, else the last step's; returns their validation loss."""
+    if state.best_step is not None and (best_dir / "trainable.safetensors").is_file() \
+            and state.best_step != state.step:
+        load_trainable(t.core, best_dir / "trainable.safetensors")
+        say(f"exporting the best checkpoint: step {state.best_step} (validation loss {state.best_val:.4f})")
+    val_loss = state.best_val if state.best_step is not None else (
+        mean_loss(t.core, data.val, batch_size, t.tokenizer.pad_token_id) if data.val else None)
     if val_loss is not None:
-        say(f"validation loss {val_loss:.4f} on {len(val_enc)} examples")
+        say(f"validation loss {val_loss:.4f} on {len(data.val)} examples")
+    return val_loss
 
-    # ---- save --------------------------------------------------------------------------
-    model_dir = out_dir / "model"
-    adapter_dir = out_dir / "adapter" if adapter else None
-    if varlen:  # the exported model uses the default attention, not the training kernel
-        base_model = core.get_base_model() if hasattr(core, "get_base_model") else core
+
+def save(t: Trainee, train_cfg: TrainConfig, out_dir: Path, procs: Processes) -> Path | None:
+    """The export: out_dir/model, a full checkpoint from_pretrained loads without peft (the
+    adapter merged into a base reloaded unquantized for QLoRA or FSDP), and out_dir/adapter
+    (adapter_model.safetensors + adapter_config.json) for LoRA / QLoRA."""
+    import torch
+
+    adapter_dir = out_dir / "adapter" if train_cfg.method in ("lora", "qlora") else None
+    if t.varlen:  # the exported model uses the default attention, not the training kernel
+        base_model = t.core.get_base_model() if hasattr(t.core, "get_base_model") else t.core
         base_model.set_attn_implementation("sdpa")
-    # Under FSDP the weights are sharded: gather them (every rank) before rank 0 saves.
-    gathered = full_state(core) if is_fsdp(core) else None
-    if main:
-        if adapter:
-            # adapter_model.safetensors + adapter_config.json
-            core.save_pretrained(adapter_dir, state_dict=gathered)
-            if train_cfg.method == "qlora" or is_fsdp(core):
-                # Merge into a base reloaded unquantized (never into 4-bit or sharded weights).
-                from peft import PeftModel
-                base, _ = load_base(model_cfg, torch.float32, for_training=False, device_index=local_rank)
-                merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-            else:
-                merged = core.merge_and_unload()
-            merged.save_pretrained(model_dir)
+    gathered = full_state(t.core) if is_fsdp(t.core) else None   # every rank: FSDP shards gathered
+    if not procs.main:
+        return adapter_dir
+    if adapter_dir is None:
+        t.core.save_pretrained(out_dir / "model", state_dict=gathered)
+    else:
+        t.core.save_pretrained(adapter_dir, state_dict=gathered)
+        if train_cfg.method == "qlora" or is_fsdp(t.core):
+            from peft import PeftModel
+
+            base, _ = load_base(t.model_cfg, torch.float32, for_training=False, device_index=procs.local_rank)
+            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         else:
-            core.save_pretrained(model_dir, state_dict=gathered)
-        tokenizer.save_pretrained(model_dir)
-    history = [tuple(h) for h in state["history"]]
-    result = TrainResult(
-        model_dir=str(model_dir), adapter_dir=str(adapter_dir) if adapter_dir else None,
-        method=train_cfg.method, steps=step,
-        train_loss=history[-1][1] if history else float("nan"), val_loss=val_loss,
-        tokens=state["tokens"], seconds=time.perf_counter() - start, loss_history=history,
-        val_history=[tuple(v) for v in state["val_history"]], best_step=state["best_step"],
-        resumed_from=resumed_from, stopped_early=stopped_early)
-    if main:
-        (out_dir / "train_result.json").write_text(json.dumps(result.__dict__, indent=2))
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the export replaces them
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
+            merged = t.core.merge_and_unload()
+        merged.save_pretrained(out_dir / "model")
+    t.tokenizer.save_pretrained(out_dir / "model")
+    return adapter_dir
+
+
+def _progress_bar(total: int, done: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+    bar = Bar(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+              TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  ETA"), TimeRemainingColumn())
+    task = bar.add_task("train", total=total, completed=done, loss="—", tps="—")
+    bar.start()
+    return bar, task
 
 
 def _is_terminal() -> bool:
