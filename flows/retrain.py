@@ -15,6 +15,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.runtime import mark_run_failed, outcome
 from ftpipe.config import PipelineConfig, load_config
 from ftpipe.data.versions import DataVersion, data_version
 from ftpipe.evaluation.compare import EvalReport
@@ -23,7 +24,6 @@ from ftpipe.registry.gate import PromotionResult
 from ftpipe.runlock import project_lock
 from ftpipe.training.plan import TrainingPlan
 from ftpipe.training.recipe import TrainResult
-from flows.runtime import mark_run_failed, outcome
 from tasks.data import base_model, check_inputs, check_slices, collect, stage
 from tasks.evaluation import evaluate
 from tasks.io import io_tasks

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from prefect import Flow
+    from prefect.client.schemas.objects import FlowRun
 
     from ftpipe.config import ScheduleConfig
-    from prefect.client.schemas.objects import FlowRun
 
 
 def quiet_terminal() -> None:

@@ -96,13 +96,13 @@ def run(
         _fail(f"{project} is not an ftpipe project (no dvc.yaml); pass --project", 2)
     cfg = _load(_config_path(config, project), overrides or [], project)
 
+    from ftpipe.cli_summary import print_summary
     from ftpipe.config import ConfigError
-    from ftpipe.training.models import ModelRefError
     from ftpipe.data.preflight import PreflightFailed, preflight
     from ftpipe.data.quality import QualityGateFailed
     from ftpipe.data.sources import SourceError
-    from ftpipe.cli_summary import print_summary
     from ftpipe.data.versions import StageFailed
+    from ftpipe.training.models import ModelRefError
     from ftpipe.training.recipe import TrainingDiverged
 
     os.chdir(project)
@@ -210,16 +210,17 @@ def generate(
     model = model or f"models:/{cfg.registry.model_name}@champion"
     row = {"instruction": prompt, "input": input_text}
     if Path(model).is_dir():
-        from ftpipe.evaluation.generation import generate as gen, load_for_eval
         from ftpipe.data.formatting import prompt_of
+        from ftpipe.evaluation.generation import generate as gen
+        from ftpipe.evaluation.generation import load_for_eval
 
         m, tok = load_for_eval(model)
         answer = gen(m, tok, [prompt_of(row)], max_new_tokens)[0]
     else:
-        import mlflow
         import pandas as pd
         from mlflow.exceptions import MlflowException
 
+        import mlflow
         from ftpipe.registry import store as registry
 
         registry.setup(cfg.registry, project)
@@ -406,7 +407,6 @@ def lineage(
     1 naming each broken one. With --source / --row-hash: every version that learned from a
     file or a row."""
     import json
-
     import re
 
     if source is not None and row_hash is not None:
@@ -537,7 +537,8 @@ def data_status(
     _quiet_env()
     project = project.resolve()
     cfg = _load(_config_path(config, project), [], project)
-    from ftpipe.data.status import data_status as status, print_status
+    from ftpipe.data.status import data_status as status
+    from ftpipe.data.status import print_status
 
     st = status(cfg, project)
     if as_json:

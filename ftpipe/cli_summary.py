@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from ftpipe.names import METRICS, SLICE_METRICS, fmt as _fmt
+from ftpipe.names import METRICS, SLICE_METRICS
+from ftpipe.names import fmt as _fmt
 from ftpipe.secrets import redact
 
 

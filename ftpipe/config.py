@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class _Section(BaseModel):
@@ -22,8 +29,6 @@ class _Section(BaseModel):
 
 
 SOURCE_ROOTS = ("data/sources", "data/incoming")  # the folders dvc.yaml's collect stage watches
-SOURCE_TYPES = ("auto", "jsonl", "json", "csv", "parquet", "saved", "drop", "sql")
-FORMATS = ("auto", "alpaca", "prompt_completion", "chat")
 
 
 def _no_literal_password(url: str | None, how: str) -> str | None:

@@ -21,11 +21,14 @@ def sha256_path(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def iter_jsonl(path: str | Path) -> Iterator[dict]:
-    """The objects of a JSON Lines file, one at a time (blank lines skipped)."""
+def iter_jsonl(source: str | Path | bytes) -> Iterator[dict]:
+    """The objects of a JSON Lines file (or of its bytes), one at a time; blank lines skipped."""
     import orjson
 
-    with open(path, "rb") as f:
+    if isinstance(source, bytes):
+        yield from (orjson.loads(line) for line in source.splitlines() if line.strip())
+        return
+    with open(source, "rb") as f:
         for line in f:
             if line.strip():
                 yield orjson.loads(line)

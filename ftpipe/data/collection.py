@@ -17,9 +17,15 @@ from typing import Callable
 
 from ftpipe.config import SourceConfig
 from ftpipe.data.records import FormatError, canonical, detect_format
+from ftpipe.data.sources import (
+    SourceError,
+    expand,
+    file_type,
+    read_items,
+    redacted,
+    size_of,
+)
 from ftpipe.files import sha256_path
-from ftpipe.data.sources import (SourceError, expand, file_type, read_items, redacted,
-                            size_of)
 
 PEEK = 200  # valid objects looked at to recognise a file's format
 

@@ -14,8 +14,8 @@ def preflight(data: DataConfig, model: ModelConfig, root: Path) -> list[str]:
     """One line per problem, naming the field or file: the base model (exists, loadable
     weights, a tokenizer), each file source (its path or glob, inside the project) and each
     SQL source (connects, and its query starts)."""
-    from ftpipe.training.models import ModelRefError, check_model
     from ftpipe.data.sources import SourceError, check_sql, locate
+    from ftpipe.training.models import ModelRefError, check_model
 
     problems = []
     if (root / model.base).resolve() != (root / BASE_MODEL_DIR).resolve():   # that one DVC builds

@@ -25,7 +25,6 @@ REQUIRED = {
     "prompt_completion": ("prompt", "completion"),
     "chat": ("messages",),
 }
-CANONICAL = ("instruction", "input", "output", "prompt", "completion", "messages")
 ROLES = {"system": "system", "user": "user", "assistant": "assistant",
          # ShareGPT spellings
          "human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}

@@ -8,11 +8,17 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ftpipe import names as t
 from ftpipe.config import PipelineConfig
-from ftpipe.lineage.record import dvc_lock_hashes
-from ftpipe.data.versions import DATA_STAGES, object_status, remote_of, split_row_hashes, workspace_changes
-
-from ftpipe.names import SPLITS_OUTPUT as SPLITS_KEY
+from ftpipe.data.versions import (
+    DATA_STAGES,
+    Store,
+    dvc_lock_hashes,
+    remote_of,
+    split_rows,
+    workspace_changes,
+)
+from ftpipe.files import iter_jsonl
 
 
 @dataclass(frozen=True)
@@ -33,51 +39,47 @@ class DataStatus:
 
 
 def _workspace_rows(root: Path) -> set[str]:
-    hashes = set()
-    for name in ("train", "validation", "test"):
-        p = root / "data/splits" / f"{name}.jsonl"
-        if p.is_file():
-            with p.open("rb") as f:
-                hashes.update(json.loads(line)["_hash"] for line in f if line.strip())
-    return hashes
+    splits = [root / "data/splits" / f"{name}.jsonl" for name in ("train", "validation", "test")]
+    return {r["_hash"] for p in splits if p.is_file() for r in iter_jsonl(p)}
 
 
 def data_status(cfg: PipelineConfig, root: Path) -> DataStatus:
+    from ftpipe.lineage.record import (
+        recorded_tags,  # every data stage output is in the record
+    )
     from ftpipe.registry import store as registry
 
     notes: list[str] = []
     current = dvc_lock_hashes(root, list(DATA_STAGES))
     changes = workspace_changes(root) if current else {}
-    cur_rows = None
-    if current.get(SPLITS_KEY):
-        cur_rows = split_row_hashes(root, current[SPLITS_KEY])
-        if cur_rows is None and not changes:
-            cur_rows = _workspace_rows(root)
     if not current:
         notes.append("no data version yet (dvc.lock has no data stages): run `ftpipe run`")
-
     registry.setup(cfg.registry, root)
     champ = registry.version_by_alias(cfg.registry.model_name, registry.CHAMPION)
-    champion_data: dict[str, str] = {}
-    added = removed = None
     if champ is None:
         notes.append(f"no champion yet for {cfg.registry.model_name}")
+        champion_data = {}
     else:
-        from ftpipe.lineage.audit import recorded_tags   # every data stage output is in the record, not a tag
-
         tags = recorded_tags(registry.client(), champ.name, champ.version)
-        champion_data = {k[len("ftpipe.dvc."):]: v for k, v in tags.items() if k.startswith("ftpipe.dvc.")}
-        champ_md5 = champion_data.get(SPLITS_KEY)
-        champ_rows = split_row_hashes(root, champ_md5) if champ_md5 else None
+        champion_data = {k[len(t.DVC):]: v for k, v in tags.items() if k.startswith(t.DVC)}
+    dvc = Store(root, cfg.data.remote)
+    try:
+        rows = lambda md5: set(found) if md5 and (found := split_rows(dvc, md5)) is not None else None  # noqa: E731
+        cur_rows = rows(current.get(t.SPLITS_OUTPUT))
+        if cur_rows is None and current.get(t.SPLITS_OUTPUT) and not changes:
+            cur_rows = _workspace_rows(root)
+        champ_md5 = champion_data.get(t.SPLITS_OUTPUT)
+        champ_rows = rows(champ_md5)
         if champ_md5 and champ_rows is None:
-            notes.append("the champion's data/splits is not in the local DVC cache: "
-                         "`dvc pull` or `dvc fetch` it from the remote to compare rows")
+            notes.append("the champion's data/splits is in neither the DVC cache nor the remote: rows cannot be "
+                         "compared")
+        added = removed = None
         if champ_rows is not None and cur_rows is not None:
             added, removed = len(cur_rows - champ_rows), len(champ_rows - cur_rows)
-    storage = {}
-    for md5 in sorted(set(current.values()) | set(champion_data.values())):
-        if md5:
-            storage[md5] = object_status(root, md5, cfg.data.remote)
+        storage = {md5: dvc.presence(md5) for md5 in sorted(set(current.values()) | set(champion_data.values()))
+                   if md5}
+    finally:
+        dvc.close()
     return DataStatus(current, changes, len(cur_rows) if cur_rows is not None else None,
                       f"{champ.name} v{champ.version}" if champ else None, champion_data,
                       added, removed, storage, remote_of(root, cfg.data.remote), notes)

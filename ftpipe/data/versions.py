@@ -1,21 +1,23 @@
-"""DVC: reproduce the data stages and read the hashes it recorded in dvc.lock.
-
-DVC owns the data versions; ftpipe only asks it to bring a stage up to date (which skips
-the stage when its deps, params and outs match dvc.lock) and reads the result.
+"""Data versions, owned by DVC: reproduce a stage (skipped when its deps, params and outs
+match dvc.lock), push outputs to the remote, read the hashes in dvc.lock, and read objects
+back from the cache or the remote (the one reader of DVC's store: listings, files re-hashed
+on read, presence, a splits version's row hashes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftpipe.lineage.record import dvc_lock_hashes
-import hashlib
-from ftpipe.lineage.record import AuditError
+import yaml
+
 from ftpipe.data.quality import QualityResult
+from ftpipe.files import iter_jsonl
+from ftpipe.lineage.record import AuditError
 from ftpipe.names import SPLITS_OUTPUT
 from ftpipe.training.models import BaseModelRef
 
@@ -66,7 +68,7 @@ def reproduce(root: Path, stage: str) -> StageResult:
     return StageResult(stage, stage in names, dvc_lock_hashes(root, [stage]))
 
 
-# ------------------------------------------------------------------ remote and data status
+# ------------------------------------------------------------------ the remote, and what the store holds
 
 DATA_STAGES = ("collect", "clean", "split")
 
@@ -105,60 +107,6 @@ def push(root: Path, stages: list[str], remote: str | None = None) -> PushResult
                                "(the repo ships one, 'local', in .dvc/config)")
         n = repo.push(targets=list(stages), remote=name)
     return PushResult(name, int(n or 0))
-
-
-def _dir_entries(odb, md5: str) -> list[dict] | None:
-    path = Path(odb.oid_to_path(md5))
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
-
-
-def object_status(root: Path, md5: str, remote: str | None = None) -> dict[str, bool | None]:
-    """Whether the local cache and the remote hold an output (a dir: its listing and every
-    file in it). None for the remote when none is configured."""
-    with _repo(root) as repo:
-        local = repo.cache.local
-        oids = [md5]
-        entries = _dir_entries(local, md5) if md5.endswith(".dir") else []
-        oids += [e["md5"] for e in entries or []]
-        in_cache = entries is not None and all(Path(local.oid_to_path(o)).is_file() for o in oids)
-        name = remote or repo.config["core"].get("remote")
-        in_remote = None
-        if name:
-            odb = repo.cloud.get_remote_odb(name)
-            if md5.endswith(".dir") and entries is None:
-                # the listing is not cached here: read it from the remote
-                try:
-                    with odb.fs.open(odb.oid_to_path(md5)) as f:
-                        entries = json.loads(f.read())
-                    oids += [e["md5"] for e in entries]
-                except FileNotFoundError:
-                    return {"cache": False, "remote": False}
-            in_remote = set(odb.oids_exist(oids)) == set(oids)
-    return {"cache": bool(in_cache), "remote": in_remote}
-
-
-def split_row_hashes(root: Path, splits_md5: str) -> set[str] | None:
-    """Row hashes (`_hash`) of every example in a data/splits version, read from the DVC
-    cache; None when the cache does not hold it."""
-    with _repo(root) as repo:
-        local = repo.cache.local
-        entries = _dir_entries(local, splits_md5)
-        if entries is None:
-            return None
-        hashes: set[str] = set()
-        for e in entries:
-            if not e["relpath"].endswith(".jsonl"):
-                continue
-            path = Path(local.oid_to_path(e["md5"]))
-            if not path.is_file():
-                return None
-            with path.open("rb") as f:
-                for line in f:
-                    if line.strip():
-                        hashes.add(json.loads(line)["_hash"])
-    return hashes
 
 
 def workspace_changes(root: Path, stages: tuple[str, ...] = DATA_STAGES) -> dict:
@@ -228,6 +176,17 @@ class Store:
     def where(self) -> str:
         return f"remote '{self.remote_name}'" if self.remote_name else "remote"
 
+    def presence(self, md5: str) -> dict[str, bool | None]:
+        """Whether the cache and the remote hold an output (a directory: its listing and every
+        file in it), by presence, not re-hashing (`ftpipe data status`); remote None: none set."""
+        listing = self.listing(md5) if md5.endswith(".dir") else []
+        if listing is None:
+            return {"cache": False, "remote": False if self.remote else None}
+        oids = [md5] + [e["md5"] for e in listing]
+        in_cache = all(Path(self.local.oid_to_path(o)).is_file() for o in oids)
+        in_remote = set(self.remote.oids_exist(oids)) == set(oids) if self.remote else None
+        return {"cache": in_cache, "remote": in_remote}
+
 
 def restore_output(store: Store, md5: str, dest: Path) -> list[dict]:
     """Write a recorded output (a directory) into dest, byte for byte, each file re-hashed."""
@@ -264,9 +223,7 @@ def split_rows(store: Store, md5: str) -> dict[str, str] | None:
         data = store.read(e["md5"])
         if data is None:
             return None
-        for line in data.splitlines():
-            if line.strip():
-                rows[json.loads(line)["_hash"]] = e["relpath"][:-len(".jsonl")]
+        rows |= {r["_hash"]: e["relpath"][:-len(".jsonl")] for r in iter_jsonl(data)}
     return rows
 
 
@@ -307,3 +264,18 @@ def data_version(root: Path, hashes: dict[str, str], raw: QualityResult, cleaned
     return DataVersion(hashes, read(root / COLLECTED / "manifest.json"), raw, cleaned,
                        {n: str(root / SPLITS / f"{n}.jsonl") for n in ("train", "validation", "test")}, base, pushed,
                        read(root / CLEANED / "report.json"), read(root / SPLITS / "counts.json"))
+
+
+def dvc_lock_hashes(root: Path, stages: list[str] | None = None) -> dict[str, str]:
+    """md5 of every output of the given stages, as dvc.lock records it."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    doc = yaml.safe_load(lock.read_text()) or {}
+    out = {}
+    for stage, body in (doc.get("stages") or {}).items():
+        if stages and stage not in stages:
+            continue
+        for o in body.get("outs", []):
+            out[f"{stage}:{o['path']}"] = o.get("md5", "")
+    return out

@@ -19,15 +19,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-from ftpipe.registry import store as registry
+
 from ftpipe.config import EvalConfig, ModelConfig, RegistryConfig
 from ftpipe.evaluation.metrics import ModelScores
 from ftpipe.evaluation.scoring import evaluate_model
-from ftpipe.registry.promotion import forgetting
 from ftpipe.files import read_jsonl, sha256_path
-from ftpipe.names import TEST_SET as TEST_SET_TAG
 from ftpipe.names import SLICE_METRICS
-
+from ftpipe.names import TEST_SET as TEST_SET_TAG
+from ftpipe.registry import store as registry
+from ftpipe.registry.promotion import forgetting
 
 TEST_SET_ARTIFACT = "eval/test_set.jsonl"
 
@@ -177,8 +177,9 @@ def plot_comparison(report: EvalReport, path: Path) -> Path:
 def log_evaluation(run_id: str, report: EvalReport, out_dir: Path) -> None:
     """Metrics for every model and set, the per-example predictions table, the comparison
     plot, and the test set itself (the next runs' regression set)."""
-    import mlflow
     from mlflow.entities import Metric
+
+    import mlflow
 
     c = registry.client()
     now = int(time.time() * 1000)

@@ -5,7 +5,6 @@ KV-cached, longest prompts first.
 from __future__ import annotations
 
 
-
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
     """Greedy completions of raw prompt strings, in order (batched, KV-cached)."""
     import torch

@@ -16,10 +16,8 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass, field
+
 from ftpipe.data.formatting import answer_of, normalize_answer
-
-
-
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 

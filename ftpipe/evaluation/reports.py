@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 from ftpipe.config import PipelineConfig
-from ftpipe.names import METRICS as KEY_METRICS, SLICE_METRICS, fmt as _f
-from ftpipe.registry.gate import PromotionResult
 from ftpipe.evaluation.compare import EvalReport
-
-
+from ftpipe.names import METRICS as KEY_METRICS
+from ftpipe.names import SLICE_METRICS
+from ftpipe.names import fmt as _f
+from ftpipe.registry.gate import PromotionResult
 
 
 def _rows(report: EvalReport) -> list[tuple[str, dict]]:

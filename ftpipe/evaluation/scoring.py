@@ -1,17 +1,7 @@
-"""Score a model on a test set: loss, perplexity and generation metrics, overall and per
-slice, plus the generation checks the promotion gate requires.
-
+"""Score a model on a test set: loss, perplexity and generation metrics (ftpipe.evaluation.
+metrics), overall and per slice, plus the generation checks the promotion gate requires.
 Base, candidate and champion go through this same function on the same rows, so their
-numbers are comparable. Generation is greedy, batched, left-padded and KV-cached.
-
-Metrics (higher is better unless named a loss):
-    eval_loss, perplexity     mean token loss on the completion, and its exp
-    exact_match               answer == expected, whitespace-normalised
-    token_f1                  SQuAD-style token overlap F1 (lower-cased, punctuation-free)
-    rouge_l                   ROUGE-L F-measure (Google's rouge-score package)
-    non_empty                 share of non-empty generations            (a gate check)
-    pii_outputs               generations containing PII the prompt did not (a gate check)
-Per slice (rows with a `slice`): "slice.<name>.<metric>" for the quality metrics.
+numbers are comparable.
 """
 
 from __future__ import annotations
@@ -20,11 +10,9 @@ from pathlib import Path
 
 from ftpipe.config import EvalConfig
 from ftpipe.data.formatting import prompt_of
-from ftpipe.training.batches import encode
-from ftpipe.evaluation.metrics import ModelScores, score_predictions
 from ftpipe.evaluation.generation import generate, load_for_eval
-
-
+from ftpipe.evaluation.metrics import ModelScores, score_predictions
+from ftpipe.training.batches import encode
 
 # ------------------------------------------------------------------ text metrics
 

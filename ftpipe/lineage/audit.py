@@ -1,35 +1,27 @@
 """Lineage audits: from a registered model version back to the exact bytes it learned from,
-every link verified; the bytes restored from DVC; and the reverse questions of a deletion
-request ("which versions saw this file / this row?").
+every link verified.
 
 The chain of a version: model version -> MLflow run -> git commit, config hash, base model
 -> data version (DVC md5 of every data stage output) -> GX results -> source manifest ->
-quarantine summary -> Prefect flow run.
+quarantine summary -> Prefect flow run (and, incremental, the training file).
 
-What is trusted: registry tags can be edited by anyone with registry access, so every
-version also gets an immutable record at registration: the run's param
-`ftpipe.lineage_sha256` (MLflow params cannot be changed once logged) over the lineage
-document stored as the run artifact `lineage/lineage.json`. The record holds every fact of
-the registration; only a few are also version tags (ftpipe.registry.tags.VERSION_TAGS; the record
-lists them). The audit reads the document, checks its digest against the param, and names
-every tag that no longer says what was recorded. Everything else is re-derived from what it
-points at: git objects, DVC cache and remote objects re-hashed, source files and an
-incremental run's training file re-hashed.
+What is trusted: the immutable record (ftpipe.lineage.record): the audit reads it, checks
+its digest, and names every version tag that no longer says what was recorded. Everything
+else is re-derived from what it points at: git objects, DVC cache and remote objects
+re-hashed, source files and an incremental run's training file re-hashed.
 """
 
 from __future__ import annotations
 
 import subprocess
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 from ftpipe import names as t
+from ftpipe.config import digest
 from ftpipe.data.versions import Store
 from ftpipe.lineage.record import TRAIN_FILE_ARTIFACT, _Run, recorded_lineage, resolve
-from ftpipe.config import digest
-
-
 
 # ------------------------------------------------------------------ model references
 

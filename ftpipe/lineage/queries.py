@@ -5,11 +5,18 @@ versions trained from their weights.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
 from ftpipe import names as t
 from ftpipe.data.versions import Store, split_rows
-from ftpipe.lineage.record import TRAIN_FILE_ARTIFACT, Version, _Run, all_versions, recorded_lineage
+from ftpipe.files import iter_jsonl
+from ftpipe.lineage.record import (
+    TRAIN_FILE_ARTIFACT,
+    Version,
+    _Run,
+    all_versions,
+    recorded_lineage,
+)
 
 
 def versions_with_source(client, root: Path, path: str) -> list[dict]:
@@ -104,7 +111,7 @@ def trained_rows(client, v: Version, doc: dict) -> set[str] | str | None:
             return f"its training file {TRAIN_FILE_ARTIFACT} is missing from run {v.run_id}"
         if pin and sha256_path(path) != pin.split()[0].removeprefix("sha256:"):
             return f"its training file {TRAIN_FILE_ARTIFACT} does not hash to the recorded {pin.split()[0]}"
-        return {json.loads(x)["_hash"] for x in path.read_bytes().splitlines() if x.strip()}
+        return {r["_hash"] for r in iter_jsonl(path)}
     finally:
         run.close()
 

@@ -1,20 +1,27 @@
-"""Lineage facts recorded on every model version: where the code, config, base model and
-data came from. Plain functions over git, dvc.lock and files; no MLflow here."""
+"""The lineage of a model version and its immutable record.
+
+The facts (Lineage): git commit and whether the code differed, config hash, base model and
+revision, the DVC hash of every data stage output, the GX verdict, each source's sha256, the
+Prefect flow run, and for an incremental run its start and training file. At registration
+they all go into the record: the run artifact lineage/lineage.json, its digest the run param
+ftpipe.lineage_sha256 (MLflow params cannot change once logged); a few are also version
+tags (ftpipe.names.VERSION_TAGS; the record lists which). Reading it back names every tag
+edited since. Also: resolving models:/NAME@alias, models:/NAME/V or a run id to a version.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
+from typing import TYPE_CHECKING
 
 from ftpipe import names as t
-import shutil
-import tempfile
-from typing import TYPE_CHECKING
+from ftpipe.files import read_jsonl
 
 if TYPE_CHECKING:
     from ftpipe.data.versions import DataVersion
@@ -36,8 +43,8 @@ class Lineage:
     train_file: str = ""                 # an incremental run's training file: "sha256:HEX rows:N"
 
     def tags(self) -> dict[str, str]:
-        """The lineage as ftpipe.* keys (ftpipe.registry.tags): all go into the immutable record, a few
-        also onto the version (ftpipe.registry.tags.version_tags)."""
+        """The lineage as ftpipe.* keys (ftpipe.names): all go into the immutable record, a few
+        also onto the version (ftpipe.names.version_tags)."""
         tags = {
             t.GIT_COMMIT: self.git_commit,
             t.GIT_DIRTY: str(self.git_dirty).lower(),
@@ -80,21 +87,6 @@ def git_commit(root: Path) -> tuple[str, bool]:
         return head, bool(dirty)
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown", True
-
-
-def dvc_lock_hashes(root: Path, stages: list[str] | None = None) -> dict[str, str]:
-    """md5 of every output of the given stages, as dvc.lock records it."""
-    lock = root / "dvc.lock"
-    if not lock.is_file():
-        return {}
-    doc = yaml.safe_load(lock.read_text()) or {}
-    out = {}
-    for stage, body in (doc.get("stages") or {}).items():
-        if stages and stage not in stages:
-            continue
-        for o in body.get("outs", []):
-            out[f"{stage}:{o['path']}"] = o.get("md5", "")
-    return out
 
 
 def read_manifest(path: Path) -> dict:
@@ -226,7 +218,7 @@ class _Run:
         if p is None:
             return None
         if p.suffix == ".jsonl":
-            return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+            return read_jsonl(p)
         return json.loads(p.read_text())
 
     def close(self):

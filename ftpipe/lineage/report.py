@@ -5,6 +5,7 @@ self-contained HTML report.
 from __future__ import annotations
 
 import html
+
 from ftpipe.lineage.audit import Audit
 
 

@@ -1,14 +1,7 @@
-"""Evaluation against the registry and the promotion gate, as plain functions over MLflow.
-
-    report = evaluate_all(...)        # base, candidate, champion on the same test set, and
-                                      # candidate + champion on every earlier test set
-    log_evaluation(run_id, report)    # metrics, per-example table, plots, the test set
-    result = gate_and_promote(...)    # under the registry lock: re-check the champion,
-                                      # re-score a new one, decide, move the alias, record
-
-The decision itself is ftpipe.registry.promotion.decide (pure). Every earlier data version's test
-set is a regression set: each registered version's run carries its test set as the
-artifact eval/test_set.jsonl and its sha256 as the version tag ftpipe.test_set.
+"""The promotion gate against the registry: under the registry-wide lock, re-check the
+champion (score a new one on the same test sets if another flow moved it), decide with
+ftpipe.registry.promotion.decide (pure), move the alias, and record the decision on the run
+and the version.
 """
 
 from __future__ import annotations
@@ -18,13 +11,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from ftpipe.registry import store as registry
 from ftpipe import names as t
 from ftpipe.config import EvalConfig, RegistryConfig
-from ftpipe.registry.promotion import Decision, RuleResult, decide
-from ftpipe.files import read_jsonl
 from ftpipe.evaluation.compare import EvalReport, regression_sets, score_version
+from ftpipe.files import read_jsonl
+from ftpipe.registry import store as registry
 from ftpipe.registry.lock import PromotionLock
+from ftpipe.registry.promotion import Decision, RuleResult, decide
 
 TEST_SET_TAG = t.TEST_SET
 

@@ -3,9 +3,8 @@ processes and machines that share the tracking server.
 """
 
 from __future__ import annotations
+
 from ftpipe.registry.store import RegistryError, client
-
-
 
 LOCK_SUFFIX = "--promotion-lock"
 

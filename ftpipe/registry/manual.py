@@ -5,9 +5,10 @@ rollback`, `ftpipe models`), each move recorded in the registry.
 from __future__ import annotations
 
 from typing import Callable
-from ftpipe.registry import store as registry
+
 from ftpipe import names as t
 from ftpipe.config import RegistryConfig
+from ftpipe.registry import store as registry
 from ftpipe.registry.lock import PromotionLock
 
 

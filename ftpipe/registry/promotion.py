@@ -11,8 +11,8 @@ much.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 from ftpipe.config import PromotionConfig
 

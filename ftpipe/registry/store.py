@@ -1,8 +1,8 @@
 """MLflow: tracking runs, registering model versions, reading and moving aliases.
 
 Aliases only: a new version gets `challenger`; `champion` moves only through
-`move_champion`, which the flow calls after the promotion gate passed. Stages (deprecated
-since MLflow 2.9) are never used.
+`record_champion` (the gate, a manual promotion, a rollback), which records each move in the
+model's history. Stages (deprecated since MLflow 2.9) are never used.
 """
 
 from __future__ import annotations
@@ -105,14 +105,13 @@ def log_model(run_id: str, model_dir: str, name: str, tags: dict[str, str] | Non
     """Log the checkpoint as a pyfunc model in the run, then register a new version with all
     its tags in one call: a failure before that call (upload, full disk, lost server)
     leaves no version, and no version ever exists without its lineage tags."""
-    import mlflow
-    import pandas as pd
-
     import warnings
 
-
+    import pandas as pd
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    import mlflow
 
     example = pd.DataFrame({"instruction": ["Convert 1991-03-13 to words."], "input": [""]})
     signature = ModelSignature(
@@ -244,10 +243,6 @@ def tag_version(name: str, version: str, tags: dict[str, str], description: str 
     if description is not None:
         c.update_model_version(name, version, description=description)
 
-
-def move_champion(name: str, version: str, reason: str = "promotion gate passed",
-                  previous: str | None = None) -> None:
-    record_champion(name, version, "gate", reason, previous)
 
 
 def log_dict_artifact(run_id: str, data: dict, artifact_file: str) -> None:

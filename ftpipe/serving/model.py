@@ -25,8 +25,8 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
-        from ftpipe.evaluation.generation import generate
         from ftpipe.data.formatting import prompt_of
+        from ftpipe.evaluation.generation import generate
 
         if isinstance(model_input, pd.DataFrame):
             rows = model_input.to_dict(orient="records")

@@ -8,6 +8,7 @@ registered as the transformers attention implementation "ftpipe_varlen". A packe
 from __future__ import annotations
 
 import inspect
+
 _KERNEL: list = []
 _SIGNATURES: dict = {}
 
@@ -103,10 +104,9 @@ def register() -> str:
     """Register "ftpipe_varlen" with transformers (attention and its mask); returns the name."""
     global _REGISTERED
     if not _REGISTERED:
+        import torch
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
-
-        import torch
 
         # Never traced by torch.compile (train.compile): the varlen kernel takes the longest
         # segment as a plain int that changes with every micro-batch; traced, each new value

@@ -6,8 +6,8 @@ example) and pack_flat (one unpadded row for varlen attention).
 from __future__ import annotations
 
 from typing import Any
-from ftpipe.data.formatting import completion_of, prompt_of
 
+from ftpipe.data.formatting import completion_of, prompt_of
 
 IGNORE_INDEX = -100
 

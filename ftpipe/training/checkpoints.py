@@ -11,6 +11,7 @@ import random
 import shutil
 from pathlib import Path
 from typing import Callable
+
 from ftpipe.files import sha256_path
 
 
@@ -25,7 +26,10 @@ def trainable_state(model) -> dict:
     rank must call it; rank 0 gets the tensors, the others an empty dict."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {n: full[n].contiguous() for n in names if n in full}
@@ -35,14 +39,20 @@ def trainable_state(model) -> dict:
 
 def full_state(model) -> dict:
     """The whole state dict gathered from FSDP shards (collective; rank 0 gets it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def optimizer_state(model, opt) -> dict:
     if is_fsdp(model):  # collective, like trainable_state
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
         return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
                                                                             cpu_offload=True))
@@ -104,7 +114,10 @@ def load_trainable(model, path: Path) -> None:
 
     saved = load_file(str(path))
     if is_fsdp(model):  # every rank loads the full tensors and keeps its shard
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
 
         set_model_state_dict(model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
         return

@@ -6,7 +6,6 @@ once with torch.compile.
 from __future__ import annotations
 
 
-
 def apply_liger(model, log=lambda msg: None) -> bool:
     """Liger's RMSNorm, SwiGLU and RoPE kernels on the model (before adapters are added),
     where Liger supports its architecture; False if Liger or a GPU is missing."""
@@ -15,7 +14,10 @@ def apply_liger(model, log=lambda msg: None) -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import (
+            MODEL_TYPE_TO_APPLY_LIGER_FN,
+            _apply_liger_kernel_to_instance,
+        )
     except Exception:  # noqa: BLE001
         return False
     if getattr(model.config, "model_type", None) not in MODEL_TYPE_TO_APPLY_LIGER_FN:

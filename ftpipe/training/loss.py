@@ -8,6 +8,7 @@ loss. Importable without prefect, mlflow, dvc or GX.
 from __future__ import annotations
 
 import functools
+
 from ftpipe.training.batches import IGNORE_INDEX, collate
 
 

@@ -6,13 +6,14 @@ of after the data stages."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-from pathlib import Path
-from ftpipe.config import ModelConfig
-import hashlib
 from dataclasses import dataclass
+from pathlib import Path
+
+from ftpipe.config import ModelConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")

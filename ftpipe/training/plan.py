@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
 from ftpipe.config import IncrementalConfig, RegistryConfig, TrainConfig
 
 if TYPE_CHECKING:

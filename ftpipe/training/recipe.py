@@ -29,12 +29,24 @@ from pathlib import Path
 from typing import Callable
 
 from ftpipe.config import LoraConfig, ModelConfig, TrainConfig, digest
-from ftpipe.training.batches import pack_flat, collate, encode, pack
 from ftpipe.files import read_jsonl
-from ftpipe.training.models import load_base, pick_dtype
+from ftpipe.training.batches import collate, encode, pack, pack_flat
+from ftpipe.training.checkpoints import (
+    full_state,
+    is_fsdp,
+    load_trainable,
+    save_checkpoint,
+    trainable_state,
+    verified_checkpoints,
+)
 from ftpipe.training.loss import LossModel, mean_loss
-from ftpipe.training.step import neftune_hook, forward_backward, step_examples, step_inputs
-from ftpipe.training.checkpoints import (verified_checkpoints, full_state, is_fsdp, load_trainable, save_checkpoint, trainable_state)
+from ftpipe.training.models import load_base, pick_dtype
+from ftpipe.training.step import (
+    forward_backward,
+    neftune_hook,
+    step_examples,
+    step_inputs,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -96,7 +108,8 @@ def prepare_model(model, lora_cfg: LoraConfig, train_cfg: TrainConfig):
     if adapter:
         import warnings
 
-        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft 0.21 on transformers 5
         model = get_peft_model(model, PeftLoraConfig(
             r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
@@ -347,7 +360,10 @@ def resume(ckpt_dir: Path, fingerprint: str, t: Trainee, o: Optimizer, train_cfg
         # tensors and plain containers only: no pickled code runs from a checkpoint
         saved = torch.load(latest / "optimizer.pt", weights_only=True)
         if is_fsdp(t.core):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
 
             set_optimizer_state_dict(t.core, o.opt, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
         else:
@@ -512,7 +528,13 @@ def save(t: Trainee, train_cfg: TrainConfig, out_dir: Path, procs: Processes) ->
 
 
 def _progress_bar(total: int, done: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as Bar
 
     bar = Bar(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
               TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  ETA"), TimeRemainingColumn())
