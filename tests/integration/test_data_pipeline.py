@@ -119,3 +119,32 @@ def test_data_status_then_a_new_drop(project, prefect_server):
     assert all(s["remote"] for s in st["storage"].values())
     text = _ok(run_cli(["data", "status"], project))
     assert "+50 added, -0 removed" in text
+
+
+def test_a_changed_default_reruns_the_stages_it_shapes(tmp_path):
+    """DVC reruns `clean` when data.clean changes in params.yaml and when a default of it
+    changes in the code (ftpipe/data/params.py is a dependency of the data stages), and
+    leaves the other stages be."""
+    import os
+    import re
+    import subprocess
+
+    from tests.helpers import BIN
+
+    project = make_project(tmp_path / "p")
+    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}   # stage commands run `python`
+    dvc = lambda *a: subprocess.run([str(BIN / "dvc"), *a], cwd=project, env=env, capture_output=True,  # noqa: E731
+                                    text=True)
+    assert dvc("repro").returncode == 0          # base_model, collect, clean, split
+    changed = lambda: set(json.loads(dvc("status", "--json").stdout or "{}"))  # noqa: E731
+    assert changed() == set()
+    params = project / "params.yaml"
+    before = params.read_text()
+    params.write_text(before.replace("    near_dup:\n", "    near_dup:\n      num_perm: 128\n", 1))
+    assert changed() == {"clean"}
+    params.write_text(before)
+    code = project / "ftpipe/data/params.py"
+    text = code.read_text()
+    assert re.search(r"num_perm: int = Field\(64,", text)
+    code.write_text(re.sub(r"num_perm: int = Field\(64,", "num_perm: int = Field(32,", text))
+    assert "clean" in changed() and "train" not in changed()
