@@ -12,11 +12,11 @@ from ftpipe.data.versions import Store, split_rows
 from ftpipe.files import iter_jsonl
 from ftpipe.lineage.record import (
     TRAIN_FILE_ARTIFACT,
-    Version,
     _Run,
     all_versions,
     recorded_lineage,
 )
+from ftpipe.registry.store import VersionInfo
 
 
 def versions_with_source(client, root: Path, path: str) -> list[dict]:
@@ -95,7 +95,7 @@ def with_descendants(client, hits: list[dict]) -> list[dict]:
     return out
 
 
-def trained_rows(client, v: Version, doc: dict) -> set[str] | str | None:
+def trained_rows(client, v: VersionInfo, doc: dict) -> set[str] | str | None:
     """The `_hash` of every row an incremental version trained on (its run's training file,
     checked against the record's sha256); None when it trained on its whole train split; a
     string saying why the file cannot be read."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from ftpipe import names as t
 from ftpipe.files import read_jsonl
+from ftpipe.registry.store import VersionInfo
 
 if TYPE_CHECKING:
     from ftpipe.data.versions import DataVersion
@@ -144,25 +145,7 @@ def tag_problems(doc: dict, tags: dict[str, str], where: str) -> list[str]:
     return problems
 
 
-@dataclass(frozen=True)
-class Version:
-    name: str
-    version: str
-    run_id: str
-    aliases: tuple[str, ...]
-    tags: dict
-    created: str
-
-
-def _version(mv) -> Version:
-    import datetime as dt
-
-    created = dt.datetime.fromtimestamp(mv.creation_timestamp / 1000, dt.timezone.utc).isoformat(timespec="seconds") \
-        if mv.creation_timestamp else ""
-    return Version(mv.name, str(mv.version), mv.run_id, tuple(mv.aliases or ()), dict(mv.tags or {}), created)
-
-
-def resolve(client, ref: str) -> Version:
+def resolve(client, ref: str) -> VersionInfo:
     """`models:/NAME@alias`, `models:/NAME/VERSION` or an MLflow run id."""
     from mlflow.exceptions import MlflowException
 
@@ -171,29 +154,28 @@ def resolve(client, ref: str) -> Version:
             body = ref[len("models:/"):]
             if "@" in body:
                 name, alias = body.split("@", 1)
-                return _version(client.get_model_version_by_alias(name, alias))
+                return VersionInfo.of(client.get_model_version_by_alias(name, alias))
             name, _, version = body.rpartition("/")
             if not name or not version.isdigit():
                 raise AuditError(f"{ref}: expected models:/NAME@alias, models:/NAME/VERSION or a run id")
-            return _version(client.get_model_version(name, version))
+            return VersionInfo.of(client.get_model_version(name, version))
         found = client.search_model_versions(f"run_id = '{ref}'")
     except MlflowException as exc:
         raise AuditError(f"{ref}: {exc.message}") from None
     if not found:
         raise AuditError(f"{ref}: no model version was registered from a run with this id "
                          "(expected models:/NAME@alias, models:/NAME/VERSION or a run id)")
-    return _version(found[0])
+    return VersionInfo.of(found[0])
 
 
-def all_versions(client) -> list[Version]:
+def all_versions(client) -> list[VersionInfo]:
     out = []
     for rm in client.search_registered_models():
         aliases: dict[str, list[str]] = {}
         for alias, version in (client.get_registered_model(rm.name).aliases or {}).items():
             aliases.setdefault(str(version), []).append(alias)
         for mv in client.search_model_versions(f"name = '{rm.name}'"):
-            v = _version(mv)   # (search results carry no aliases)
-            out.append(Version(v.name, v.version, v.run_id, tuple(sorted(aliases.get(v.version, []))), v.tags, v.created))
+            out.append(VersionInfo.of(mv, tuple(sorted(aliases.get(str(mv.version), [])))))  # search: no aliases
     return sorted(out, key=lambda v: (v.name, int(v.version)))
 
 
@@ -225,7 +207,7 @@ class _Run:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def recorded_lineage(client, v: Version) -> tuple[dict, str, list[str]]:
+def recorded_lineage(client, v: VersionInfo) -> tuple[dict, str, list[str]]:
     """(the lineage document to trust, where it came from, problems with the record/tags)."""
     run = _Run(client, v.run_id)
     try:
@@ -248,7 +230,7 @@ def recorded_lineage(client, v: Version) -> tuple[dict, str, list[str]]:
 def recorded_tags(client, name: str, version: str) -> dict[str, str]:
     """A version's tags with every fact of its record (lineage, all metrics): what the
     version tags alone held before only a few facts were kept as tags."""
-    v = _version(client.get_model_version(name, str(version)))
+    v = VersionInfo.of(client.get_model_version(name, str(version)))
     return v.tags | recorded_lineage(client, v)[0]
 
 

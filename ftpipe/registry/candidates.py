@@ -40,7 +40,7 @@ def find_registered(reg: RegistryConfig, model_dir: str, run_id: str) -> Registe
         c = store.client()
         c.set_tag(run_id, "ftpipe.model_version", str(mv.version))
         c.set_tag(run_id, "ftpipe.reused_version", f"{reg.model_name} v{mv.version}")
-        return Registered(store.VersionInfo(mv.name, str(mv.version), mv.run_id, tuple(mv.aliases or ())),
+        return Registered(store.VersionInfo.of(mv),
                           (mv.tags or {}).get(t.DECISION, ""))
     return None
 

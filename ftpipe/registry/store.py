@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftpipe.config import RegistryConfig
@@ -21,11 +21,24 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 
 @dataclass(frozen=True)
 class VersionInfo:
+    """A model version as ftpipe reads it."""
     name: str
     version: str
     run_id: str
     aliases: tuple[str, ...]
     model_id: str | None = None
+    tags: dict = field(default_factory=dict)
+    created: str = ""          # ISO time of registration
+
+    @classmethod
+    def of(cls, mv, aliases: tuple[str, ...] | None = None) -> VersionInfo:
+        """From an MLflow ModelVersion (search results carry no aliases: pass them)."""
+        import datetime as dt
+
+        ts = mv.creation_timestamp
+        created = dt.datetime.fromtimestamp(ts / 1000, dt.timezone.utc).isoformat(timespec="seconds") if ts else ""
+        return cls(mv.name, str(mv.version), mv.run_id, tuple(mv.aliases or ()) if aliases is None else aliases,
+                   _model_id(mv), dict(mv.tags or {}), created)
 
 
 class RegistryError(RuntimeError):
@@ -80,7 +93,7 @@ def version_by_alias(name: str, alias: str) -> VersionInfo | None:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
-    return VersionInfo(mv.name, str(mv.version), mv.run_id, tuple(mv.aliases or ()), _model_id(mv))
+    return VersionInfo.of(mv)
 
 
 def _model_id(mv) -> str | None:
