@@ -189,7 +189,7 @@ def mean_loss(model, encoded: list, batch_size: int, pad_id: int) -> float:
 
 class LossModel:
     """Wraps the (peft) causal LM so that its forward returns the summed token loss of a
-    micro-batch, computed in chunks from the final hidden states (fastpath.chunked_loss_sum).
+    micro-batch, computed in chunks from the final hidden states (chunked_loss_sum).
     Built as an nn.Module on first use; DDP wraps this module, so gradient sync is intact."""
 
     @staticmethod
