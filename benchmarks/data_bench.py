@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/data_bench.py --rows 1000000          # the figure in RESULTS.md
     .venv/bin/python benchmarks/data_bench.py --rows 250000 --rows 1000000   # memory vs rows
+    .venv/bin/python benchmarks/data_bench.py --json-array 60000             # JSON array reading: linear
 
 Rows are alpaca examples of about 500 characters (instruction ~150, input ~100, output
 ~250) drawn from a 20,000-word vocabulary, with the mess real data has: 0.5% malformed
@@ -125,11 +126,35 @@ def bench(n: int, tokenizer: str, workdir: Path) -> dict:
             "gx_raw": rq.success, "gx_cleaned": cq.success, "cpus": os.cpu_count()}
 
 
+def json_array(n: int, workdir: Path) -> dict:
+    """Reading a JSON array source of n and 4n elements (indent=2): each element's line number
+    must not cost a scan from the start of the file, so 4x the elements take ~4x the time."""
+    from ftpipe.config import SourceConfig
+    from ftpipe.data.sources import read_items
+
+    out = {}
+    for k in (n, 4 * n):
+        path = workdir / f"data/sources/array-{k}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([{"instruction": f"Convert item {i}.", "input": "", "output": f"answer {i}"}
+                                    for i in range(k)], indent=2))
+        t = time.perf_counter()
+        items = sum(1 for _ in read_items(path, "json", SourceConfig(path=str(path.relative_to(workdir)))))
+        out[k] = round(time.perf_counter() - t, 2)
+        assert items == k
+    return {"json_array_elements_s": out, "ratio_4x": round(out[4 * n] / max(out[n], 1e-9), 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, action="append", help="row count (repeatable)")
     ap.add_argument("--tokenizer", default=str(REPO / "models/base"))
+    ap.add_argument("--json-array", type=int, help="time reading a JSON array source of N and 4N elements")
     args = ap.parse_args()
+    if args.json_array:
+        with tempfile.TemporaryDirectory(prefix="ftpipe-bench-") as tmp:
+            print(json.dumps(json_array(args.json_array, Path(tmp))), flush=True)
+        return
     for n in args.rows or [1_000_000]:
         with tempfile.TemporaryDirectory(prefix="ftpipe-bench-") as tmp:
             print(json.dumps(bench(n, args.tokenizer, Path(tmp))), flush=True)

@@ -130,3 +130,123 @@ def mlflow_client(project: Path):
 
     uri = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    """The output (stdout, then stderr) of a command that must have succeeded."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout + proc.stderr
+
+
+def ok_json(proc: subprocess.CompletedProcess):
+    """The JSON document a command printed; it must have succeeded."""
+    ok(proc)
+    import json
+
+    return json.loads(proc.stdout)
+
+
+def dates_rows(n: int) -> list[dict]:
+    """The first n rows of the embedded date task."""
+    import json
+
+    return [json.loads(line) for line in (REPO / "data/sources/dates.jsonl").read_text().splitlines()[:n]]
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def build_tiny_base(dest: Path) -> Path:
+    """An untrained 0.1M-parameter Llama with the project's tokenizer, saved like any checkpoint."""
+    from ftpipe.config import BuildConfig
+    from ftpipe.training.basemodel import build_base_model
+
+    build_base_model(REPO / "data/corpus/corpus.jsonl", dest, BuildConfig(
+        vocab_size=320, hidden_size=64, layers=2, heads=2, intermediate_size=128, pretrain_steps=0),
+        log=lambda m: None)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """One tiny base model for every test that trains or loads one directly (read-only: copy
+    it before changing it)."""
+    return build_tiny_base(tmp_path_factory.mktemp("tiny-base") / "base")
+
+
+# ------------------------------------------------------------------ the training engine
+
+QUIET = dict(log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_base, tmp_path_factory) -> Path:
+    """A folder with base/ (the tiny base), train.jsonl (80 date rows) and val.jsonl (16)."""
+    d = tmp_path_factory.mktemp("tiny-engine")
+    (d / "base").symlink_to(tiny_base)
+    rows = dates_rows(96)
+    write_rows(d / "train.jsonl", rows[:80])
+    write_rows(d / "val.jsonl", rows[80:])
+    return d
+
+
+def engine_cfg(tiny: Path, **train):
+    """(model, lora, train) configs of a short LoRA run on the tiny base."""
+    from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
+
+    return (ModelConfig(base=str(tiny / "base")), LoraConfig(r=4, alpha=8),
+            TrainConfig(**({"max_steps": 8, "batch_size": 8, "log_every": 1, "warmup_steps": 1,
+                            "checkpoint_every": 0} | train)))
+
+
+def losses(res) -> list[float]:
+    return [loss for _, loss in res.loss_history]
+
+
+def run_spec(spec: Path, env: dict | None = None) -> subprocess.Popen:
+    """One training process (python -m ftpipe.training.launch SPEC), as the launcher starts it."""
+    return subprocess.Popen([sys.executable, "-m", "ftpipe.training.launch", str(spec)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ | {"PYTHONPATH": str(REPO)} | (env or {}))
+
+
+def killed_after_step(tiny: Path, out: Path, m, lo, t, step: int = 15) -> tuple[Path, Path]:
+    """A training process (its own launcher spec in out/) SIGKILLed once step `step`'s checkpoint exists."""
+    import signal
+
+    from ftpipe.training.launch import write_spec
+
+    out.mkdir()
+    spec = write_spec(out / "spec.json", m, lo, t, str(tiny / "train.jsonl"), str(tiny / "val.jsonl"), str(out))
+    proc = run_spec(spec)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / f"step-{step:07d}").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return out, spec
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+PG = "postgresql://postgres@127.0.0.1:5432"
+
+
+def postgres_reachable() -> bool:
+    try:
+        import psycopg
+
+        psycopg.connect(f"{PG}/postgres", connect_timeout=3).close()
+        return True
+    except Exception:   # noqa: BLE001
+        return False
+
+
+# Tests on a real PostgreSQL (a SQL source, MLflow's and Prefect's PostgreSQL backends): skipped
+# on a laptop without one, run in CI (.ci/run checks it answers).
+needs_postgres = pytest.mark.skipif(not postgres_reachable(), reason="no PostgreSQL on 127.0.0.1:5432 (CI has one)")

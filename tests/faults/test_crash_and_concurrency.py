@@ -12,14 +12,10 @@ import time
 
 import pytest
 
-from tests.helpers import BIN, REPO, make_project, mlflow_client, run_cli
+from tests.helpers import ok, BIN, REPO, make_project, mlflow_client, run_cli
 
 MODEL = "ftpipe-dates"
 
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
 
 
 def _start(project, env, *args):
@@ -65,7 +61,7 @@ def test_sigkill_during_training_then_the_same_run_resumes_and_registers_once(pr
     killed_at = max(int(p.name.split("-")[1]) for p in ckpts())
     assert _versions(c) == []                                                # nothing registered
 
-    out = _ok(run_cli(["run"], project, prefect_server))
+    out = ok(run_cli(["run"], project, prefect_server))
     assert "resuming from" in out and f"(step {killed_at}/300)" in out
     result = json.loads(next(project.glob("runs/train-*/train_result.json")).read_text())
     assert result["resumed_from"] == killed_at and result["steps"] == 300
@@ -73,7 +69,7 @@ def test_sigkill_during_training_then_the_same_run_resumes_and_registers_once(pr
     assert [str(v.version) for v in vs] == ["1"] and vs[0].tags["ftpipe.decision"] == "promote"
     assert "champion" in c.get_model_version(MODEL, "1").aliases
 
-    out = _ok(run_cli(["run"], project, prefect_server))                     # the same run once more
+    out = ok(run_cli(["run"], project, prefect_server))                     # the same run once more
     assert "Cached" in out                                                   # training reused, not repeated
     assert "skipped: ftpipe-dates v1 already holds these weights" in out
     assert [str(v.version) for v in _versions(c)] == ["1"]
@@ -100,7 +96,7 @@ def test_sigkill_between_registration_and_the_gate_is_finished_by_the_next_run(p
     assert v2.tags["ftpipe.candidate"].startswith("train-")                      # registered whole
     assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "1"
 
-    out = _ok(run_cli(["run", "train.max_steps=60"], project, prefect_server))
+    out = ok(run_cli(["run", "train.max_steps=60"], project, prefect_server))
     assert "Cached" in out
     assert "registered by a run that stopped before the gate; the gate decides on it now" in out
     assert [str(v.version) for v in _versions(c)] == ["1", "2"]                   # not registered twice
@@ -120,6 +116,6 @@ def test_two_retrains_at_once_both_finish_and_the_registry_stays_whole(project, 
     assert len(vs) == before + 2
     for v in vs[before:]:                                                     # each whole and decided
         assert v.tags["ftpipe.decision"] in ("promote", "refuse") and v.tags["ftpipe.candidate"]
-        assert _ok(run_cli(["lineage", f"models:/{MODEL}/{v.version}"], project, prefect_server))
+        assert ok(run_cli(["lineage", f"models:/{MODEL}/{v.version}"], project, prefect_server))
     champions = [str(v.version) for v in vs if "champion" in c.get_model_version(MODEL, str(v.version)).aliases]
     assert champions == [str(c.get_model_version_by_alias(MODEL, "champion").version)]

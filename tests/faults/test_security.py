@@ -13,9 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import BIN, REPO, free_port, make_project, mlflow_client, run_cli, wait_http
+from tests.helpers import PG, needs_postgres, BIN, REPO, free_port, make_project, mlflow_client, run_cli, wait_http
 
-PG = "postgresql://postgres@127.0.0.1:5432"
 PLANTED = {"FTPIPE_DB_PASSWORD": "pw-planted-7f3a9c51", "HF_TOKEN": "hf_planted_token_8d2e1b44",
            "AWS_SECRET_ACCESS_KEY": "aws-planted-secret-5c6d7e8f"}
 
@@ -42,6 +41,7 @@ def _people_source(project: Path) -> None:
     (project / "data/sources/people.jsonl").write_text("\n".join(lines) + "\n")
 
 
+@needs_postgres
 @pytest.mark.parametrize("pii", ["scrub", "drop"])
 def test_planted_secrets_and_pii_never_leave_a_run(tmp_path_factory, prefect_server, pii):
     """A SQL source whose password comes from ${FTPIPE_DB_PASSWORD}, tokens in the environment,
@@ -155,17 +155,6 @@ def test_servers_the_project_launches_bind_to_localhost(tmp_path, server):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(30)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    from ftpipe.training.basemodel import build_base_model
-    from ftpipe.config import BuildConfig
-
-    d = tmp_path_factory.mktemp("sec-base") / "base"
-    build_base_model(REPO / "data/corpus/corpus.jsonl", d, BuildConfig(vocab_size=320, hidden_size=64, layers=2,
-                     heads=2, intermediate_size=128, pretrain_steps=0), log=lambda m: None)
-    return d
 
 
 def test_remote_code_never_runs_unless_trusted_per_model(tiny_base, tmp_path):

@@ -10,15 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import make_project, mlflow_client, run_cli
+from tests.helpers import ok, make_project, mlflow_client, run_cli
 
 pytestmark = pytest.mark.integration
 NAME = "ftpipe-dates"
 
-
-def _ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +50,7 @@ def project(tmp_path_factory):
 
 
 def test_mixed_sources_run_reconciles_validates_and_pushes(project, prefect_server):
-    out = _ok(run_cli(["run", "train.max_steps=30"], project, prefect_server))
+    out = ok(run_cli(["run", "train.max_steps=30"], project, prefect_server))
     report = json.loads((project / "data/cleaned/report.json").read_text())
     per = report["per_source"]
     assert set(per) == {"dates", "pc", "chat", "pq"}
@@ -106,7 +102,7 @@ def test_data_status_then_a_new_drop(project, prefect_server):
     (drop / "drop-0003.jsonl").write_text("\n".join(rows) + "\n")
     (drop / "drop-0004.jsonl.part").write_text(rows[0] + "\n")          # still being written
     (drop / "drop-0005.jsonl").write_text("\n".join(rows) + "\n")  # a re-delivery of 0003
-    out = _ok(run_cli(["run", "train.max_steps=1"], project, prefect_server))
+    out = ok(run_cli(["run", "train.max_steps=1"], project, prefect_server))
     assert "skipped data/incoming/drop-0005.jsonl: same bytes as data/incoming/drop-0003.jsonl" in out
     assert "skipped data/incoming/drop-0004.jsonl.part" in out
     report = json.loads((project / "data/cleaned/report.json").read_text())
@@ -117,7 +113,7 @@ def test_data_status_then_a_new_drop(project, prefect_server):
     assert st["current"]["split:data/splits"] != st["champion_data"]["split:data/splits"]
     assert (st["added"], st["removed"]) == (50, 0)
     assert all(s["remote"] for s in st["storage"].values())
-    text = _ok(run_cli(["data", "status"], project))
+    text = ok(run_cli(["data", "status"], project))
     assert "+50 added, -0 removed" in text
 
 

@@ -15,14 +15,10 @@ import sys
 import pytest
 import yaml
 
-from tests.helpers import BIN, REPO, TINY, free_port, make_project, mlflow_client, run_cli, wait_http
+from tests.helpers import needs_postgres, ok, BIN, REPO, TINY, free_port, make_project, mlflow_client, run_cli, wait_http
 
 MODEL = "ftpipe-dates"
 
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
 
 
 def _always_skip(project):
@@ -123,7 +119,7 @@ def _skips(project, prefect_env):
     stopped the moment it completes. Run alone, the test first makes the champion that the
     module's earlier tests leave (with none, the triggered run would train from scratch)."""
     if not any("champion" in v.aliases for v in mlflow_client(project).search_model_versions(f"name = '{MODEL}'")):
-        _ok(run_cli(["run"], project, prefect_env))
+        ok(run_cli(["run"], project, prefect_env))
     _always_skip(project)
     with serving(project, prefect_env) as trigger:
         fr, run = trigger(stop=True)
@@ -205,7 +201,7 @@ def test_three_drops_through_the_served_deployment(project, prefect_server):
            if r["_source"] == "data/sources/dates.jsonl"]
 
     def answers(row: dict) -> dict[str, str]:
-        out = _ok(run_cli(["lineage", "--row-hash", row["_hash"]], project, prefect_server))
+        out = ok(run_cli(["lineage", "--row-hash", row["_hash"]], project, prefect_server))
         return {line.split(":")[0].split()[1]: line.split(": ", 1)[1] for line in out.splitlines()[1:]}
 
     from_v1 = f"trained from the weights of models:/{MODEL}/1, which trained on it"
@@ -230,7 +226,7 @@ def test_three_drops_through_the_served_deployment(project, prefect_server):
 
 def test_if_new_data_from_the_cli(project, prefect_server):
     """`ftpipe run --if-new-data` (what a file-arrival hook calls): nothing new skips, says why."""
-    out = _ok(run_cli(["run", "--if-new-data"], project, prefect_server))
+    out = ok(run_cli(["run", "--if-new-data"], project, prefect_server))
     assert "skipped: 0 new rows < 20" in out and "nothing trained" in out
 
 
@@ -243,6 +239,7 @@ def test_stopping_the_scheduler_as_a_run_completes_leaves_it_completed(project, 
         trigger(stop=True)
 
 
+@needs_postgres
 def test_the_same_on_a_prefect_server_backed_by_postgresql(project):
     import psycopg
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, make_project, mlflow_client, run_cli
+from tests.helpers import ok, ok_json, REPO, make_project, mlflow_client, run_cli
 
 MODEL = "ftpipe-dates"
 SPLITS = ("train", "validation", "test")
@@ -24,10 +24,6 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
 
 @pytest.fixture(scope="module")
 def lp(tmp_path_factory, prefect_server):
@@ -35,13 +31,13 @@ def lp(tmp_path_factory, prefect_server):
     project = make_project(tmp_path_factory.mktemp("lineage"))
     drops = (REPO / "data/drops/drop-0002.jsonl").read_text().splitlines(keepends=True)
     # 30 steps (seconds): the model answers at all, so the gate has a champion to compare with
-    _ok(run_cli(["run", "train.max_steps=30"], project, prefect_server))
+    ok(run_cli(["run", "train.max_steps=30"], project, prefect_server))
     first = {n: _sha(project / f"data/splits/{n}.jsonl") for n in SPLITS}
     (project / "data/incoming/drop-a.jsonl").write_text("".join(drops[:150]))
-    _ok(run_cli(["run", "train.max_steps=30"], project, prefect_server))
+    ok(run_cli(["run", "train.max_steps=30"], project, prefect_server))
     (project / "data/incoming/drop-a.jsonl").unlink()
     (project / "data/incoming/drop-b.jsonl").write_text("".join(drops[150:300]))
-    _ok(run_cli(["run", "train.max_steps=30"], project, prefect_server))
+    ok(run_cli(["run", "train.max_steps=30"], project, prefect_server))
     return {"project": project, "first": first, "env": prefect_server}
 
 
@@ -51,14 +47,14 @@ def _lineage(lp, *args):
 
 def test_whole_chain_verifies_as_tree_json_and_report(lp):
     project = lp["project"]
-    out = _ok(_lineage(lp, f"models:/{MODEL}/3"))
+    out = ok(_lineage(lp, f"models:/{MODEL}/3"))
     for part in ("git ", "config: ", "collect:data/collected", "clean:data/cleaned", "split:data/splits",
                  "raw_validation", "cleaned_validation", "data/incoming/drop-b.jsonl", "data/sources/dates.jsonl",
                  "quarantine:", "Prefect flow run", "lineage verified"):
         assert part in out, part
     assert "BROKEN" not in out
 
-    doc = json.loads(_ok(_lineage(lp, f"models:/{MODEL}@challenger", "--json")))
+    doc = ok_json(_lineage(lp, f"models:/{MODEL}@challenger", "--json"))
     assert doc["ok"] and doc["broken"] == [] and doc["model"]["version"] == "3"
     assert doc["record"] == "immutable run record"
     lock = __import__("yaml").safe_load((project / "dvc.lock").read_text())["stages"]
@@ -71,7 +67,7 @@ def test_whole_chain_verifies_as_tree_json_and_report(lp):
     assert doc["prefect_flow_run"]["found"] is True and "Completed" in doc["prefect_flow_run"]["state"]
 
     run_id = mlflow_client(project).get_model_version(MODEL, "1").run_id
-    by_run = json.loads(_ok(_lineage(lp, run_id, "--json", "--report", str(project / "audit.html"))))
+    by_run = ok_json(_lineage(lp, run_id, "--json", "--report", str(project / "audit.html")))
     assert by_run["model"]["version"] == "1" and by_run["ok"]
     page = (project / "audit.html").read_text()
     assert "Chain whole" in page and run_id in page and "dates.jsonl" in page
@@ -85,10 +81,10 @@ def test_restore_writes_the_first_versions_bytes_after_two_later_versions(lp, tm
     project = lp["project"]
     now = {n: _sha(project / f"data/splits/{n}.jsonl") for n in SPLITS}
     assert now != lp["first"]                                  # data/ has moved on
-    out = _ok(run_cli(["data", "restore", f"models:/{MODEL}/1", "--to", str(tmp_path / "v1")], project))
+    out = ok(run_cli(["data", "restore", f"models:/{MODEL}/1", "--to", str(tmp_path / "v1")], project))
     assert "re-hashed" in out
     assert {n: _sha(tmp_path / "v1" / f"{n}.jsonl") for n in SPLITS} == lp["first"]
-    _ok(run_cli(["data", "restore", f"models:/{MODEL}/2", "--to", str(tmp_path / "v2all"), "--all"], project))
+    ok(run_cli(["data", "restore", f"models:/{MODEL}/2", "--to", str(tmp_path / "v2all"), "--all"], project))
     assert (tmp_path / "v2all/data/collected/snapshot.jsonl").is_file()
     assert (tmp_path / "v2all/data/splits/train.jsonl").is_file()
     refused = run_cli(["data", "restore", f"models:/{MODEL}/1", "--to", str(tmp_path / "v1")], project)
@@ -100,7 +96,7 @@ def test_reverse_queries_find_exactly_the_versions_that_used_a_source_or_row(lp,
 
     project = lp["project"]
     client = mlflow_client(project)
-    doc = json.loads(_ok(_lineage(lp, "--source", "data/incoming/drop-a.jsonl", "--json")))
+    doc = ok_json(_lineage(lp, "--source", "data/incoming/drop-a.jsonl", "--json"))
     assert [h["version"] for h in doc["versions"]] == ["2"]                # gone from disk: by recorded path
 
     def by_source(path):
@@ -113,7 +109,7 @@ def test_reverse_queries_find_exactly_the_versions_that_used_a_source_or_row(lp,
     assert by_source(str(copy)) == ["3"]
     assert by_source("data/incoming/never-there.jsonl") == []
 
-    _ok(run_cli(["data", "restore", f"models:/{MODEL}/2", "--to", str(tmp_path / "v2")], project))
+    ok(run_cli(["data", "restore", f"models:/{MODEL}/2", "--to", str(tmp_path / "v2")], project))
     rows = [json.loads(x) | {"__split": n} for n in SPLITS
             for x in (tmp_path / "v2" / f"{n}.jsonl").read_text().splitlines()]
     from_drop = next(r for r in rows if r["_source"] == "data/incoming/drop-a.jsonl")
@@ -121,7 +117,7 @@ def test_reverse_queries_find_exactly_the_versions_that_used_a_source_or_row(lp,
     by_row = lambda h: sorted(x["version"] for x in audit.versions_with_row(client, project, h))  # noqa: E731
     assert by_row(from_dates["_hash"]) == ["1", "2", "3"]
     assert by_row("0" * 64) == []
-    text = _ok(_lineage(lp, "--row-hash", from_drop["_hash"]))
+    text = ok(_lineage(lp, "--row-hash", from_drop["_hash"]))
     assert f"1 model version(s) saw row {from_drop['_hash']}:\n  {MODEL} v2" in text
     assert ("trained on it" if from_drop["__split"] == "train" else "evaluated on, not trained on") in text
 
@@ -151,7 +147,7 @@ def test_models_names_each_test_set_and_the_rule_that_decided(lp):
     from ftpipe.registry.promotion import Decision
 
     project = lp["project"]
-    doc = json.loads(_ok(run_cli(["models", "--json"], project)))
+    doc = ok_json(run_cli(["models", "--json"], project))
     rows = {r["version"]: r for r in doc["versions"]}
     assert sorted(rows) == ["1", "2", "3"]
     assert rows["1"]["test_set"] == f"v1:{lp['first']['test'][:12]}"      # data/splits/test.jsonl of run 1
@@ -167,11 +163,11 @@ def test_models_names_each_test_set_and_the_rule_that_decided(lp):
         assert r["why"] == (beats.detail if decision.promote else
                             "; ".join(x.detail for x in decision.reasons if not x.passed))
 
-    wide = _ok(run_cli(["models"], project))                               # COLUMNS=200
+    wide = ok(run_cli(["models"], project))                               # COLUMNS=200
     for part in ("test set", "vs champion", rows["2"]["test_set"], f"v1 {rows['2']['champion_eval_loss']:.4f}",
                  "no champion yet: first model", rows["3"]["why"][:40]):
         assert part in wide, part
-    narrow = _ok(run_cli(["models"], project, {"COLUMNS": "100"}))
+    narrow = ok(run_cli(["models"], project, {"COLUMNS": "100"}))
     assert max(len(line) for line in narrow.splitlines()) <= 100
     assert rows["3"]["test_set"] in narrow and "v1 why: no champion yet: first model" in narrow
 
@@ -216,7 +212,7 @@ def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path, monkeypatch):
     assert "data split:data/splits: cache object for train.jsonl re-hashes to" in err
     assert err.count("BROKEN") == 1
     # the remote still holds the true bytes: restore takes them from there
-    _ok(run_cli(["data", "restore", f"models:/{MODEL}/1", "--to", str(tmp_path / "r")], project))
+    ok(run_cli(["data", "restore", f"models:/{MODEL}/1", "--to", str(tmp_path / "r")], project))
     assert _sha(tmp_path / "r/train.jsonl") == lp["first"]["train"]
 
     # ... and with the remote copy gone too, restore fails naming the file, writing nothing

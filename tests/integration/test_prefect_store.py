@@ -6,25 +6,20 @@ whole there too."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
-from tests.helpers import BIN, REPO, free_port, make_project, run_cli, wait_http
+from tests.helpers import ok, ok_json, BIN, REPO, free_port, make_project, run_cli, wait_http
 
 MODEL = "ftpipe-dates"
 
 
-def _ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
 
 def _flow_run(project, version: str, env: dict) -> dict:
     """The Prefect link of `ftpipe lineage models:/NAME/VERSION` (the whole chain must verify)."""
-    return json.loads(_ok(run_cli(["lineage", f"models:/{MODEL}/{version}", "--json"], project, env)))[
+    return ok_json(run_cli(["lineage", f"models:/{MODEL}/{version}", "--json"], project, env))[
         "prefect_flow_run"]
 
 
@@ -36,7 +31,7 @@ def test_runs_without_a_prefect_api_share_the_projects_store(tmp_path):
     project = make_project(tmp_path / "project")
     no_api = {"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "users-prefect-home")}   # a user's own home
     first = run_cli(["run"], project, no_api)
-    _ok(first)
+    ok(first)
     assert "Starting temporary server" in first.stdout + first.stderr     # no server of the project's yet
     v1 = _flow_run(project, "1", no_api)
     assert v1["found"] is True and v1["state"].endswith(": Completed"), v1
@@ -52,9 +47,9 @@ def test_runs_without_a_prefect_api_share_the_projects_store(tmp_path):
         _commit(project, "data version of v1")
         shutil.copy(REPO / "data/drops/drop-0002.jsonl", project / "data/incoming")   # a drop lands
         second = run_cli(["run"], project, no_api)                         # no API: talks to that server
-        _ok(second)
+        ok(second)
         assert "temporary server" not in second.stdout + second.stderr, second.stderr[-2000:]
-        lineage = json.loads(_ok(run_cli(["lineage", f"models:/{MODEL}/2", "--json"], project, no_api)))
+        lineage = ok_json(run_cli(["lineage", f"models:/{MODEL}/2", "--json"], project, no_api))
         assert lineage["prefect_flow_run"]["found"] is True
         assert lineage["code"]["dirty"] is False       # a drop and the updated dvc.lock are DVC's to version
         _commit(project, "data version of v2")
@@ -87,7 +82,7 @@ def _clone_pulls_every_version(project: Path, clone: Path, api: dict) -> None:
     assert pull.returncode == 0, pull.stdout[-2000:] + pull.stderr[-2000:]
     got, want = _md5s(clone), _md5s(project)
     assert got == want and len(got) > 8
-    status = json.loads(_ok(run_cli(["data", "status", "--json"], clone)))
+    status = ok_json(run_cli(["data", "status", "--json"], clone))
     assert status["remote"] == {"name": "local", "url": str(project / "dvc-remote")}
     registry = {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"}
     for env in (api | registry, {"PREFECT_API_URL": "", "PREFECT_HOME": api["PREFECT_HOME"]} | registry):

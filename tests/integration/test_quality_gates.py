@@ -13,15 +13,18 @@ from ftpipe.data.cleaning import clean
 from ftpipe.data.collection import collect
 from ftpipe.config import CleanConfig, QualityConfig, SourceConfig, SplitConfig, parse_config
 from ftpipe.data.quality import QualityGateFailed, gate_cleaned, gate_raw, validate_cleaned
+from tests.helpers import PG as PG_SERVER, needs_postgres, postgres_reachable
 from ftpipe.data.sources import SourceError, fetch_sql
 from tests.helpers import make_project, mlflow_client, run_cli
 
 pytestmark = pytest.mark.integration
-PG = "postgresql://postgres@127.0.0.1:5432/test"
+PG = f"{PG_SERVER}/test"
 
 
 @pytest.fixture
 def pg_table():
+    if not postgres_reachable():
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432 (CI has one)")
     from sqlalchemy import create_engine, text
 
     name = f"ftpipe_t_{uuid.uuid4().hex[:8]}"
@@ -66,6 +69,7 @@ def test_sql_source_exports_collects_and_tracks_changes(tmp_path, pg_table, monk
     assert fetch_sql(tmp_path, src).changed  # new rows: a new export, a new data version
 
 
+@needs_postgres
 def test_sql_errors_name_the_source_and_hide_the_password(tmp_path, monkeypatch):
     monkeypatch.setenv("FTPIPE_TEST_DB_PASSWORD", "hunter2")
     bad = SourceConfig(name="qa", type="sql", url="postgresql://postgres:${FTPIPE_TEST_DB_PASSWORD}@127.0.0.1:5432/test",

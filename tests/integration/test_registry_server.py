@@ -19,15 +19,15 @@ import pytest
 from ftpipe.registry import gate as gate
 
 from ftpipe.registry import store as registry
-from ftpipe.training.basemodel import build_base_model
-from ftpipe.config import BuildConfig, EvalConfig, LoraConfig, ModelConfig, PromotionConfig, RegistryConfig, TrainConfig
+from ftpipe.config import EvalConfig, LoraConfig, ModelConfig, PromotionConfig, RegistryConfig, TrainConfig
 from ftpipe.training.recipe import fine_tune
-from tests.helpers import BIN, REPO, free_port, wait_http
+from tests.helpers import PG, needs_postgres, build_tiny_base, BIN, REPO, free_port, wait_http
 from ftpipe.evaluation.compare import evaluate_all, log_evaluation
 from ftpipe.names import TEST_SET as TEST_SET_TAG
 from ftpipe.registry.lock import LOCK_SUFFIX
 
-PG = "postgresql://postgres@127.0.0.1:5432"
+pytestmark = [pytest.mark.integration, needs_postgres]
+
 NAME = "gate-test"
 EVAL = EvalConfig(batch_size=32, max_new_tokens=8, regression_max_examples=40)
 
@@ -102,9 +102,7 @@ def server(tmp_path_factory):
 def models(tmp_path_factory):
     """A tiny base; task A (dates to words) and task B (the same prompts, answers reversed)."""
     d = tmp_path_factory.mktemp("gate-models")
-    build_base_model(REPO / "data/corpus/corpus.jsonl", d / "base",
-                     BuildConfig(vocab_size=320, hidden_size=64, layers=2, heads=2, intermediate_size=128,
-                                 pretrain_steps=0), log=lambda m: None)
+    build_tiny_base(d / "base")
     rows = [json.loads(x) for x in (REPO / "data/sources/dates.jsonl").read_text().splitlines()[:240]]
     a = rows[:200]
     b = [r | {"output": r["output"][::-1]} for r in rows[:200]]

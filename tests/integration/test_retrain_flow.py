@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import make_project, mlflow_client, run_cli
+from tests.helpers import ok, make_project, mlflow_client, run_cli
 
 pytestmark = pytest.mark.integration
 NAME = "ftpipe-dates"
@@ -22,13 +22,9 @@ def project(tmp_path_factory):
     return make_project(tmp_path_factory.mktemp("proj"))
 
 
-def _ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout + proc.stderr
-
 
 def test_first_run_registers_and_promotes_with_lineage(project, prefect_server):
-    out = _ok(run_cli(["run"], project, prefect_server))
+    out = ok(run_cli(["run"], project, prefect_server))
     assert "Promotion gate: PROMOTE" in out
     c = mlflow_client(project)
     champ = c.get_model_version_by_alias(NAME, "champion")
@@ -92,7 +88,7 @@ def test_generate_answers_with_the_champion(project):
 
 
 def test_rerun_with_nothing_new_skips_data_and_refuses_worse(project, prefect_server):
-    out = _ok(run_cli(["run", "train.max_steps=1"], project, prefect_server))
+    out = ok(run_cli(["run", "train.max_steps=1"], project, prefect_server))
     for line in ("base model models/base: up to date, skipped", "collect: unchanged, skipped",
                  "clean: unchanged, skipped", "split: unchanged, skipped"):
         assert line in out
@@ -124,7 +120,7 @@ def _append_bad_rows(project: Path) -> None:
 def test_messy_source_is_quarantined_and_run_proceeds(project, prefect_server):
     _append_bad_rows(project)
     n_lines = len((project / "data/sources/dates.jsonl").read_text().splitlines())
-    out = _ok(run_cli(["run", "train.max_steps=1"], project, prefect_server))
+    out = ok(run_cli(["run", "train.max_steps=1"], project, prefect_server))
     assert f"data/sources/dates.jsonl:{n_lines - 1}: malformed JSON" in out
     report = json.loads((project / "data/cleaned/report.json").read_text())
     assert report["read"] == n_lines == report["kept"] + report["quarantined"]

@@ -6,48 +6,22 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from ftpipe.training.basemodel import build_base_model
-from ftpipe.config import BuildConfig, LoraConfig, ModelConfig, TrainConfig
+from ftpipe.config import TrainConfig
 from ftpipe.training.batches import IGNORE_INDEX, collate, encode, pack
 from ftpipe.data.formatting import completion_of, prompt_of
 from ftpipe.training.launch import train, write_spec
 from ftpipe.training.step import neftune_hook
 from ftpipe.training.recipe import fine_tune
 from ftpipe.training.loss import token_loss_sum
+from tests.helpers import QUIET, REPO, engine_cfg, killed_after_step, losses, run_spec
 
-REPO = Path(__file__).resolve().parents[2]
-QUIET = dict(log=lambda m: None)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-engine")
-    build_base_model(REPO / "data/corpus/corpus.jsonl", d / "base",
-                     BuildConfig(vocab_size=320, hidden_size=64, layers=2, heads=2,
-                                 intermediate_size=128, pretrain_steps=0), log=lambda m: None)
-    rows = [json.loads(line) for line in (REPO / "data/sources/dates.jsonl").read_text().splitlines()[:96]]
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:80]))
-    (d / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[80:]))
-    return d
-
-
-def _cfg(tiny, **train):
-    return (ModelConfig(base=str(tiny / "base")), LoraConfig(r=4, alpha=8),
-            TrainConfig(**({"max_steps": 8, "batch_size": 8, "log_every": 1, "warmup_steps": 1,
-                            "checkpoint_every": 0} | train)))
-
-
-def _losses(res):
-    return [loss for _, loss in res.loss_history]
 
 
 def test_completion_only_labels_token_by_token(tiny):
@@ -141,12 +115,12 @@ def test_varlen_row_and_chunked_loss_match_the_padded_batch(tiny):
 
 @pytest.mark.parametrize("packing,chunk", [(False, 4096), (True, 4096), (True, 0)])
 def test_packed_training_follows_the_padded_loss_curve(tiny, tmp_path, packing, chunk):
-    m, lo, t = _cfg(tiny)
+    m, lo, t = engine_cfg(tiny)
     padded = fine_tune(m, lo, t.model_copy(update={"loss_chunk_tokens": 0}), tiny / "train.jsonl", None,
                        tmp_path / "a", **QUIET)
     other = fine_tune(m, lo, t.model_copy(update={"packing": packing, "loss_chunk_tokens": chunk}),
                       tiny / "train.jsonl", None, tmp_path / "b", **QUIET)
-    assert _losses(other) == pytest.approx(_losses(padded), rel=1e-4)
+    assert losses(other) == pytest.approx(losses(padded), rel=1e-4)
     assert other.tokens == padded.tokens
 
 
@@ -169,18 +143,18 @@ def test_neftune_noise_is_scaled_per_example_in_packed_rows():
 
 
 def test_neftune_and_gradient_checkpointing_train(tiny, tmp_path):
-    m, lo, t = _cfg(tiny, max_steps=4)
+    m, lo, t = engine_cfg(tiny, max_steps=4)
     plain = fine_tune(m, lo, t, tiny / "train.jsonl", None, tmp_path / "a", **QUIET)
     ckpt = fine_tune(m, lo, t.model_copy(update={"gradient_checkpointing": True}), tiny / "train.jsonl",
                      None, tmp_path / "b", **QUIET)
-    assert _losses(ckpt) == pytest.approx(_losses(plain), rel=1e-5)  # recompute, same math
+    assert losses(ckpt) == pytest.approx(losses(plain), rel=1e-5)  # recompute, same math
     noisy = fine_tune(m, lo, t.model_copy(update={"neftune_alpha": 5.0}), tiny / "train.jsonl",
                       None, tmp_path / "c", **QUIET)
-    assert _losses(noisy)[0] != _losses(plain)[0] and all(l < 10 for l in _losses(noisy))
+    assert losses(noisy)[0] != losses(plain)[0] and all(l < 10 for l in losses(noisy))
 
 
 def test_early_stopping_exports_the_best_checkpoint(tiny, tmp_path):
-    m, lo, t = _cfg(tiny, max_steps=20, eval_every=2, early_stopping_patience=2,
+    m, lo, t = engine_cfg(tiny, max_steps=20, eval_every=2, early_stopping_patience=2,
                     early_stopping_min_delta=100.0)        # nothing after the first eval counts
     res = fine_tune(m, lo, t, tiny / "train.jsonl", tiny / "val.jsonl", tmp_path / "o", **QUIET)
     assert res.stopped_early and res.steps == 6 and res.best_step == 2
@@ -193,52 +167,32 @@ def test_early_stopping_exports_the_best_checkpoint(tiny, tmp_path):
     assert scores.eval_loss == pytest.approx(res.val_history[0][1], rel=1e-4)
 
 
-def _run_spec(spec: Path, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ftpipe.training.launch", str(spec)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=os.environ | {"PYTHONPATH": str(REPO)} | (env or {}))
-
-
-def _killed_after_step_15(tiny, out: Path, m, lo, t) -> tuple[Path, Path]:
-    """A training process (its own launcher spec in out/) SIGKILLed once step 15's checkpoint exists."""
-    out.mkdir()
-    spec = write_spec(out / "spec.json", m, lo, t, str(tiny / "train.jsonl"), str(tiny / "val.jsonl"), str(out))
-    proc = _run_spec(spec)
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "step-0000015").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return out, spec
-
-
 def test_resume_after_sigkill_gives_the_same_loss_curve(tiny, tmp_path):
-    m, lo, t = _cfg(tiny, max_steps=40, checkpoint_every=5, log_every=5)
+    m, lo, t = engine_cfg(tiny, max_steps=40, checkpoint_every=5, log_every=5)
     reference = fine_tune(m, lo, t, tiny / "train.jsonl", tiny / "val.jsonl", tmp_path / "ref", **QUIET)
-    out, spec = _killed_after_step_15(tiny, tmp_path / "killed", m, lo, t)
+    out, spec = killed_after_step(tiny, tmp_path / "killed", m, lo, t)
     assert not (out / "train_result.json").exists()            # it really died mid-run
-    again = _run_spec(spec)
+    again = run_spec(spec)
     text = again.communicate(timeout=300)[0]
     assert again.returncode == 0, text
     assert "resuming from" in text
     res = json.loads((out / "train_result.json").read_text())
     assert res["resumed_from"] >= 15
     assert [s for s, _ in res["loss_history"]] == [s for s, _ in reference.loss_history]
-    assert [l for _, l in res["loss_history"]] == pytest.approx(_losses(reference), rel=1e-5)
+    assert [l for _, l in res["loss_history"]] == pytest.approx(losses(reference), rel=1e-5)
     assert res["val_loss"] == pytest.approx(reference.val_loss, rel=1e-5)
     assert not (out / "checkpoints").exists()                  # cleaned up once finished
 
 
 def test_two_processes_under_torchrun_match_one(tiny, tmp_path):
-    m, lo, t = _cfg(tiny, max_steps=6)
+    m, lo, t = engine_cfg(tiny, max_steps=6)
     one = fine_tune(m, lo, t, tiny / "train.jsonl", None, tmp_path / "one", **QUIET)
     lines, metrics = [], []
     two = train(m, lo, t.model_copy(update={"devices": 2}), str(tiny / "train.jsonl"), None,
                 tmp_path / "two", log=lines.append, on_metrics=lambda s, mm: metrics.append((s, mm)))
     assert any("launching 2 processes" in line for line in lines)
     assert "2 processes" in "\n".join(lines)
-    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)  # the same global batch per step
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)  # the same global batch per step
     assert two.tokens == one.tokens
     assert [s for s, _ in metrics] == list(range(1, 7))           # metrics streamed from rank 0
 
@@ -247,12 +201,12 @@ def test_two_processes_under_torchrun_match_one(tiny, tmp_path):
 def test_fsdp_under_torchrun_matches_one_process_and_checkpoints(tiny, tmp_path, method):
     from transformers import AutoModelForCausalLM
 
-    m, lo, t = _cfg(tiny, max_steps=6, method=method, lr=1e-3)
+    m, lo, t = engine_cfg(tiny, max_steps=6, method=method, lr=1e-3)
     one = fine_tune(m, lo, t, tiny / "train.jsonl", tiny / "val.jsonl", tmp_path / "one", **QUIET)
     fsdp = t.model_copy(update={"devices": 2, "strategy": "fsdp", "checkpoint_every": 3})
     two = train(m, lo, fsdp, str(tiny / "train.jsonl"), str(tiny / "val.jsonl"), tmp_path / "two",
                 log=lambda m: None)
-    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
     assert two.val_loss == pytest.approx(one.val_loss, rel=1e-4)
     # the gathered export is the whole model, loadable without peft or FSDP
     a = AutoModelForCausalLM.from_pretrained(one.model_dir).state_dict()
@@ -264,7 +218,7 @@ def test_fsdp_under_torchrun_matches_one_process_and_checkpoints(tiny, tmp_path,
 def test_fsdp_run_whose_launcher_is_killed_resumes_with_the_same_curve(tiny, tmp_path):
     """SIGKILL to torchrun takes its workers with it (they would otherwise train on and
     delete the checkpoints); the next launch resumes the sharded state where it stopped."""
-    m, lo, t = _cfg(tiny, max_steps=12, lr=1e-3)
+    m, lo, t = engine_cfg(tiny, max_steps=12, lr=1e-3)
     reference = fine_tune(m, lo, t, tiny / "train.jsonl", tiny / "val.jsonl", tmp_path / "ref", **QUIET)
     fsdp = t.model_copy(update={"devices": 2, "strategy": "fsdp", "checkpoint_every": 3})
     out = tmp_path / "killed"
@@ -286,7 +240,7 @@ def test_fsdp_run_whose_launcher_is_killed_resumes_with_the_same_curve(tiny, tmp
     res = train(m, lo, fsdp, str(tiny / "train.jsonl"), str(tiny / "val.jsonl"), out, log=lines.append)
     assert any("resuming from" in line for line in lines)
     assert res.resumed_from in (6, 9)
-    assert _losses(res) == pytest.approx(_losses(reference), rel=1e-4)
+    assert losses(res) == pytest.approx(losses(reference), rel=1e-4)
     assert res.val_loss == pytest.approx(reference.val_loss, rel=1e-4)
 
 
@@ -299,7 +253,7 @@ def test_bf16_adapter_inputs_give_peft_s_loss_and_fp32_adapter_gradients(tiny):
     from ftpipe.training.kernels import adapter_autocast
     from ftpipe.training.recipe import prepare_model
 
-    m, lo, t = _cfg(tiny)
+    m, lo, t = engine_cfg(tiny)
     torch.manual_seed(0)
     model = prepare_model(AutoModelForCausalLM.from_pretrained(tiny / "base"), lo, t.model_copy(update={"kernels": "none"}))
     for n, p in model.named_parameters():          # non-zero B: the adapters take part in the loss

@@ -7,23 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.training.basemodel import build_base_model
-from ftpipe.config import BuildConfig, LoraConfig, ModelConfig, TrainConfig
+from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
 from ftpipe.training.recipe import TrainingDiverged, fine_tune
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    build_base_model(REPO / "data/corpus/corpus.jsonl", d / "base",
-                     BuildConfig(vocab_size=320, hidden_size=64, layers=2, heads=2,
-                                 intermediate_size=128, pretrain_steps=0), log=lambda m: None)
-    rows = [json.loads(line) for line in (REPO / "data/sources/dates.jsonl").read_text().splitlines()[:64]]
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:48]))
-    (d / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[48:]))
-    return d
 
 
 @pytest.mark.parametrize("method,quant", [("full", "none"), ("lora", "none"), ("qlora", "nf4")])

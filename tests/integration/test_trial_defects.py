@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import BIN, make_project, mlflow_client, run_cli
+from tests.helpers import PG as PG_SERVER, needs_postgres, BIN, make_project, mlflow_client, run_cli
 
 pytestmark = pytest.mark.integration
-PG = "postgresql://postgres@127.0.0.1:5432/test"
+PG = f"{PG_SERVER}/test"
 
 
 def _params(project: Path, edit) -> None:
@@ -73,17 +73,8 @@ def test_a_missing_or_unusable_base_model_is_named_before_anything_runs(tmp_path
         _nothing_ran(project)
 
 
-def _pg_ok() -> bool:
-    try:
-        import psycopg
 
-        psycopg.connect(PG, connect_timeout=3).close()
-        return True
-    except Exception:   # noqa: BLE001
-        return False
-
-
-@pytest.mark.skipif(not _pg_ok(), reason="no PostgreSQL on 127.0.0.1:5432 (CI has one)")
+@needs_postgres
 def test_sql_and_file_source_problems_are_all_reported_before_slow_work(tmp_path):
     """A bad column, an unreachable database and a missing file: all three named at once,
     before the base model is built or a stage runs, and never retried."""
