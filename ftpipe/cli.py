@@ -587,6 +587,7 @@ def data_restore(
 
     from ftpipe.data.versions import Store, restore_output
     from ftpipe.lineage import record as lr
+    from ftpipe import names as t
     from ftpipe.names import SPLITS_OUTPUT
     from ftpipe.registry import store as registry
 
@@ -605,8 +606,8 @@ def data_restore(
     if problems and not force:
         _fail("the lineage of " + f"{v.name} v{v.version} does not hold:\n" + "\n".join(problems)
               + "\n(`ftpipe lineage` for the whole audit; --force restores what the record says anyway)", 1)
-    outputs = {k[len("ftpipe.dvc."):]: md5 for k, md5 in doc.items() if k.startswith("ftpipe.dvc.")
-               and ":" in k[len("ftpipe.dvc."):]}
+    outputs = {k[len(t.DVC):]: md5 for k, md5 in doc.items() if k.startswith(t.DVC)
+               and ":" in k[len(t.DVC):]}
     wanted = outputs if every_stage else {k: m for k, m in outputs.items() if k == SPLITS_OUTPUT}
     if not wanted:
         _fail(f"{v.name} v{v.version}: no data version recorded", 2)

@@ -60,6 +60,21 @@ CHAMPION_METRIC = "ftpipe.champion_metric."    # + primary metric -> the champio
 FORGETTING = "ftpipe.forgetting"
 MANUAL_REASON = "ftpipe.manual.reason"
 
+# the gate's manual overrides and moves of the champion
+MANUAL_BY = "ftpipe.manual.by"
+MANUAL_AT = "ftpipe.manual.at"
+GATE_DECISION = "ftpipe.gate_decision"    # what the gate had said before a manual promotion
+ROLLED_BACK = "ftpipe.rolled_back"
+CHAMPION_EVENT = "ftpipe.champion."       # + time -> "gate|manual|rollback: reason"
+HISTORY = "ftpipe.champion_history"       # registered-model tag: every champion move, newest last
+
+# run tags (the MLflow run of a flow run)
+RUN_SKIPPED = "ftpipe.skipped"
+RUN_MODEL_VERSION = "ftpipe.model_version"
+RUN_REUSED_VERSION = "ftpipe.reused_version"
+RUN_NEW_ROWS = "ftpipe.new_rows"
+RECORD_PARAM = "ftpipe.lineage_sha256"    # run param: the digest of the immutable lineage record
+
 # in the record: which of its keys were also written as version tags
 RECORD_TAGGED = "ftpipe.tagged"
 

@@ -16,6 +16,7 @@ from ftpipe.registry import runs
 from ftpipe.training.plan import TrainingPlan
 from ftpipe.training.recipe import TrainResult, training_dir
 from tasks.io import io_task
+from ftpipe import names as t
 
 
 @io_task("plan-training")
@@ -30,7 +31,7 @@ def plan_training(cfg: PipelineConfig, data: DataVersion, run_id: str, root: str
     plan = decide(data, cfg.registry, cfg.incremental, cfg.train, cfg.schedule.min_new_rows, cfg.hash(),
                   Path(root), require_new_data, cfg.data.remote)
     inc = plan.increment
-    client().set_tag(run_id, "ftpipe.new_rows", str(inc.new_rows))
+    client().set_tag(run_id, t.RUN_NEW_ROWS, str(inc.new_rows))
     get_run_logger().info(f"new rows since {inc.champion or 'no champion'}: {inc.new_rows}; {inc.reason}"
                           + (f"; {plan.skip}" if plan.skip else ""))
     if inc.train_path:

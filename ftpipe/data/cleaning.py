@@ -23,6 +23,7 @@ from typing import Iterator
 from ftpipe.config import CleanConfig
 from ftpipe.data.pii import scrub, scrub_all
 from ftpipe.data.records import REQUIRED, prompt_key, response_of, texts_of
+from ftpipe.cores import share
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
 _TRAILING = re.compile(r"[ \t]+\n")
@@ -245,7 +246,7 @@ def clean(snapshot: Path, cfg: CleanConfig, out_dir: Path, tokenizer: str | None
     pii: Counter[str] = Counter()
     per_source: dict[str, Counter] = {}
     read = kept = quarantined = 0
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or share()   # 0: this process's share of the cores
     size = snapshot.stat().st_size
     chunks = ((c, cfg) for c in _chunks(snapshot, cfg.chunk_rows))
     pool = None

@@ -124,7 +124,7 @@ class CleanConfig(Section):
     min_output_chars: int = Field(1, ge=1)
     pii: Literal["scrub", "drop", "keep"] = "scrub"
     near_dup: NearDupConfig = NearDupConfig()
-    workers: int = Field(0, ge=0, description="0: one per CPU core")
+    workers: int = Field(0, ge=0, description="0: this process's share of the cores (OMP_NUM_THREADS, else all)")
     chunk_rows: int = Field(4000, ge=100)
 
 

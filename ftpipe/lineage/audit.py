@@ -129,15 +129,15 @@ def audit(client, root: Path, ref: str, remote: str | None = None,
         run_d = {"id": v.run_id, "status": info.status, "experiment_id": info.experiment_id,
                  "name": info.run_name}
         # code
-        commit = doc.get("ftpipe.git_commit", "unknown")
-        dirty = doc.get("ftpipe.git_dirty") == "true"
+        commit = doc.get(t.GIT_COMMIT, "unknown")
+        dirty = doc.get(t.GIT_DIRTY) == "true"
         has = commit != "unknown" and _git_has(root, commit)
         code = {"git_commit": commit, "dirty": dirty, "in_repository": has}
         links.append(Link("code", has, f"git commit {commit} " + (
             "is in this repository" if has else "is not in this repository's history")
             + (" (the working tree had uncommitted changes when it trained)" if dirty and has else "")))
         # config
-        cfg_hash = doc.get("ftpipe.config_hash", "")
+        cfg_hash = doc.get(t.CONFIG_HASH, "")
         logged = run.artifact("config/params.yaml")
         config = {"hash": cfg_hash, "logged": logged is not None}
         if logged is None:
@@ -154,8 +154,8 @@ def audit(client, root: Path, ref: str, remote: str | None = None,
                               f"config hash {cfg_hash} " + ("re-computes from the run's config/params.yaml"
                                                             if again == cfg_hash else f"!= {again} computed "
                                                             "from the run's config/params.yaml")))
-        base = {"id": doc.get("ftpipe.base_model", ""), "revision": doc.get("ftpipe.base_model_revision", ""),
-                "start_from": doc.get("ftpipe.start_from", "scratch")}
+        base = {"id": doc.get(t.BASE_MODEL, ""), "revision": doc.get(t.BASE_MODEL_REVISION, ""),
+                "start_from": doc.get(t.START_FROM, "scratch")}
         # what it trained on: its data version's train split, or an incremental run's own file
         trained_on = {"file": f"train.jsonl of {t.SPLITS_OUTPUT}", "data_version": doc.get(t.SPLITS, "")}
         if doc.get(t.TRAIN_FILE):
@@ -170,8 +170,8 @@ def audit(client, root: Path, ref: str, remote: str | None = None,
         # data
         store = Store(root, remote)
         try:
-            data = [verify_output(store, k[len("ftpipe.dvc."):], md5)
-                    for k, md5 in sorted(doc.items()) if k.startswith("ftpipe.dvc.")]
+            data = [verify_output(store, k[len(t.DVC):], md5)
+                    for k, md5 in sorted(doc.items()) if k.startswith(t.DVC)]
         finally:
             store.close()
         if not data:
@@ -182,7 +182,7 @@ def audit(client, root: Path, ref: str, remote: str | None = None,
                               f"({d['in_cache']}/{d['objects']})"
                               + (", all in the remote" if d["in_remote"] == d["objects"] else "")))
         # GX
-        gx = {"verdict": doc.get("ftpipe.gx_verdict", "")}
+        gx = {"verdict": doc.get(t.GX_VERDICT, "")}
         for name in ("raw_validation", "cleaned_validation"):
             res = run.json(f"data/{name}.json")
             gx[name] = None if res is None else {"success": res.get("success"),
@@ -193,7 +193,7 @@ def audit(client, root: Path, ref: str, remote: str | None = None,
                 ("passed" if ok else "did not pass") + f" ({gx[name]['evaluated']} expectations)")))
         # sources
         manifest = run.json("data/manifest.json") or {}
-        recorded = {k[len("ftpipe.source."):]: val for k, val in doc.items() if k.startswith("ftpipe.source.")}
+        recorded = {k[len(t.SOURCE):]: val for k, val in doc.items() if k.startswith(t.SOURCE)}
         sources = []
         files = manifest.get("files") or [{"path": p, "sha256": val.split()[0].removeprefix("sha256:"),
                                             "rows": None, "size": None} for p, val in recorded.items()]
@@ -227,7 +227,7 @@ def audit(client, root: Path, ref: str, remote: str | None = None,
             "missing from the run's artifacts" if report is None else
             f"{report.get('quarantined')} of {report.get('read')} rows quarantined")))
         # Prefect
-        fr_id = doc.get("ftpipe.prefect_flow_run", "")
+        fr_id = doc.get(t.PREFECT_FLOW_RUN, "")
         found, state = flow_run(fr_id) if flow_run else (None, "not checked (no Prefect lookup given)")
         flow = {"id": fr_id, "found": found, "state": state}
         links.append(Link("prefect flow run", found is not False, f"Prefect flow run {fr_id or '—'}: {state}",

@@ -38,9 +38,9 @@ def versions_with_source(client, root: Path, path: str) -> list[dict]:
     for v in all_versions(client):
         doc, _, _ = recorded_lineage(client, v)
         for k, val in doc.items():
-            if not k.startswith("ftpipe.source."):
+            if not k.startswith(t.SOURCE):
                 continue
-            src = k[len("ftpipe.source."):]
+            src = k[len(t.SOURCE):]
             digest = val.split()[0].removeprefix("sha256:")
             if src == rel:
                 how = "path"

@@ -94,7 +94,7 @@ def read_manifest(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-RECORD_PARAM = "ftpipe.lineage_sha256"
+RECORD_PARAM = t.RECORD_PARAM
 
 
 RECORD_ARTIFACT = "lineage/lineage.json"

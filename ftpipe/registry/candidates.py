@@ -38,8 +38,8 @@ def find_registered(reg: RegistryConfig, model_dir: str, run_id: str) -> Registe
     key = training_key(model_dir)
     for mv in store.versions_tagged(reg.model_name, {t.CANDIDATE: key})[:1]:
         c = store.client()
-        c.set_tag(run_id, "ftpipe.model_version", str(mv.version))
-        c.set_tag(run_id, "ftpipe.reused_version", f"{reg.model_name} v{mv.version}")
+        c.set_tag(run_id, t.RUN_MODEL_VERSION, str(mv.version))
+        c.set_tag(run_id, t.RUN_REUSED_VERSION, f"{reg.model_name} v{mv.version}")
         return Registered(store.VersionInfo.of(mv),
                           (mv.tags or {}).get(t.DECISION, ""))
     return None
@@ -54,5 +54,5 @@ def register(reg: RegistryConfig, run_id: str, model_dir: str, lineage: Lineage,
     tags = t.version_tags(facts, reg.promotion.primary_metric)
     write_record(store.client(), run_id, facts, tags)
     version = store.log_model(run_id, model_dir, reg.model_name, tags)
-    store.client().set_tag(run_id, "ftpipe.model_version", version.version)
+    store.client().set_tag(run_id, t.RUN_MODEL_VERSION, version.version)
     return version

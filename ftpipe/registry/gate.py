@@ -94,8 +94,8 @@ def gate_and_promote(reg: RegistryConfig, cfg: EvalConfig, run_id: str, version:
             **({t.FORGETTING: f"{max(report.forgetting(reg).values()):.6g}"} if report.forgetting(reg) else {}),
         }, description=f"Gate decision: {decision.summary()}")
         c = registry.client()
-        c.set_tag(run_id, "ftpipe.decision", decision.verdict)
-        c.set_tag(run_id, "ftpipe.decision.summary", decision.summary()[:5000])
+        c.set_tag(run_id, t.DECISION, decision.verdict)
+        c.set_tag(run_id, t.DECISION_SUMMARY, decision.summary()[:5000])
         if decision.promote:
             registry.record_champion(name, version, "gate", decision.why(), current_version)   # the history keeps 500 chars
             log(f"version {version} is now champion: {decision.summary()}")

@@ -29,7 +29,7 @@ def manual_promote(reg: RegistryConfig, version: str, reason: str, by: str | Non
     gate_said = (mv.tags or {}).get(t.DECISION, "none")
     registry.tag_version(reg.model_name, str(version), {
         t.DECISION: "manual-promote", t.MANUAL_REASON: reason.strip(),
-        "ftpipe.manual.by": event["by"], "ftpipe.manual.at": event["at"], "ftpipe.gate_decision": gate_said},
+        t.MANUAL_BY: event["by"], t.MANUAL_AT: event["at"], t.GATE_DECISION: gate_said},
         description=f"Manual promotion by {event['by']} at {event['at']}: {reason.strip()} "
                     f"(gate had said: {gate_said}). " + (mv.description or ""))
     if mv.run_id:
@@ -56,7 +56,7 @@ def rollback(reg: RegistryConfig, reason: str = "", by: str | None = None,
         event = registry.record_champion(reg.model_name, target, "rollback",
                                          reason.strip() or f"rollback from v{current.version}",
                                          current.version, by)
-    registry.tag_version(reg.model_name, current.version, {"ftpipe.rolled_back": event["at"]})
+    registry.tag_version(reg.model_name, current.version, {t.ROLLED_BACK: event["at"]})
     return event
 
 

@@ -83,7 +83,7 @@ def list_models(uri: str, name: str, metric: str, limit: int) -> tuple[list[dict
     for a in model.get("aliases", []):
         by_version.setdefault(str(a["version"]), []).append(a["alias"])
     tags = {x["key"]: x["value"] for x in model.get("tags", [])}
-    history = json.loads(tags.get("ftpipe.champion_history", "[]"))
+    history = json.loads(tags.get(t.HISTORY, "[]"))
     found = _get(uri, "model-versions/search", {"filter": f"name='{name}'", "max_results": limit,
                                                 "order_by": "version_number DESC"}) or {}
     rows = [version_row(mv["version"], mv.get("creation_timestamp", 0), {x["key"]: x["value"] for x in mv.get("tags", [])},

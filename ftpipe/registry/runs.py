@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ftpipe import names as t
 from ftpipe.config import PipelineConfig
 from ftpipe.registry import store
 
@@ -29,7 +30,6 @@ def start_run(cfg: PipelineConfig, root: Path, flow_run_id: str) -> str:
     import yaml
     from mlflow.entities import Param
 
-    from ftpipe import names as t
 
     exp_id = store.setup(cfg.registry, root)
     c = store.client()
@@ -116,7 +116,7 @@ def record_skip(run_id: str, message: str, champion: str | None) -> str:
     """A run that trains nothing says why, on the run and its MLflow note; returns the line."""
     line = f"{message}" + (f" (champion: {champion})" if champion else "")
     c = store.client()
-    c.set_tag(run_id, "ftpipe.skipped", message)
+    c.set_tag(run_id, t.RUN_SKIPPED, message)
     c.set_tag(run_id, "mlflow.note.content", f"{line}; nothing trained")
     return f"{line}: nothing trained, no alias moved"
 
@@ -127,7 +127,6 @@ def finish_run(run_id: str, status: str = "FINISHED") -> None:
 
 def runs_of_flow_run(flow_run_id: str) -> list[str]:
     """The MLflow runs (still RUNNING) that a flow run started, found by their tag."""
-    from ftpipe import names as t
 
     c = store.client()
     exps = [e.experiment_id for e in c.search_experiments()]

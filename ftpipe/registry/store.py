@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftpipe import names as t
 from ftpipe.config import RegistryConfig
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -173,7 +174,7 @@ def log_model_file(name: str, version: str, local_path: str | Path) -> None:
 
 # ------------------------------------------------------------------ champion history
 
-HISTORY_TAG = "ftpipe.champion_history"
+HISTORY_TAG = t.HISTORY
 
 
 def champion_history(name: str) -> list[dict]:
@@ -215,7 +216,7 @@ def record_champion(name: str, version: str, kind: str, reason: str, previous: s
         history = history[1:]
         blob = json.dumps(history)
     c.set_registered_model_tag(name, HISTORY_TAG, blob)
-    c.set_model_version_tag(name, version, f"ftpipe.champion.{event['at']}", f"{kind}: {reason}"[:5000])
+    c.set_model_version_tag(name, version, t.CHAMPION_EVENT + event['at'], f"{kind}: {reason}"[:5000])
     return event
 
 
@@ -285,7 +286,6 @@ def remove(path: str | Path) -> None:
 def decided_on(name: str, splits_md5: str, config_hash: str) -> str | None:
     """'NAME vN (decision)' when a version was already trained on this data version with this
     config and the gate decided on it (an undecided one is finished by the next run)."""
-    from ftpipe import names as t
 
     for mv in versions_tagged(name, {t.SPLITS: splits_md5, t.CONFIG_HASH: config_hash}):
         decision = (mv.tags or {}).get(t.DECISION)

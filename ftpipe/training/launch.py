@@ -25,6 +25,7 @@ from typing import Callable
 
 from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
 from ftpipe.training.recipe import TrainResult, fine_tune
+from ftpipe.cores import split_among
 
 METRIC = "@@metric "
 
@@ -74,7 +75,8 @@ def train(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, train_pa
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "ftpipe.training.launch", str(spec)]
     log(f"launching {n} processes: {' '.join(cmd[2:])}")
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # each process its share of this one's cores (torchrun's own default is 1 thread each)
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(split_among(n))}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             preexec_fn=die_with_parent)
     tail: list[str] = []
