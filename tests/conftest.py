@@ -1,2 +1,27 @@
-"""Session fixtures; the helpers they use live in tests/helpers.py."""
+"""Session fixtures (their helpers live in tests/helpers.py), each worker's share of the cores,
+and the order modules start in."""
+import os
+
 from tests.helpers import prefect_server, tiny, tiny_base  # noqa: F401  (session fixtures)
+
+# The modules that take longest start first, so the last one to finish is a short one
+# (pytest-xdist --dist loadfile hands modules out in this order).
+FIRST = ("test_default_pipeline", "test_incremental", "test_mlflow_and_disk", "test_prefect_store",
+         "test_crash_and_concurrency", "test_lineage", "test_registry_server", "test_data_pipeline",
+         "test_security", "test_retrain_flow", "test_trial_defects", "test_data_docs")
+
+
+def pytest_configure(config):
+    """Each pytest-xdist worker, and every process it starts (ftpipe run, DVC stages, torchrun),
+    gets its share of the cores: torch in two processes that each assumed it owned both cores
+    ran 2.3x slower (STACK.md). Set here, not at import: a worker learns the count only now."""
+    worker = getattr(config, "workerinput", None)
+    if worker is not None:
+        from ftpipe import cores
+
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores.available() // worker["workercount"])))
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(FIRST)))

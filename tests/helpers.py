@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftpipe import cores
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -25,11 +24,6 @@ os.environ.update({
     "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
 })
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-# Each test worker (pytest-xdist) and every process it starts (ftpipe run, DVC stages, torchrun)
-# gets its share of the cores: torch in two processes each assuming it owns both cores ran
-# 2.3x slower (STACK.md).
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores.available()
-                                                 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 # A model small enough that the whole flow runs in well under a minute on 2 cores.
 TINY = {

@@ -92,7 +92,7 @@ def test_restore_writes_the_first_versions_bytes_after_two_later_versions(lp, tm
 
 
 def test_reverse_queries_find_exactly_the_versions_that_used_a_source_or_row(lp, tmp_path):
-    from ftpipe.lineage import audit as audit
+    from ftpipe.lineage import queries
 
     project = lp["project"]
     client = mlflow_client(project)
@@ -100,7 +100,7 @@ def test_reverse_queries_find_exactly_the_versions_that_used_a_source_or_row(lp,
     assert [h["version"] for h in doc["versions"]] == ["2"]                # gone from disk: by recorded path
 
     def by_source(path):
-        return sorted(h["version"] for h in audit.versions_with_source(client, project, path))
+        return sorted(h["version"] for h in queries.versions_with_source(client, project, path))
 
     assert by_source("data/incoming/drop-b.jsonl") == ["3"]
     assert by_source("data/sources/dates.jsonl") == ["1", "2", "3"]
@@ -114,7 +114,7 @@ def test_reverse_queries_find_exactly_the_versions_that_used_a_source_or_row(lp,
             for x in (tmp_path / "v2" / f"{n}.jsonl").read_text().splitlines()]
     from_drop = next(r for r in rows if r["_source"] == "data/incoming/drop-a.jsonl")
     from_dates = next(r for r in rows if r["_source"] == "data/sources/dates.jsonl")
-    by_row = lambda h: sorted(x["version"] for x in audit.versions_with_row(client, project, h))  # noqa: E731
+    by_row = lambda h: sorted(x["version"] for x in queries.versions_with_row(client, project, h))  # noqa: E731
     assert by_row(from_dates["_hash"]) == ["1", "2", "3"]
     assert by_row("0" * 64) == []
     text = ok(_lineage(lp, "--row-hash", from_drop["_hash"]))
@@ -125,7 +125,7 @@ def test_reverse_queries_find_exactly_the_versions_that_used_a_source_or_row(lp,
 def test_a_version_carries_few_tags_and_the_record_holds_the_rest(lp):
     """The registry page stays readable: a version's tags are the few people filter on (and
     the code queries); every other fact of its registration is in its immutable record."""
-    from ftpipe.lineage import audit as audit
+    from ftpipe.lineage import record
 
     client = mlflow_client(lp["project"])
     tags = client.get_model_version(MODEL, "3").tags
@@ -134,7 +134,7 @@ def test_a_version_carries_few_tags_and_the_record_holds_the_rest(lp):
         "ftpipe.base_model", "ftpipe.base_model_revision", "ftpipe.start_from", "ftpipe.test_set",
         "ftpipe.metric.eval_loss"}                                         # eval_loss: the primary metric
     assert len(tags) <= 15, sorted(tags)
-    record = audit.recorded_lineage(client, audit.resolve(client, f"models:/{MODEL}/3"))[0]
+    record = record.recorded_lineage(client, record.resolve(client, f"models:/{MODEL}/3"))[0]
     assert {k: record[k] for k in tags if k in record} == {k: v for k, v in tags.items() if k in record}
     assert {"ftpipe.git_commit", "ftpipe.gx_verdict", "ftpipe.prefect_flow_run", "ftpipe.dvc.collect:data/collected",
             "ftpipe.dvc.clean:data/cleaned", "ftpipe.source.data/incoming/drop-b.jsonl",
@@ -182,7 +182,8 @@ def test_promote_refuses_an_unknown_version_or_a_non_number_in_one_line(lp):
 
 
 def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path, monkeypatch):
-    from ftpipe.lineage import audit as audit
+    from ftpipe.data import versions
+    from ftpipe.lineage import audit, record
 
     project = lp["project"]
     client = mlflow_client(project)
@@ -195,7 +196,7 @@ def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path, monkeypatch):
         return "\n".join(f"BROKEN {link.name}: {link.detail}" for link in res.broken)
 
     tags = client.get_model_version(MODEL, "1").tags
-    record = audit.recorded_lineage(client, audit.resolve(client, f"models:/{MODEL}/1"))[0]
+    record = record.recorded_lineage(client, record.resolve(client, f"models:/{MODEL}/1"))[0]
     splits_md5 = tags["ftpipe.dvc.split:data/splits"]
     listing_of = lambda md5: json.loads((project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).read_text())  # noqa: E731
     obj = lambda base, md5: project / base / "files/md5" / md5[:2] / md5[2:]  # noqa: E731
@@ -249,9 +250,9 @@ def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path, monkeypatch):
     assert (f"tag ftpipe.dvc.split:data/splits on {MODEL} v1 was rewritten: recorded '{splits_md5}', "
             f"now '{other}'") in err and err.count("BROKEN") == 1
     restored = tmp_path / "after-rewrite"
-    store = audit.Store(project)
+    store = versions.Store(project)
     try:
-        audit.restore_output(store, audit.recorded_lineage(client, audit.resolve(client, f"models:/{MODEL}/1"))[0]
+        versions.restore_output(store, record.recorded_lineage(client, record.resolve(client, f"models:/{MODEL}/1"))[0]
                              ["ftpipe.dvc.split:data/splits"], restored)
     finally:
         store.close()
