@@ -16,10 +16,21 @@ def pytest_configure(config):
     gets its share of the cores: torch in two processes that each assumed it owned both cores
     ran 2.3x slower (STACK.md). Set here, not at import: a worker learns the count only now."""
     worker = getattr(config, "workerinput", None)
-    if worker is not None:
+    if worker is None:   # the session (or its controller): one DVC cache for every project (make_project)
+        import tempfile
+
+        os.environ.setdefault("FTPIPE_TEST_DVC_CACHE", tempfile.mkdtemp(prefix="ftpipe-test-dvc-cache-"))
+    else:
         from ftpipe import cores
 
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores.available() // worker["workercount"])))
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "workerinput", None) is None and "FTPIPE_TEST_DVC_CACHE" in os.environ:
+        import shutil
+
+        shutil.rmtree(os.environ["FTPIPE_TEST_DVC_CACHE"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

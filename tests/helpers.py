@@ -87,8 +87,13 @@ def set_dotted(doc: dict, dotted: str, value) -> None:
     node[last] = value
 
 
-def make_project(dest: Path, tweaks: dict | None = None, tiny: bool = True) -> Path:
-    """A fresh ftpipe project (a git + DVC repo); tiny-model params unless tiny=False."""
+def make_project(dest: Path, tweaks: dict | None = None, tiny: bool = True, shared_cache: bool = True) -> Path:
+    """A fresh ftpipe project (a git + DVC repo); tiny-model params unless tiny=False.
+
+    shared_cache: the project's DVC cache is the test session's (FTPIPE_TEST_DVC_CACHE), so
+    a stage another project already ran with the same code, params and data is restored from
+    DVC's run-cache instead of run again (the tiny base model, the default data's stages).
+    Tests that corrupt cache objects or must fetch from the remote keep their own."""
     for rel in ("ftpipe", "data/sources", "data/incoming", "data/corpus", "dvc.yaml", ".dvc/config",
                 ".dvc/.gitignore", ".gitignore", ".dvcignore"):
         src = REPO / rel
@@ -99,8 +104,10 @@ def make_project(dest: Path, tweaks: dict | None = None, tiny: bool = True) -> P
             shutil.copy2(src, dest / rel)
     # the project's own DVC remote (tests delete and corrupt remote objects), by absolute path as
     # a team's shared remote would be: clones of the project reach the same one
+    cache = os.environ.get("FTPIPE_TEST_DVC_CACHE") if shared_cache else None
     (dest / ".dvc/config").write_text(f"[core]\n    remote = local\n['remote \"local\"']\n"
-                                      f"    url = {dest.resolve() / 'dvc-remote'}\n")
+                                      f"    url = {dest.resolve() / 'dvc-remote'}\n"
+                                      + (f"[cache]\n    dir = {cache}\n" if cache else ""))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for key, value in ((TINY if tiny else {}) | (tweaks or {})).items():
         if isinstance(value, dict):

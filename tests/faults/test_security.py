@@ -61,7 +61,8 @@ def test_planted_secrets_and_pii_never_leave_a_run(tmp_path_factory, prefect_ser
         with con.cursor() as cur:
             cur.executemany(f"INSERT INTO {table} VALUES (%s, %s, %s)",
                             [(r["instruction"], r.get("input", ""), r["output"]) for r in rows])
-    project = make_project(tmp_path_factory.mktemp("secrets"), {"train": {"max_steps": 5}})
+    project = make_project(tmp_path_factory.mktemp("secrets"), {"train": {"max_steps": 5}},
+                           shared_cache=False)   # its DVC cache is one of the outputs grepped
     import yaml
 
     _people_source(project)
