@@ -204,9 +204,7 @@ def generate(
     project: Path = typer.Option(Path("."), "--project", "-p"),
 ) -> None:
     """Generate with a registered model (the champion by default) or a local checkpoint."""
-    _quiet_env()
-    project = project.resolve()
-    cfg = _load(_config_path(config, project), [], project)
+    cfg, project = _project_config(config, project)
     model = model or f"models:/{cfg.registry.model_name}@champion"
     row = {"instruction": prompt, "input": input_text}
     if Path(model).is_dir():
@@ -233,10 +231,15 @@ def generate(
     print(answer)
 
 
-def _registry(config: Path, project: Path):
+def _project_config(config: Path, project: Path):
+    """(the project's config, its resolved root) for a command that runs nothing."""
     _quiet_env()
     project = project.resolve()
-    cfg = _load(_config_path(config, project), [], project)
+    return _load(_config_path(config, project), [], project), project
+
+
+def _registry(config: Path, project: Path):
+    cfg, project = _project_config(config, project)
     from ftpipe.registry import store as registry
 
     registry.setup(cfg.registry, project)
@@ -534,9 +537,7 @@ def data_status(
     project: Path = typer.Option(Path("."), "--project", "-p"),
 ) -> None:
     """Current data version, rows added/removed since the champion's, and what the remote holds."""
-    _quiet_env()
-    project = project.resolve()
-    cfg = _load(_config_path(config, project), [], project)
+    cfg, project = _project_config(config, project)
     from ftpipe.data.status import data_status as status
     from ftpipe.data.status import print_status
 
@@ -553,9 +554,7 @@ def data_fetch(
     project: Path = typer.Option(Path("."), "--project", "-p"),
 ) -> None:
     """Run each SQL source's query into data/sources/sql/ (before a hand-run `dvc repro`)."""
-    _quiet_env()
-    project = project.resolve()
-    cfg = _load(_config_path(config, project), [], project)
+    cfg, project = _project_config(config, project)
     from ftpipe.data.sources import SourceError, fetch_sql
 
     for src in cfg.data.sources:

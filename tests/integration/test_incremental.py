@@ -15,7 +15,7 @@ import sys
 import pytest
 import yaml
 
-from tests.helpers import needs_postgres, ok, BIN, REPO, TINY, free_port, make_project, mlflow_client, run_cli, wait_http
+from tests.helpers import stop, needs_postgres, ok, BIN, REPO, TINY, free_port, make_project, mlflow_client, run_cli, wait_http
 
 MODEL = "ftpipe-dates"
 
@@ -107,11 +107,7 @@ def serving(project, prefect_env: dict):
     try:
         yield trigger
     finally:
-        served.terminate()
-        try:
-            served.wait(30)
-        except subprocess.TimeoutExpired:
-            served.kill()
+        stop(served)
 
 
 def _skips(project, prefect_env):
@@ -258,11 +254,7 @@ def test_the_same_on_a_prefect_server_backed_by_postgresql(project):
         with psycopg.connect(f"{pg}/{db}") as con:                         # the run is in PostgreSQL
             assert con.execute("SELECT state_type FROM flow_run WHERE id = %s", (fr["id"],)).fetchone()[0] == "COMPLETED"
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
         with psycopg.connect(f"{pg}/postgres", autocommit=True) as con:
             con.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
