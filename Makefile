@@ -20,10 +20,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/ftpipe run
 
-# One worker per core (at most 4), each module's tests on one worker in file order; each
-# worker and what it starts get their share of the cores (tests/helpers.py).
+# One worker per core (at most 4), each module's tests on one worker in file order, the longest
+# modules first (tests/conftest.py); each worker and what it starts get their share of the cores.
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations 15 tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder --durations 15 tests
 
 ui: $(STAMP)
 	$(PY) mlflow/launch.py

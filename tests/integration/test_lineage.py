@@ -125,7 +125,7 @@ def test_reverse_queries_find_exactly_the_versions_that_used_a_source_or_row(lp,
 def test_a_version_carries_few_tags_and_the_record_holds_the_rest(lp):
     """The registry page stays readable: a version's tags are the few people filter on (and
     the code queries); every other fact of its registration is in its immutable record."""
-    from ftpipe.lineage import record
+    from ftpipe.lineage import record as lrec
 
     client = mlflow_client(lp["project"])
     tags = client.get_model_version(MODEL, "3").tags
@@ -134,7 +134,7 @@ def test_a_version_carries_few_tags_and_the_record_holds_the_rest(lp):
         "ftpipe.base_model", "ftpipe.base_model_revision", "ftpipe.start_from", "ftpipe.test_set",
         "ftpipe.metric.eval_loss"}                                         # eval_loss: the primary metric
     assert len(tags) <= 15, sorted(tags)
-    record = record.recorded_lineage(client, record.resolve(client, f"models:/{MODEL}/3"))[0]
+    record = lrec.recorded_lineage(client, lrec.resolve(client, f"models:/{MODEL}/3"))[0]
     assert {k: record[k] for k in tags if k in record} == {k: v for k, v in tags.items() if k in record}
     assert {"ftpipe.git_commit", "ftpipe.gx_verdict", "ftpipe.prefect_flow_run", "ftpipe.dvc.collect:data/collected",
             "ftpipe.dvc.clean:data/cleaned", "ftpipe.source.data/incoming/drop-b.jsonl",
@@ -183,7 +183,8 @@ def test_promote_refuses_an_unknown_version_or_a_non_number_in_one_line(lp):
 
 def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path, monkeypatch):
     from ftpipe.data import versions
-    from ftpipe.lineage import audit, record
+    from ftpipe.lineage import audit
+    from ftpipe.lineage import record as lrec
 
     project = lp["project"]
     client = mlflow_client(project)
@@ -196,7 +197,7 @@ def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path, monkeypatch):
         return "\n".join(f"BROKEN {link.name}: {link.detail}" for link in res.broken)
 
     tags = client.get_model_version(MODEL, "1").tags
-    record = record.recorded_lineage(client, record.resolve(client, f"models:/{MODEL}/1"))[0]
+    record = lrec.recorded_lineage(client, lrec.resolve(client, f"models:/{MODEL}/1"))[0]
     splits_md5 = tags["ftpipe.dvc.split:data/splits"]
     listing_of = lambda md5: json.loads((project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).read_text())  # noqa: E731
     obj = lambda base, md5: project / base / "files/md5" / md5[:2] / md5[2:]  # noqa: E731
@@ -252,7 +253,7 @@ def test_each_broken_link_is_named_and_nothing_else(lp, tmp_path, monkeypatch):
     restored = tmp_path / "after-rewrite"
     store = versions.Store(project)
     try:
-        versions.restore_output(store, record.recorded_lineage(client, record.resolve(client, f"models:/{MODEL}/1"))[0]
+        versions.restore_output(store, lrec.recorded_lineage(client, lrec.resolve(client, f"models:/{MODEL}/1"))[0]
                              ["ftpipe.dvc.split:data/splits"], restored)
     finally:
         store.close()
