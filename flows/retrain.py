@@ -71,8 +71,9 @@ def retrain_steps(cfg: PipelineConfig, root: str, require_new_data: bool) -> Ret
             return skipped(run, plan.skip, plan, cfg, root, io)
         candidate = train_candidate(cfg.model, cfg.lora, plan, run, root, cfg.eval.batch_size)   # or cached
         known = io.find_registered(cfg.registry, candidate.model_dir, run)
-        if known and known.skip(cfg.registry.model_name):      # these weights were decided already
-            return skipped(run, known.skip(cfg.registry.model_name), plan, cfg, root, io)
+        decided = known and known.skip(cfg.registry.model_name)   # these weights were decided already
+        if decided:
+            return skipped(run, decided, plan, cfg, root, io)
         io.log_training(run, candidate)
         report = evaluate(cfg.eval, cfg.model, cfg.registry, data.base.path, candidate.model_dir,
                           data.splits["test"], cfg.train.max_seq_len, run, root)

@@ -605,8 +605,7 @@ def data_restore(
     if problems and not force:
         _fail("the lineage of " + f"{v.name} v{v.version} does not hold:\n" + "\n".join(problems)
               + "\n(`ftpipe lineage` for the whole audit; --force restores what the record says anyway)", 1)
-    outputs = {k[len(t.DVC):]: md5 for k, md5 in doc.items() if k.startswith(t.DVC)
-               and ":" in k[len(t.DVC):]}
+    outputs = {k: md5 for k, md5 in t.under(doc, t.DVC).items() if ":" in k}
     wanted = outputs if every_stage else {k: m for k, m in outputs.items() if k == SPLITS_OUTPUT}
     if not wanted:
         _fail(f"{v.name} v{v.version}: no data version recorded", 2)

@@ -21,6 +21,14 @@ def sha256_path(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON file's object; {} when there is no such file."""
+    import json
+
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def iter_jsonl(source: str | Path | bytes) -> Iterator[dict]:
     """The objects of a JSON Lines file (or of its bytes), one at a time; blank lines skipped."""
     import orjson

@@ -21,6 +21,11 @@ def lower_is_better(metric: str) -> bool:
     return metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER
 
 
+def under(keys: dict[str, str], prefix: str) -> dict[str, str]:
+    """The entries of a tag or record dict under a key prefix (DVC, SOURCE), the prefix cut off."""
+    return {k[len(prefix):]: v for k, v in keys.items() if k.startswith(prefix)}
+
+
 def fmt(value) -> str:
     """A metric as tables show it: 4 decimals, — when missing."""
     if value is None:

@@ -40,7 +40,7 @@ def fetch_sql_sources(data: DataConfig, root: str) -> None:
 
 @task(name="base-model", cache_policy=NO_CACHE)
 def base_model(model: ModelConfig, root: str) -> BaseModelRef:
-    """The tiny default built through DVC when params.yaml points at it; else model.base, checked."""
+    """The tiny default built through DVC when params.yaml points at it; else model.base (checked by preflight)."""
     from ftpipe.training.models import resolve_base
 
     ref = resolve_base(model, Path(root))
@@ -51,10 +51,10 @@ def base_model(model: ModelConfig, root: str) -> BaseModelRef:
 @task(name="collect", cache_policy=NO_CACHE)
 def collect(root: str) -> StageResult:
     """The collect stage, and what it read: rows, unparseable rows, files skipped and why."""
-    from ftpipe.lineage.record import read_manifest
+    from ftpipe.files import read_json
 
     st = stage.fn("collect", root)
-    manifest = read_manifest(Path(root) / COLLECTED / "manifest.json")
+    manifest = read_json(Path(root) / COLLECTED / "manifest.json")
     _log(f"collect: {manifest.get('rows')} rows from {len(manifest.get('files', []))} file(s), "
          f"{manifest.get('parse_errors')} unparseable")
     for s in manifest.get("skipped", []):

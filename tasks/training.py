@@ -44,9 +44,12 @@ class TrainingCache(CachePolicy):
     """A training's cache key is its recipe and its data (training_dir's key), never the run."""
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
-        plan = inputs["plan"]
-        return training_dir(inputs["root"], inputs["model"].model_copy(update={"base": plan.base_path}),
-                            inputs["lora"], plan.train, plan.data_key).name
+        return _training_dir(inputs["model"], inputs["lora"], inputs["plan"], inputs["root"]).name
+
+
+def _training_dir(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, root: str) -> Path:
+    """runs/train-KEY of this plan: the recipe (from the plan's start weights) and the data."""
+    return training_dir(root, model.model_copy(update={"base": plan.base_path}), lora, plan.train, plan.data_key)
 
 
 def result_store(root: str) -> Path:
@@ -64,9 +67,8 @@ def fine_tune(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, run_id: 
     from ftpipe.training.launch import train
 
     logger = get_run_logger()
-    model = model.model_copy(update={"base": plan.base_path})
-    result = train(model, lora, plan.train, plan.splits["train"], plan.splits["validation"],
-                   training_dir(root, model, lora, plan.train, plan.data_key), log=logger.info,
+    result = train(model.model_copy(update={"base": plan.base_path}), lora, plan.train, plan.splits["train"],
+                   plan.splits["validation"], _training_dir(model, lora, plan, root), log=logger.info,
                    on_metrics=runs.metrics_streamer(run_id, logger.warning), val_batch_size=val_batch_size)
     if result.resumed_from:
         logger.info(f"resumed from the checkpoint at step {result.resumed_from}")

@@ -61,7 +61,7 @@ def data_status(cfg: PipelineConfig, root: Path) -> DataStatus:
         champion_data = {}
     else:
         tags = recorded_tags(registry.client(), champ.name, champ.version)
-        champion_data = {k[len(t.DVC):]: v for k, v in tags.items() if k.startswith(t.DVC)}
+        champion_data = t.under(tags, t.DVC)
     dvc = Store(root, cfg.data.remote)
     try:
         rows = lambda md5: set(found) if md5 and (found := split_rows(dvc, md5)) is not None else None  # noqa: E731

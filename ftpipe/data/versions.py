@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from ftpipe.data.quality import QualityResult
-from ftpipe.files import iter_jsonl
+from ftpipe.files import iter_jsonl, read_json
 from ftpipe.lineage.record import AuditError
 from ftpipe.names import SPLITS_OUTPUT
 from ftpipe.training.models import BaseModelRef
@@ -260,10 +260,9 @@ def data_version(root: Path, hashes: dict[str, str], raw: QualityResult, cleaned
     from their DVC outputs."""
     from ftpipe.data.stages import CLEANED, COLLECTED, SPLITS
 
-    read = lambda p: json.loads(p.read_text()) if p.is_file() else {}  # noqa: E731
-    return DataVersion(hashes, read(root / COLLECTED / "manifest.json"), raw, cleaned,
+    return DataVersion(hashes, read_json(root / COLLECTED / "manifest.json"), raw, cleaned,
                        {n: str(root / SPLITS / f"{n}.jsonl") for n in ("train", "validation", "test")}, base, pushed,
-                       read(root / CLEANED / "report.json"), read(root / SPLITS / "counts.json"))
+                       read_json(root / CLEANED / "report.json"), read_json(root / SPLITS / "counts.json"))
 
 
 def dvc_lock_hashes(root: Path, stages: list[str] | None = None) -> dict[str, str]:

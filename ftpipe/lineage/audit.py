@@ -170,8 +170,7 @@ def audit(client, root: Path, ref: str, remote: str | None = None,
         # data
         store = Store(root, remote)
         try:
-            data = [verify_output(store, k[len(t.DVC):], md5)
-                    for k, md5 in sorted(doc.items()) if k.startswith(t.DVC)]
+            data = [verify_output(store, k, md5) for k, md5 in sorted(t.under(doc, t.DVC).items())]
         finally:
             store.close()
         if not data:
@@ -193,7 +192,7 @@ def audit(client, root: Path, ref: str, remote: str | None = None,
                 ("passed" if ok else "did not pass") + f" ({gx[name]['evaluated']} expectations)")))
         # sources
         manifest = run.json("data/manifest.json") or {}
-        recorded = {k[len(t.SOURCE):]: val for k, val in doc.items() if k.startswith(t.SOURCE)}
+        recorded = t.under(doc, t.SOURCE)
         sources = []
         files = manifest.get("files") or [{"path": p, "sha256": val.split()[0].removeprefix("sha256:"),
                                             "rows": None, "size": None} for p, val in recorded.items()]

@@ -37,10 +37,7 @@ def versions_with_source(client, root: Path, path: str) -> list[dict]:
     out = []
     for v in all_versions(client):
         doc, _, _ = recorded_lineage(client, v)
-        for k, val in doc.items():
-            if not k.startswith(t.SOURCE):
-                continue
-            src = k[len(t.SOURCE):]
+        for src, val in t.under(doc, t.SOURCE).items():
             digest = val.split()[0].removeprefix("sha256:")
             if src == rel:
                 how = "path"

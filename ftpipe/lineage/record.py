@@ -90,9 +90,6 @@ def git_commit(root: Path) -> tuple[str, bool]:
         return "unknown", True
 
 
-def read_manifest(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
 
 RECORD_PARAM = t.RECORD_PARAM
 

@@ -159,7 +159,8 @@ class BaseModelRef:
 
 def resolve_base(model: ModelConfig, root: Path) -> BaseModelRef:
     """The tiny default built by the DVC stage base_model (skipped when up to date) when
-    params.yaml points at it; any other model.base as it is, checked."""
+    params.yaml points at it; any other model.base as it is (ftpipe.data.preflight checked it
+    before the run started)."""
     from ftpipe.data.stages import BASE_MODEL_DIR
     from ftpipe.data.versions import reproduce
 
@@ -167,5 +168,5 @@ def resolve_base(model: ModelConfig, root: Path) -> BaseModelRef:
     if local.resolve() == (root / BASE_MODEL_DIR).resolve():
         ran = reproduce(root, "base_model").ran
         return BaseModelRef(str(local), model.base, base_model_revision(model.base, None, root), ran)
-    path = check_model(model.base, root, model.revision, model.allow_pickle_weights)
+    path = str(local) if local.exists() else model.base
     return BaseModelRef(path, model.base, base_model_revision(path, model.revision, root), None)
