@@ -45,6 +45,9 @@ def main() -> None:
     # Never print a password: postgresql://user:secret@host/db is shown as host/db.
     shown = args.backend.split("@")[-1] if "@" in args.backend else args.backend
     print(f"MLflow on http://{args.host}:{args.port}  (store: {shown})", flush=True)
+    # MLflow 3's server also starts ~8 job-runner processes (huey consumers, for GenAI jobs
+    # ftpipe never submits): 10 s of CPU at each start and polling after. Off unless asked.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(cmd[0], cmd)
 
 
