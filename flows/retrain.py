@@ -79,7 +79,8 @@ def retrain_steps(cfg: PipelineConfig, root: str, require_new_data: bool) -> Ret
                           data.splits["test"], cfg.train.max_seq_len, run, root)
         version = known.version if known else io.register(
             cfg.registry, run, candidate.model_dir, lineage_of(data, plan, cfg.hash(), Path(root), flow_run_id),
-            report.candidate.metrics() | {"train_loss": candidate.train_loss}, cfg.train.method, report.test_sha)
+            report.candidate.metrics() | {"train_loss": candidate.train_loss}, cfg.train.method, report.test_sha,
+            candidate.adapter_dir, (plan.base_path, plan.base_source, plan.base_revision))
         checks = {"data_gate": data.passed, "train_loss_finite": math.isfinite(candidate.train_loss)}
         promotion = io.promote(cfg.registry, cfg.eval, run, version.version, report, checks, cfg.train.max_seq_len,
                                root)

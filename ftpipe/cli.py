@@ -212,7 +212,14 @@ def generate(
         from ftpipe.evaluation.generation import generate as gen
         from ftpipe.evaluation.generation import load_for_eval
 
-        m, tok = load_for_eval(model)
+        adapter = None
+        if (Path(model) / "adapter_config.json").is_file():   # an exported adapter: on the base it names
+            import json
+
+            adapter, model = model, json.loads((Path(model) / "adapter_config.json").read_text())[
+                "base_model_name_or_path"]
+            model = str(project / model) if (project / model).is_dir() else model
+        m, tok = load_for_eval(model, adapter=adapter)
         answer = gen(m, tok, [prompt_of(row)], max_new_tokens)[0]
     else:
         import pandas as pd
@@ -379,6 +386,39 @@ def serve(
            "--host", host, "--port", str(port)]
     print(f"serving {model} on http://{host}:{port}/invocations", flush=True)
     os.execve(cmd[0], cmd, env)
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="models:/NAME@alias, models:/NAME/VERSION or a run id"),
+    to: Path = typer.Option(..., "--to", help="a new (or empty) folder"),
+    merged: bool = typer.Option(False, "--merged", help="base + adapter merged: a Hugging Face folder that "
+                                                      "from_pretrained loads without peft"),
+    max_shard_size: str = typer.Option("2GB", help="--merged: the largest safetensors shard (e.g. 5GB, 500MB)"),
+    config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
+    project: Path = typer.Option(Path("."), "--project", "-p"),
+) -> None:
+    """Export a version: its PEFT adapter folder (vLLM LoRA, PeftModel), or --merged a full checkpoint."""
+    cfg, project = _registry(config, project)
+    from ftpipe.lineage.record import AuditError, resolve
+    from ftpipe.registry import store as registry
+    from ftpipe.serving import export as ex
+
+    try:
+        v = resolve(registry.client(), model)
+    except AuditError as exc:
+        _fail(str(exc))
+    tmp = registry.scratch_dir("ftpipe-export-")
+    try:
+        local = registry.download_model(v.name, v.version, tmp)
+        try:
+            done = (ex.export_merged(local.model_dir, local.adapter_dir, to, max_shard_size) if merged or local.adapter_dir is None
+                    else ex.export_adapter(local.adapter_dir, local.base_ref, to))
+        except FileExistsError as exc:
+            _fail(str(exc), 2)
+    finally:
+        registry.remove(tmp)
+    print(f"exported {v.name} v{v.version} ({done.kind}): {done.files} files, {done.bytes:,} bytes in {done.path}")
 
 
 def _row_use(hit: dict) -> str:

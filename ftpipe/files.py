@@ -21,6 +21,12 @@ def sha256_path(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def folder_bytes(path: str | Path) -> int:
+    """The bytes of the files in a folder (all levels), or of one file."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def read_json(path: str | Path) -> dict:
     """A JSON file's object; {} when there is no such file."""
     import json

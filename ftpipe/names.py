@@ -43,6 +43,7 @@ GX_VERDICT = "ftpipe.gx_verdict"
 PREFECT_FLOW_RUN = "ftpipe.prefect_flow_run"
 START_FROM = "ftpipe.start_from"          # "scratch" | "champion models:/NAME/V: N new training rows + M replayed"
 TRAIN_FILE = "ftpipe.train_file"          # an incremental run's training file: "sha256:HEX rows:N"
+BASE_STORED = "ftpipe.base_stored"        # an adapter version's base in the base store: "sha256:DIGEST run:ID"
 DVC = "ftpipe.dvc."                       # + "stage:path" -> DVC md5
 SPLITS_OUTPUT = "split:data/splits"         # the DVC output a version trains and tests on
 SPLITS = DVC + SPLITS_OUTPUT
@@ -88,7 +89,7 @@ VERSION_TAGS = (METHOD, CANDIDATE, CONFIG_HASH, SPLITS, BASE_MODEL, BASE_MODEL_R
 
 def is_registered(key: str) -> bool:
     """A key that registration writes (in the record; some also as tags), not the gate."""
-    return key in LINEAGE_KEYS or key in (TRAIN_FILE, METHOD, CANDIDATE, TEST_SET) \
+    return key in LINEAGE_KEYS or key in (TRAIN_FILE, BASE_STORED, METHOD, CANDIDATE, TEST_SET) \
         or key.startswith((DVC, SOURCE, METRIC))
 
 

@@ -36,9 +36,20 @@ def find_registered(reg: RegistryConfig, model_dir: str, run_id: str) -> candida
 
 @io_task("register")
 def register(reg: RegistryConfig, run_id: str, model_dir: str, lineage: Lineage, metrics: dict[str, float],
-             method: str, test_sha: str) -> VersionInfo:
-    version = candidates.register(reg, run_id, model_dir, lineage, metrics, method, test_sha)
-    get_run_logger().info(f"registered {reg.model_name} version {version.version} as challenger")
+             method: str, test_sha: str, adapter_dir: str | None = None,
+             base: tuple[str, str, str | None] | None = None) -> VersionInfo:
+    """Full weights, or (adapter_dir, base: folder, source, revision) an adapter version."""
+    import time
+
+    from ftpipe.files import folder_bytes
+
+    log = get_run_logger().info
+    start = time.perf_counter()
+    version = candidates.register(reg, run_id, model_dir, lineage, metrics, method, test_sha, adapter_dir, base, log)
+    what = f"adapter {folder_bytes(adapter_dir) / 1e6:,.1f} MB" if adapter_dir else \
+        f"weights {folder_bytes(model_dir) / 1e6:,.1f} MB"
+    log(f"registered {reg.model_name} version {version.version} as challenger ({what}) in "
+        f"{time.perf_counter() - start:.1f} s")
     return version
 
 

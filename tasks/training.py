@@ -69,7 +69,8 @@ def fine_tune(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, run_id: 
     logger = get_run_logger()
     result = train(model.model_copy(update={"base": plan.base_path}), lora, plan.train, plan.splits["train"],
                    plan.splits["validation"], _training_dir(model, lora, plan, root), log=logger.info,
-                   on_metrics=runs.metrics_streamer(run_id, logger.warning), val_batch_size=val_batch_size)
+                   on_metrics=runs.metrics_streamer(run_id, logger.warning), val_batch_size=val_batch_size,
+                   start_adapter=plan.start_adapter)
     if result.resumed_from:
         logger.info(f"resumed from the checkpoint at step {result.resumed_from}")
     return result

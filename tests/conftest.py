@@ -8,7 +8,7 @@ from tests.helpers import prefect_server, tiny, tiny_base  # noqa: F401  (sessio
 # (pytest-xdist --dist loadfile --no-loadscope-reorder hands modules out in this order, two
 # to each worker at the start: the third is short, so the default pipeline's worker takes
 # little else while it trains).
-FIRST = ("test_default_pipeline", "test_incremental", "test_config", "test_mlflow_and_disk", "test_prefect_store",
+FIRST = ("test_default_pipeline", "test_incremental", "test_real_architectures", "test_config", "test_mlflow_and_disk", "test_prefect_store",
          "test_crash_and_concurrency", "test_lineage", "test_registry_server", "test_data_pipeline",
          "test_security", "test_retrain_flow", "test_trial_defects", "test_data_docs")
 
@@ -22,6 +22,8 @@ def pytest_configure(config):
         import tempfile
 
         os.environ.setdefault("FTPIPE_TEST_DVC_CACHE", tempfile.mkdtemp(prefix="ftpipe-test-dvc-cache-"))
+        # the base cache of adapter versions (ftpipe.registry.bases): the session's, not ~/.cache
+        os.environ.setdefault("FTPIPE_CACHE", tempfile.mkdtemp(prefix="ftpipe-test-cache-"))
     else:
         from ftpipe import cores
 
@@ -29,10 +31,12 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    if getattr(config, "workerinput", None) is None and "FTPIPE_TEST_DVC_CACHE" in os.environ:
+    if getattr(config, "workerinput", None) is None:
         import shutil
 
-        shutil.rmtree(os.environ["FTPIPE_TEST_DVC_CACHE"], ignore_errors=True)
+        for var in ("FTPIPE_TEST_DVC_CACHE", "FTPIPE_CACHE"):
+            if var in os.environ and "ftpipe-test-" in os.environ[var]:
+                shutil.rmtree(os.environ[var], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

@@ -118,8 +118,9 @@ def score_version(reg: RegistryConfig, version: str, rows: list[dict], regressio
                   cfg: EvalConfig, max_seq_len: int) -> tuple[ModelScores, dict[str, ModelScores]]:
     tmp = registry.scratch_dir("ftpipe-champion-")
     try:
-        path = registry.download_model(reg.model_name, version, tmp)
-        return evaluate_model(path, rows, cfg, max_seq_len, name=f"champion v{version}", regression=regression)
+        local = registry.download_model(reg.model_name, version, tmp)
+        return evaluate_model(local.model_dir, rows, cfg, max_seq_len, name=f"champion v{version}",
+                              regression=regression, adapter=local.adapter_dir)
     finally:
         registry.remove(tmp)
 

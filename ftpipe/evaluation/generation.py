@@ -1,12 +1,24 @@
 """Loading a checkpoint for evaluation and greedy generation: batched, left-padded,
-KV-cached, longest prompts first.
+KV-cached, longest prompts first; on a GPU through a lean decode loop (`generate_fast`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy completions of raw prompt strings, in order (batched, KV-cached)."""
+    """Greedy completions of raw prompt strings, in order. On a GPU: length-sorted batches
+    filled to a token budget, one decode loop without generate()'s per-step machinery, and
+    rows that finished leave the batch (`generate_fast`). On CPU: `model.generate` in
+    batches of batch_size (`generate_reference`)."""
+    if next(model.parameters()).device.type == "cuda":
+        return generate_fast(model, tokenizer, prompts, max_new_tokens)
+    return generate_reference(model, tokenizer, prompts, max_new_tokens, batch_size)
+
+
+def generate_reference(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """`model.generate` (greedy, KV-cached) on left-padded batches, longest prompts first."""
     import torch
 
     device = next(model.parameters()).device
@@ -29,17 +41,96 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return [done[j] for j in range(len(prompts))]
 
 
+def generate_fast(model, tokenizer, prompts: list[str], max_new_tokens: int, max_rows: int = 512,
+                  max_batch_tokens: int = 256 * 1024, return_ids: bool = False):
+    """Greedy decoding as `model.generate` does it (left padding, positions from the mask, the
+    same KV cache), for evaluation at GPU speed: prompts sorted by token length and batched up
+    to max_rows rows and max_batch_tokens (prompt + new) tokens; the prefill keeps only the
+    last position's logits; each step is one forward of the live rows, and a row that emitted
+    an end-of-sequence token leaves the batch (its cache rows dropped). return_ids: the new
+    token ids per prompt instead of text."""
+    import torch
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    model.eval()
+    eos = tokenizer.eos_token_id if isinstance(tokenizer.eos_token_id, list) else [tokenizer.eos_token_id]
+    eos_ids = torch.tensor([e for e in eos if e is not None] or [-1], device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0].item()
+    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    batches, cur = [], []
+    for i in order:   # the first row of a batch is its longest
+        if cur and (len(cur) >= max_rows or (len(cur) + 1) * (len(ids[cur[0]]) + max_new_tokens) > max_batch_tokens):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    out: dict[int, list[int]] = {}
+    with torch.inference_mode():
+        for rows in batches:
+            width = len(ids[rows[0]])
+            x = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                x[r, width - len(ids[i]):] = torch.tensor(ids[i])
+                mask[r, width - len(ids[i]):] = 1
+            x, mask = x.to(device), mask.to(device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = DynamicCache()
+            logits = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
+            live = torch.arange(len(rows), device=device)
+            last = pos[:, -1]
+            steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for step in range(max_new_tokens):
+                nxt = logits.argmax(-1)
+                steps.append((live, nxt))
+                if step == max_new_tokens - 1:
+                    break
+                going = ~torch.isin(nxt, eos_ids)
+                if not bool(going.all()):
+                    if not bool(going.any()):
+                        break
+                    keep = going.nonzero().squeeze(1)
+                    cache.batch_select_indices(keep)
+                    live, nxt, mask, last = live[keep], nxt[keep], mask[keep], last[keep]
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                last = last + 1
+                logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
+                               past_key_values=cache, use_cache=True).logits[:, -1]
+            tokens = [[] for _ in rows]
+            for live_rows, nxt in ((a.tolist(), b.tolist()) for a, b in steps):
+                for r, t in zip(live_rows, nxt):
+                    tokens[r].append(t)
+            for r, i in enumerate(rows):
+                out[i] = tokens[r]
+    if return_ids:
+        return [out[i] for i in range(len(prompts))]
+    return [tokenizer.decode(out[i], skip_special_tokens=True).strip() for i in range(len(prompts))]
+
+
 def load_for_eval(model_dir: str, revision: str | None = None, trust_remote_code: bool = False,
-                  allow_pickle_weights: bool = False):
+                  allow_pickle_weights: bool = False, adapter: str | None = None):
+    """(model, tokenizer) for scoring and generation: bf16 on a GPU, fp32 on CPU. With an
+    adapter (a PEFT folder), model_dir is its base and the adapter is merged in (the
+    tokenizer is the adapter's own when it has one)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    tok = AutoTokenizer.from_pretrained(model_dir, revision=revision, trust_remote_code=trust_remote_code)
+    tok_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
+    tok = AutoTokenizer.from_pretrained(tok_dir, revision=None if tok_dir == adapter else revision,
+                                        trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, revision=revision, dtype=dtype, use_safetensors=None if allow_pickle_weights else True,
         trust_remote_code=trust_remote_code,
         device_map={"": 0} if torch.cuda.is_available() else None)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model, tok

@@ -55,11 +55,12 @@ def evaluate_loaded(model, tok, rows: list[dict], cfg: EvalConfig, max_seq_len: 
 def evaluate_model(model_dir: str, rows: list[dict], cfg: EvalConfig, max_seq_len: int = 256,
                    revision: str | None = None, trust_remote_code: bool = False,
                    name: str | None = None, regression: dict[str, list[dict]] | None = None,
-                   allow_pickle_weights: bool = False
+                   allow_pickle_weights: bool = False, adapter: str | None = None
                    ) -> ModelScores | tuple[ModelScores, dict[str, ModelScores]]:
     """Score one checkpoint on `rows`; with `regression` ({set id: rows}) also on each of
-    those sets (loading the model once) and return (scores, {set id: scores})."""
-    model, tok = load_for_eval(model_dir, revision, trust_remote_code, allow_pickle_weights)
+    those sets (loading the model once) and return (scores, {set id: scores}). adapter: a
+    PEFT folder put on model_dir (an adapter version's base)."""
+    model, tok = load_for_eval(model_dir, revision, trust_remote_code, allow_pickle_weights, adapter)
     label = name or str(Path(model_dir))
     scores = evaluate_loaded(model, tok, rows, cfg, max_seq_len, label)
     if regression is None:

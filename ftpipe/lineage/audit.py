@@ -156,6 +156,12 @@ def audit(client, root: Path, ref: str, remote: str | None = None,
                                                             "from the run's config/params.yaml")))
         base = {"id": doc.get(t.BASE_MODEL, ""), "revision": doc.get(t.BASE_MODEL_REVISION, ""),
                 "start_from": doc.get(t.START_FROM, "scratch")}
+        if doc.get(t.BASE_STORED):       # an adapter version: its base in the registry's base store
+            from ftpipe.registry.bases import audit_stored
+
+            ok, detail, facts = audit_stored(client, v.name, v.version, doc[t.BASE_STORED])
+            base |= facts
+            links.append(Link("base model", ok, detail))
         # what it trained on: its data version's train split, or an incremental run's own file
         trained_on = {"file": f"train.jsonl of {t.SPLITS_OUTPUT}", "data_version": doc.get(t.SPLITS, "")}
         if doc.get(t.TRAIN_FILE):

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ftpipe import names as t
 from ftpipe.config import RegistryConfig
 from ftpipe.lineage.record import Lineage, write_record
-from ftpipe.registry import store
+from ftpipe.registry import bases, store
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,22 @@ def find_registered(reg: RegistryConfig, model_dir: str, run_id: str) -> Registe
 
 
 def register(reg: RegistryConfig, run_id: str, model_dir: str, lineage: Lineage, metrics: dict[str, float],
-             method: str, test_sha: str) -> store.VersionInfo:
+             method: str, test_sha: str, adapter_dir: str | None = None,
+             base: tuple[str, str, str | None] | None = None,
+             log: Callable[[str], None] = lambda msg: None) -> store.VersionInfo:
     """A new version (alias challenger): every fact in the immutable record, the few people
-    filter on also as version tags (`ftpipe lineage` names any of them edited later)."""
+    filter on also as version tags (`ftpipe lineage` names any of them edited later).
+
+    With adapter_dir and base (its folder, source, revision), an adapter version: the
+    adapter and a pinned reference to the base, stored once per registry (bases.store_base)."""
     facts = lineage.tags() | {t.METHOD: method, t.TEST_SET: test_sha, t.CANDIDATE: training_key(model_dir)}
+    ref = None
+    if adapter_dir and base:
+        ref = bases.store_base(bases.local_folder(base[0], base[2]), base[1], base[2], log)
+        facts[t.BASE_STORED] = f"sha256:{ref['digest']} run:{ref['run_id']}"
     facts |= {t.METRIC + k: f"{v:.6g}" for k, v in metrics.items() if not k.startswith("slice.")}
     tags = t.version_tags(facts, reg.promotion.primary_metric)
     write_record(store.client(), run_id, facts, tags)
-    version = store.log_model(run_id, model_dir, reg.model_name, tags)
+    version = store.log_model(run_id, model_dir, reg.model_name, tags, adapter_dir if ref else None, ref)
     store.client().set_tag(run_id, t.RUN_MODEL_VERSION, version.version)
     return version

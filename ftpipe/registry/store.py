@@ -39,7 +39,7 @@ class VersionInfo:
         ts = mv.creation_timestamp
         created = dt.datetime.fromtimestamp(ts / 1000, dt.timezone.utc).isoformat(timespec="seconds") if ts else ""
         return cls(mv.name, str(mv.version), mv.run_id, tuple(mv.aliases or ()) if aliases is None else aliases,
-                   _model_id(mv), dict(mv.tags or {}), created)
+                   logged_model_id(mv), dict(mv.tags or {}), created)
 
 
 class RegistryError(RuntimeError):
@@ -97,41 +97,71 @@ def version_by_alias(name: str, alias: str) -> VersionInfo | None:
     return VersionInfo.of(mv)
 
 
-def _model_id(mv) -> str | None:
+def logged_model_id(mv) -> str | None:
     source = getattr(mv, "source", "") or ""
     return getattr(mv, "model_id", None) or (source.split("models:/", 1)[1] if source.startswith("models:/") else None)
 
 
-def download_model(name: str, version: str, dst: Path) -> str:
-    """The Hugging Face checkpoint stored in a version's artifacts, as a local directory."""
+@dataclass(frozen=True)
+class LocalVersion:
+    """A version on this machine: what from_pretrained loads (the full weights, or an adapter
+    version's base from the base store) and the adapter to put on it, if any."""
+    model_dir: str
+    adapter_dir: str | None = None
+    base_ref: dict | None = None      # an adapter version's pinned base (ftpipe.registry.bases)
+
+
+def download_model(name: str, version: str, dst: Path) -> LocalVersion:
+    """A version's weights as local folders: its full checkpoint, or its adapter with the
+    base it pins (from this machine's base cache, else the registry's base store)."""
     import mlflow
+
+    from ftpipe.registry import bases
 
     dst.mkdir(parents=True, exist_ok=True)
     local = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
+    adapters = [p.parent for p in local.rglob("adapter_config.json")]
+    refs = list(local.rglob(bases.REF_FILE))
+    if adapters and refs:
+        ref = bases.read_ref(refs[0])
+        return LocalVersion(str(bases.fetch_base(ref)), str(adapters[0]), ref)
     hf_dirs = [p.parent for p in local.rglob("config.json") if (p.parent / "tokenizer_config.json").exists()]
     if not hf_dirs:
         raise FileNotFoundError(f"models:/{name}/{version} holds no Hugging Face checkpoint ({local})")
-    return str(hf_dirs[0])
+    return LocalVersion(str(hf_dirs[0]))
 
 
-def log_model(run_id: str, model_dir: str, name: str, tags: dict[str, str] | None = None) -> VersionInfo:
-    """Log the checkpoint as a pyfunc model in the run, then register a new version with all
+def log_model(run_id: str, model_dir: str, name: str, tags: dict[str, str] | None = None,
+              adapter_dir: str | None = None, base_ref: dict | None = None) -> VersionInfo:
+    """Log the candidate as a pyfunc model in the run, then register a new version with all
     its tags in one call: a failure before that call (upload, full disk, lost server)
-    leaves no version, and no version ever exists without its lineage tags."""
+    leaves no version, and no version ever exists without its lineage tags.
+
+    An adapter version (adapter_dir and base_ref, from ftpipe.registry.bases.store_base)
+    stores only its adapter and the base reference; a full one its weights."""
     import warnings
 
     import pandas as pd
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
     import mlflow
+    from ftpipe.registry import bases
 
     example = pd.DataFrame({"instruction": ["Convert 1991-03-13 to words."], "input": [""]})
     signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "instruction"), ColSpec("string", "input", required=False)]),
+        # an instruction (and input), or a conversation so far (rendered by the chat template)
+        inputs=Schema([ColSpec("string", "instruction", required=False), ColSpec("string", "input", required=False),
+                       ColSpec(Array(Object([Property("role", "string"), Property("content", "string")])),
+                               "messages", required=False)]),
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 48)]))
+    if adapter_dir:
+        ref_file = bases.write_ref(base_ref, Path(scratch_dir("ftpipe-base-ref-")) / bases.REF_FILE)
+        artifacts = {"adapter": adapter_dir, "base": str(ref_file)}
+    else:
+        artifacts = {"model": model_dir}
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # The signature is given explicitly; MLflow's hint about type hints does not apply.
         warnings.filterwarnings("ignore", message=".*type hints.*")
@@ -139,13 +169,13 @@ def log_model(run_id: str, model_dir: str, name: str, tags: dict[str, str] | Non
             name="model",
             # Models from code: the version stores this file, not a pickle of an object.
             python_model=str(Path(__file__).parents[1] / "serving" / "model_file.py"),
-            artifacts={"model": model_dir},
+            artifacts=artifacts,
             signature=signature,
             input_example=example,
             # ftpipe's own code travels with the model, so serving needs only these.
             code_paths=[str(Path(__file__).parents[1])],
             pip_requirements=["torch>=2.4", "transformers>=5.2,<6", "mlflow>=3.17,<3.18", "pandas",
-                              "safetensors", "accelerate"],
+                              "safetensors", "accelerate"] + (["peft>=0.21,<0.22"] if adapter_dir else []),
         )
     # Leaving start_run() ended the run; it is still in progress until the flow says otherwise.
     client().update_run(run_id, status="RUNNING")
@@ -163,7 +193,7 @@ def log_model(run_id: str, model_dir: str, name: str, tags: dict[str, str] | Non
 def log_model_file(name: str, version: str, local_path: str | Path) -> None:
     """Add a file (the model card) to a registered version's own artifacts."""
     mv = client().get_model_version(name, version)
-    model_id = _model_id(mv)
+    model_id = logged_model_id(mv)
     if model_id is None:
         raise RegistryError(f"{name} v{version} has no logged model to attach {Path(local_path).name} to")
     client().log_model_artifact(model_id, str(local_path))
@@ -294,12 +324,20 @@ def decided_on(name: str, splits_md5: str, config_hash: str) -> str | None:
     return None
 
 
-def version_weights(name: str, version: str, root: Path) -> str:
-    """A version's merged checkpoint, downloaded once under runs/ and reused after."""
+def version_weights(name: str, version: str, root: Path) -> LocalVersion:
+    """A version's weights, downloaded once under runs/ and reused after (an adapter
+    version's base comes from this machine's base cache)."""
+    import json
+
     dst = root / "runs" / f"champion-{name}-v{version}"
     done = dst / ".complete"
-    if done.is_file() and Path(done.read_text()).is_dir():
-        return done.read_text()
-    path = download_model(name, version, dst)
-    done.write_text(path)
-    return path
+    if done.is_file():
+        try:
+            found = LocalVersion(**json.loads(done.read_text()))
+            if Path(found.model_dir).is_dir() and (found.adapter_dir is None or Path(found.adapter_dir).is_dir()):
+                return found
+        except (ValueError, TypeError):   # an older marker (a bare path): download again
+            pass
+    found = download_model(name, version, dst)
+    done.write_text(json.dumps(found.__dict__))
+    return found

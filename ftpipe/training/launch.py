@@ -53,25 +53,29 @@ def resolve_devices(devices: int | str) -> int:
 
 
 def write_spec(path: Path, model: ModelConfig, lora: LoraConfig, train: TrainConfig,
-               train_path: str, val_path: str | None, out_dir: str, val_batch_size: int = 64) -> Path:
+               train_path: str, val_path: str | None, out_dir: str, val_batch_size: int = 64,
+               start_adapter: str | None = None) -> Path:
     path.write_text(json.dumps({"model": model.model_dump(mode="json"), "lora": lora.model_dump(mode="json"),
                                 "train": train.model_dump(mode="json"), "train_path": str(train_path),
                                 "val_path": str(val_path) if val_path else None, "out_dir": str(out_dir),
-                                "val_batch_size": val_batch_size}, indent=2))
+                                "val_batch_size": val_batch_size, "start_adapter": start_adapter}, indent=2))
     return path
 
 
 def train(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, train_path: str,
           val_path: str | None, out_dir: str | Path, log: Callable[[str], None] = print,
-          on_metrics: Callable[[int, dict], None] | None = None, val_batch_size: int = 64) -> TrainResult:
+          on_metrics: Callable[[int, dict], None] | None = None, val_batch_size: int = 64,
+          start_adapter: str | None = None) -> TrainResult:
+    """One process, or torchrun with one per device. start_adapter: a LoRA adapter that
+    training continues (an incremental start from an adapter version) instead of a new one."""
     n = resolve_devices(train_cfg.devices)
     if n == 1:
         return fine_tune(model, lora, train_cfg, train_path, val_path, out_dir, log=log, on_metrics=on_metrics,
-                         val_batch_size=val_batch_size)
+                         val_batch_size=val_batch_size, start_adapter=start_adapter)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = write_spec(out_dir / "spec.json", model, lora, train_cfg, train_path, val_path, str(out_dir),
-                      val_batch_size)
+                      val_batch_size, start_adapter)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "ftpipe.training.launch", str(spec)]
     log(f"launching {n} processes: {' '.join(cmd[2:])}")
@@ -118,7 +122,7 @@ def main(argv: list[str]) -> int:
 
     fine_tune(ModelConfig(**spec["model"]), LoraConfig(**spec["lora"]), TrainConfig(**spec["train"]),
               spec["train_path"], spec["val_path"], spec["out_dir"], log=log, on_metrics=on_metrics,
-              progress=False, val_batch_size=spec.get("val_batch_size", 64))
+              progress=False, val_batch_size=spec.get("val_batch_size", 64), start_adapter=spec.get("start_adapter"))
     return 0
 
 

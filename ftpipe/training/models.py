@@ -170,3 +170,20 @@ def resolve_base(model: ModelConfig, root: Path) -> BaseModelRef:
         return BaseModelRef(str(local), model.base, base_model_revision(model.base, None, root), ran)
     path = str(local) if local.exists() else model.base
     return BaseModelRef(path, model.base, base_model_revision(path, model.revision, root), None)
+
+
+def merged_copy(base: str, adapter: str, dst: Path) -> str:
+    """base + adapter merged and saved as a full checkpoint (once: reused when dst is whole)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dst = Path(dst)
+    if (dst / ".complete").is_file():
+        return str(dst)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
+    PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(dst)
+    AutoTokenizer.from_pretrained(adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
+                                  ).save_pretrained(dst)
+    (dst / ".complete").write_text("")
+    return str(dst)

@@ -114,6 +114,9 @@ class TrainingPlan:
     train: TrainConfig         # an incremental run: max_steps scaled to its set
     data_key: str              # the data version and the start: with the recipe, the training key
     start_from: str            # for the lineage: "scratch" or "champion models:/NAME/V: ..."
+    base_source: str = ""      # what base_path is, as an adapter version pins it: model.base, or models:/NAME/V
+    base_revision: str | None = None
+    start_adapter: str | None = None   # an adapter champion's adapter, which training continues
 
 
 def plan_training(data: DataVersion, reg: RegistryConfig, incremental: IncrementalConfig, train: TrainConfig,
@@ -151,11 +154,22 @@ def plan_training(data: DataVersion, reg: RegistryConfig, incremental: Increment
     skip = skip_reason(inc, min_new_rows, store.decided_on(reg.model_name, data.splits_md5, config_hash)) \
         if require_new_data else None
     if inc.start_from != "champion":
-        return TrainingPlan(inc, skip, data.base.path, data.splits, train, f"{data.splits_md5}:scratch", "scratch")
+        return TrainingPlan(inc, skip, data.base.path, data.splits, train, f"{data.splits_md5}:scratch", "scratch",
+                            data.base.id, data.base.revision)
+    start = store.version_weights(reg.model_name, inc.champion_version, root) if not skip else None
+    base_path, source, revision, adapter = "", "", None, None
+    if start is not None and start.adapter_dir is None:     # a full champion: its weights are the base
+        base_path, source = start.model_dir, f"models:/{reg.model_name}/{inc.champion_version}"
+    elif start is not None and train.method == "full":      # an adapter champion, fully fine-tuned: merged
+        from ftpipe.training.models import merged_copy
+
+        base_path = merged_copy(start.model_dir, start.adapter_dir, Path(start.adapter_dir).parent / "merged")
+        source = f"models:/{reg.model_name}/{inc.champion_version}"
+    elif start is not None:                                 # an adapter champion: its adapter trains on
+        base_path, source, revision, adapter = start.model_dir, data.base.id, data.base.revision, start.adapter_dir
     return TrainingPlan(
-        inc, skip, "" if skip else store.version_weights(reg.model_name, inc.champion_version, root),
-        data.splits | {"train": inc.train_path},
+        inc, skip, base_path, data.splits | {"train": inc.train_path},
         train.model_copy(update={"max_steps": incremental.max_steps or scaled_steps(train.max_steps, inc)}),
         f"{data.splits_md5}:champion:{inc.champion_version}",
         f"champion models:/{reg.model_name}/{inc.champion_version}: {inc.new_train_rows} new training rows + "
-        f"{inc.replay_rows} replayed")
+        f"{inc.replay_rows} replayed", source, revision, adapter)

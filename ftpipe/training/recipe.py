@@ -85,7 +85,7 @@ def training_dir(root: str | Path, model: ModelConfig, lora: LoraConfig, train: 
     return Path(root) / "runs" / f"train-{digest(recipe, 12)}"
 
 
-def prepare_model(model, lora_cfg: LoraConfig, train_cfg: TrainConfig):
+def prepare_model(model, lora_cfg: LoraConfig, train_cfg: TrainConfig, start_adapter: str | None = None):
     """Gradient checkpointing and adapters for the method; the same for the pipeline and the
     benchmarks. QLoRA/int8: the quantized base is frozen and stays as loaded (its embeddings,
     output layer and norms are NOT upcast to fp32 as peft's prepare_model_for_kbit_training
@@ -111,10 +111,18 @@ def prepare_model(model, lora_cfg: LoraConfig, train_cfg: TrainConfig):
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft 0.21 on transformers 5
+        if start_adapter:          # continue an adapter version's own adapter (its LoRA config)
+            from peft import PeftModel
+
+            return _compiled(PeftModel.from_pretrained(model, start_adapter, is_trainable=True), train_cfg)
         model = get_peft_model(model, PeftLoraConfig(
             r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
             target_modules=lora_cfg.target_modules, use_dora=lora_cfg.use_dora,
             use_rslora=lora_cfg.use_rslora, task_type="CAUSAL_LM"))
+    return _compiled(model, train_cfg)
+
+
+def _compiled(model, train_cfg: TrainConfig):
     if train_cfg.compile:
         from ftpipe.training.kernels import compile_layers
         compile_layers(model)
@@ -188,8 +196,10 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
               train_path: str | Path, val_path: str | Path | None, out_dir: str | Path,
               log: Callable[[str], None] = print,
               on_metrics: Callable[[int, dict], None] | None = None,
-              progress: bool | None = None, val_batch_size: int = 64) -> TrainResult:
-    """Setup, resume, loop, save. val_batch_size: examples per validation forward (eval.batch_size)."""
+              progress: bool | None = None, val_batch_size: int = 64,
+              start_adapter: str | None = None) -> TrainResult:
+    """Setup, resume, loop, save. val_batch_size: examples per validation forward (eval.batch_size).
+    start_adapter: a LoRA adapter folder to continue training (its own LoRA config) instead of a new one."""
     import torch
 
     start = time.perf_counter()
@@ -200,10 +210,10 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
     train_cfg = train_cfg.resolved(torch.cuda.is_available(), procs.world)
     torch.manual_seed(train_cfg.seed)
     random.seed(train_cfg.seed)
-    t = setup_model(model_cfg, lora_cfg, train_cfg, procs, say)
+    t = setup_model(model_cfg, lora_cfg, train_cfg, procs, say, start_adapter)
     data = setup_batches(t, train_cfg, train_path, val_path, procs)
     o = setup_optimizer(t, train_cfg)
-    fingerprint = digest([t.model_cfg.model_dump(mode="json"), lora_cfg.model_dump(mode="json"),
+    fingerprint = digest([t.model_cfg.model_dump(mode="json"), lora_cfg.model_dump(mode="json"), start_adapter,
                           train_cfg.model_dump(mode="json", exclude={"resume", "log_every", "checkpoint_every",
                                                                      "keep_checkpoints"}),
                           len(data.train), sum(len(e[0]) for e in data.train), procs.world])
@@ -245,7 +255,7 @@ def setup_processes() -> Processes:
 
 
 def setup_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConfig, procs: Processes,
-                say: Callable[[str], None]) -> Trainee:
+                say: Callable[[str], None], start_adapter: str | None = None) -> Trainee:
     """The base model loaded (full fine-tuning keeps fp32 master weights under autocast),
     adapters and kernels applied, the loss from hidden states where the model allows it,
     wrapped for DDP or sharded by FSDP under torchrun."""
@@ -261,7 +271,9 @@ def setup_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainCo
     model, tokenizer = load_base(model_cfg, torch.float32 if train_cfg.method == "full" else dtype,
                                  device_index=procs.local_rank)
     device = next(model.parameters()).device
-    core = prepare_model(model, lora_cfg, train_cfg)
+    core = prepare_model(model, lora_cfg, train_cfg, start_adapter)
+    if start_adapter and train_cfg.method in ("lora", "qlora"):
+        say(f"continuing the LoRA adapter of the start weights ({start_adapter}), with its own LoRA config")
     trainable = [p for p in core.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in core.parameters())
     say(f"method {train_cfg.method}: {n_trainable:,} of {n_total:,} parameters train "
@@ -511,8 +523,15 @@ def save(t: Trainee, train_cfg: TrainConfig, out_dir: Path, procs: Processes) ->
     gathered = full_state(t.core) if is_fsdp(t.core) else None   # every rank: FSDP shards gathered
     if not procs.main:
         return adapter_dir
-    if adapter_dir is None:
-        t.core.save_pretrained(out_dir / "model", state_dict=gathered)
+    if adapter_dir is None:   # the weights only, in the training dtype (bf16 on GPUs: half the fp32 masters)
+        state = gathered if gathered is not None else t.core.state_dict()
+        cast: dict[int, object] = {}     # tied weights (one tensor under two names) stay one tensor
+        for k, v in state.items():
+            if v.is_floating_point() and v.data_ptr() not in cast:
+                cast[v.data_ptr()] = v.to(t.dtype)
+        state = {k: cast.get(v.data_ptr(), v) if v.is_floating_point() else v for k, v in state.items()}
+        t.core.config.dtype = t.dtype
+        t.core.save_pretrained(out_dir / "model", state_dict=state)
     else:
         t.core.save_pretrained(adapter_dir, state_dict=gathered)
         if train_cfg.method == "qlora" or is_fsdp(t.core):
@@ -524,6 +543,8 @@ def save(t: Trainee, train_cfg: TrainConfig, out_dir: Path, procs: Processes) ->
             merged = t.core.merge_and_unload()
         merged.save_pretrained(out_dir / "model")
     t.tokenizer.save_pretrained(out_dir / "model")
+    if adapter_dir is not None:     # an adapter version serves with the tokenizer it trained with
+        t.tokenizer.save_pretrained(adapter_dir)
     return adapter_dir
 
 

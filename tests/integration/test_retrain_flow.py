@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ok, make_project, mlflow_client, run_cli
+from tests.helpers import ok, ok_json, make_project, mlflow_client, run_cli
 
 pytestmark = pytest.mark.integration
 NAME = "ftpipe-dates"
@@ -108,6 +108,132 @@ def test_rerun_with_nothing_new_skips_data_and_refuses_worse(project, prefect_se
     assert run.data.metrics["champion_eval_loss"] == pytest.approx(
         first.data.metrics["candidate_eval_loss"], abs=1e-5)
     assert run.data.metrics["champion_exact_match"] == first.data.metrics["candidate_exact_match"]
+
+
+def _rows(project: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (project / "data/splits/test.jsonl").read_text().splitlines()[:6]]
+    return [{"instruction": r["instruction"], "input": r.get("input", "")} for r in rows]
+
+
+def _evaluated(project: Path, version: str, rows: list[dict]) -> list[str]:
+    """The greedy answers of the weights a version was evaluated with (its training's merged folder)."""
+    from ftpipe.data.formatting import prompt_of
+    from ftpipe.evaluation.generation import generate, load_for_eval
+
+    key = mlflow_client(project).get_model_version(NAME, version).tags["ftpipe.candidate"]
+    m, tok = load_for_eval(str(project / "runs" / key / "model"))
+    return generate(m, tok, [prompt_of(r) for r in rows], 12)
+
+
+SECOND_MACHINE = """
+import json, sys
+import mlflow
+import pandas as pd
+mlflow.set_tracking_uri(sys.argv[1])
+rows = json.loads(sys.argv[2])
+print(json.dumps({v: list(mlflow.pyfunc.load_model(f"models:/ftpipe-dates/{v}").predict(
+    pd.DataFrame(rows), params={"max_new_tokens": 12})) for v in ("1", "2")}))
+"""
+
+
+def test_each_version_stores_its_adapter_and_the_base_is_stored_once(project, prefect_server, tmp_path):
+    """Two LoRA versions on one base: each version's artifacts hold its adapter and a pinned
+    base reference, never full weights; the base sits once in the registry's artifact store.
+    A second machine (only the tracking URI and the artifact store: no project base folder,
+    an empty base cache) loads each version and answers as the evaluated weights did; the
+    lineage audit re-hashes the stored base and names it when its bytes change."""
+    import os
+    import sys
+
+    from ftpipe.files import sha256_path
+
+    c = mlflow_client(project)
+    versions = {str(v.version): v for v in c.search_model_versions(f"name = '{NAME}'")}
+    assert set(versions) == {"1", "2"}
+    arts = project / "mlflow" / "artifacts"
+    full = [p for p in arts.rglob("model.safetensors")]
+    assert len(full) == 1 and full[0].parent.name == "base", full          # the base, once
+    assert len(list(arts.rglob("adapter_model.safetensors"))) == 2           # an adapter per version
+    refs = [json.loads(p.read_text()) for p in arts.rglob("base.json")]
+    assert len(refs) == 2 and refs[0]["digest"] == refs[1]["digest"] and refs[0]["source"] == "models/base"
+    assert refs[0]["files"]["model.safetensors"] == sha256_path(project / "models/base/model.safetensors")
+
+    rows = _rows(project)
+    evaluated = {v: _evaluated(project, v, rows) for v in ("1", "2")}
+    hidden = project.parent / (project.name + "-base-hidden")
+    (project / "models").rename(hidden)
+    try:
+        env = {"FTPIPE_CACHE": str(tmp_path / "second-machine-cache"), "PYTHONPATH": ""}
+        proc = subprocess.run([sys.executable, "-c", SECOND_MACHINE, f"sqlite:///{project / 'mlflow/mlflow.db'}",
+                               json.dumps(rows)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(proc.stdout.strip().splitlines()[-1]) == evaluated
+        assert len(list((tmp_path / "second-machine-cache" / "bases").glob("*/.complete"))) == 1
+    finally:
+        hidden.rename(project / "models")
+
+    audit = ok_json(run_cli(["lineage", f"models:/{NAME}/2", "--json"], project))
+    link = next(x for x in audit["links"] if x["name"] == "base model")
+    assert link["ok"] and "stored once" in link["detail"], link
+    stored = next(p for p in arts.rglob("tokenizer.json") if p.parent.name == "base")
+    keep = stored.read_bytes()
+    stored.write_bytes(keep + b" ")
+    try:
+        broken = run_cli(["lineage", f"models:/{NAME}/2"], project)
+        assert broken.returncode == 1 and "BROKEN base model models/base: the stored base changed: tokenizer.json " \
+            "changed" in broken.stderr, broken.stderr[-2000:]
+    finally:
+        stored.write_bytes(keep)
+
+
+LOAD_MERGED = """
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from ftpipe.evaluation.generation import generate
+m, tok = AutoModelForCausalLM.from_pretrained(sys.argv[1]), AutoTokenizer.from_pretrained(sys.argv[1])
+tok.pad_token = tok.pad_token or tok.eos_token
+answers = generate(m, tok, json.loads(sys.argv[2]), 12)
+print(json.dumps({"peft_imported": "peft" in sys.modules, "answers": answers}))
+"""
+
+
+def test_export_as_an_adapter_folder_or_a_merged_checkpoint(project, tmp_path):
+    """`ftpipe export`: the adapter folder loads with PeftModel on the base it names; the merged
+    folder (sharded safetensors + index, tokenizer, chat template, generation config) loads
+    with from_pretrained alone, no peft imported, and both answer as the version did."""
+    import sys
+
+    from peft import PeftModel
+
+    from ftpipe.data.formatting import prompt_of
+    from ftpipe.evaluation.generation import generate, load_for_eval
+
+    rows = _rows(project)
+    prompts = [prompt_of(r) for r in rows]
+    evaluated = _evaluated(project, "1", rows)
+    out = ok(run_cli(["export", f"models:/{NAME}/1", "--to", str(tmp_path / "adapter")], project))
+    assert "(adapter)" in out
+    cfg = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "models/base"
+    assert json.loads((tmp_path / "adapter/base.json").read_text())["source"] == "models/base"
+    base, tok = load_for_eval(str(project / "models/base"))
+    assert generate(PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload(), tok, prompts, 12) \
+        == evaluated
+
+    ok(run_cli(["export", f"models:/{NAME}@champion", "--to", str(tmp_path / "merged"), "--merged",
+                "--max-shard-size", "100KB"], project))
+    names = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert "model.safetensors.index.json" in names and len([n for n in names if n.endswith(".safetensors")]) > 1
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja"} <= names
+    proc = subprocess.run([sys.executable, "-c", LOAD_MERGED, str(tmp_path / "merged"), json.dumps(prompts)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert loaded == {"peft_imported": False, "answers": evaluated}
+    again = run_cli(["export", f"models:/{NAME}/1", "--to", str(tmp_path / "merged")], project)
+    assert again.returncode == 2 and "is not empty" in again.stderr
 
 
 def _append_bad_rows(project: Path) -> None:
