@@ -38,6 +38,7 @@ def project(dest: Path, base: Path, steps: int) -> Path:
          else shutil.copy2(src, dest / rel))
     (dest / "data/incoming").mkdir(parents=True)
     (dest / ".dvc").mkdir()
+    shutil.copy2(REPO / ".dvc/.gitignore", dest / ".dvc/.gitignore")
     (dest / ".dvc/config").write_text(f"[core]\n    remote = local\n['remote \"local\"']\n    url = {dest / 'dvc-remote'}\n")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["model"]["base"] = str(base)
@@ -50,8 +51,8 @@ def project(dest: Path, base: Path, steps: int) -> Path:
                                         "min_gain_over_base": -1e9, "thresholds": {}, "max_forgetting": 1e9}
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=b", "-c", "user.email=b@b",
-                                                            "commit", "-qm", "bench"], ["dvc", "init", "-q", "-f"]):
-        subprocess.run([str(BIN / cmd[0]) if cmd[0] == "dvc" else cmd[0], *cmd[1:]], cwd=dest, check=True)
+                                                            "commit", "-qm", "bench"]):
+        subprocess.run(cmd, cwd=dest, check=True)
     return dest
 
 

@@ -93,7 +93,7 @@ def first_difference(model, tok, prompt: str, a: list[int], b: list[int], eps: f
             "within_rounding": gap <= bound}
 
 
-def bench_generation(base: Path, prompts: list[str], max_new: int, dtype_name: str) -> dict:
+def bench_generation(base: Path, prompts: list[str], max_new: int, dtype_name: str, extra: bool = True) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -108,16 +108,28 @@ def bench_generation(base: Path, prompts: list[str], max_new: int, dtype_name: s
     reference_ids(model, tok, prompts[:64], 4)            # warm-up of both paths
     generate_fast(model, tok, prompts[:64], 4, return_ids=True)
     res = {}
-    for name, fn in (("reference", lambda: reference_ids(model, tok, prompts, max_new)),
-                     ("fast", lambda: generate_fast(model, tok, prompts, max_new, return_ids=True))):
+    variants = [("reference", lambda: reference_ids(model, tok, prompts, max_new)),
+                ("fast", lambda: generate_fast(model, tok, prompts, max_new, return_ids=True))]
+    if dtype_name == "bf16" and extra:   # what the batch size alone gives, either way
+        variants += [("reference_batch256", lambda: reference_ids(model, tok, prompts, max_new, 256)),
+                     ("fast_rows128", lambda: generate_fast(model, tok, prompts, max_new, max_rows=128,
+                                                            return_ids=True)),
+                     ("fast_rows1024", lambda: generate_fast(model, tok, prompts, max_new, max_rows=1024,
+                                                             max_batch_tokens=512 * 1024, return_ids=True))]
+    kept = {}
+    for name, fn in variants:
         sync()
         t0 = time.perf_counter()
         got = fn()
         sync()
         sec = time.perf_counter() - t0
         res[name] = {"seconds": round(sec, 2), "new_tokens": new_tokens(tok, got),
-                     "tokens_per_s": round(new_tokens(tok, got) / sec), "ids": got}
-    ref, fast = res["reference"].pop("ids"), res["fast"].pop("ids")
+                     "tokens_per_s": round(new_tokens(tok, got) / sec)}
+        kept[name] = got
+        print(name, dtype_name, res[name], flush=True)
+    ref, fast = kept["reference"], kept["fast"]
+    for name in kept:
+        res[name]["identical_to_reference"] = sum(a == b for a, b in zip(ref, kept[name]))
     differ = [i for i in range(len(prompts)) if ref[i] != fast[i]]
     eps = {"bf16": 2 ** -8, "fp32": 2 ** -23}[dtype_name]
     details = [first_difference(model, tok, prompts[i], ref[i], fast[i], eps) | {"prompt": i} for i in differ[:50]]
@@ -127,6 +139,87 @@ def bench_generation(base: Path, prompts: list[str], max_new: int, dtype_name: s
                 "differences": details,
                 "all_differences_within_rounding": all(d["within_rounding"] for d in details)})
     return res
+
+
+def profile_fast(base: Path, prompts: list[str], max_new: int) -> dict:
+    """Where generate_fast spends its time (bf16): the top operators by GPU and by CPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftpipe.evaluation.generation import generate_fast
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map={"": 0})
+    generate_fast(model, tok, prompts[:32], 4)
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate_fast(model, tok, prompts, max_new)
+        sync()
+    wall = time.perf_counter() - t0
+    table = prof.key_averages()
+    top = lambda key: [{"op": e.key[:60], "ms": round(getattr(e, key) / 1000, 1), "calls": e.count}
+                       for e in sorted(table, key=lambda e: -getattr(e, key))[:15]]
+    return {"prompts": len(prompts), "wall_s": round(wall, 2), "by_gpu_time": top("device_time_total"),
+            "by_cpu_self_time": top("self_cpu_time_total")}
+
+
+def static_compiled(base: Path, prompts: list[str], max_new: int, rows: int = 256, bucket: int = 256) -> dict:
+    """An experiment, not the library's path: a static KV cache per batch (rows padded to a
+    fixed count, widths bucketed) and the decode step under torch.compile (CUDA graphs).
+    Times a first pass (compiles included) and a second (compiled)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map={"": 0})
+    model.eval()
+    step = torch.compile(model.forward, mode="reduce-overhead")
+    ids = tok(prompts)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+
+    def one_pass() -> int:
+        made = 0
+        with torch.inference_mode():
+            for b in range(0, len(order), rows):
+                idx = order[b:b + rows]
+                width = -(-len(ids[idx[0]]) // bucket) * bucket
+                total = width + max_new
+                x = torch.full((rows, width), tok.pad_token_id, dtype=torch.long)
+                mask = torch.ones((rows, total), dtype=torch.long)
+                for r in range(rows):
+                    row = ids[idx[min(r, len(idx) - 1)]]
+                    x[r, width - len(row):] = torch.tensor(row)
+                    mask[r, :width - len(row)] = 0
+                x, mask = x.cuda(), mask.cuda()
+                pos = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+                cache = StaticCache(config=model.config, max_batch_size=rows, max_cache_len=total,
+                                    device="cuda", dtype=torch.bfloat16)
+                logits = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                               cache_position=torch.arange(width, device="cuda"), logits_to_keep=1).logits[:, -1]
+                last = pos[:, -1:]
+                for t in range(max_new):
+                    nxt = logits.argmax(-1, keepdim=True)
+                    made += len(idx)
+                    if t == max_new - 1:
+                        break
+                    last = last + 1
+                    logits = step(input_ids=nxt, attention_mask=mask, position_ids=last, past_key_values=cache,
+                                  cache_position=torch.tensor([width + t], device="cuda")).logits[:, -1].clone()
+        sync()
+        return made
+
+    res = {}
+    for name in ("first_pass", "second_pass"):
+        t0 = time.perf_counter()
+        made = one_pass()
+        sec = time.perf_counter() - t0
+        res[name] = {"seconds": round(sec, 2), "tokens_per_s": round(made / sec)}
+        print("static_compiled", name, res[name], flush=True)
+    return res | {"prompts": len(prompts), "rows": rows, "bucket": bucket}
 
 
 def phases(base: Path, work: Path, steps: int) -> dict:
@@ -184,9 +277,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=1024)
     ap.add_argument("--median", type=int, default=200)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--train-steps", type=int, default=60)
+    ap.add_argument("--train-steps", type=int, default=60, help="0: no train -> export phases")
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--lean", action="store_true", help="only the reference and the fast path")
+    ap.add_argument("--profile", type=int, default=0, help="profile generate_fast on this many prompts")
+    ap.add_argument("--static", type=int, default=0, help="the static-cache compiled experiment on this many prompts")
     args = ap.parse_args()
     import torch
     from transformers import AutoTokenizer
@@ -203,18 +299,31 @@ def main() -> None:
     lengths = sorted(len(tok(p)["input_ids"]) for p in prompts)
     doc["prompt_tokens"] = {"median": lengths[len(lengths) // 2], "p10": lengths[len(lengths) // 10],
                             "p90": lengths[9 * len(lengths) // 10], "max": lengths[-1]}
+    def save():
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gpu_eval.json").write_text(json.dumps(doc, indent=2))
+
     doc["generation"] = {}
     for d in args.dtypes.split(","):
-        doc["generation"][d] = bench_generation(base, prompts, args.new, d)
+        doc["generation"][d] = bench_generation(base, prompts, args.new, d, extra=not args.lean)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        print(json.dumps({d: {k: v for k, v in doc["generation"][d].items() if k != "differences"}}), flush=True)
-    doc["phases"] = phases(base, work, args.train_steps)
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_eval.json").write_text(text)
+        print(json.dumps({d: doc["generation"][d]})[:6000], flush=True)
+        save()
+    if torch.cuda.is_available() and args.profile:
+        doc["profile_fast"] = profile_fast(base, prompts[:args.profile], args.new)
+        print(json.dumps(doc["profile_fast"]), flush=True)
+        save()
+    if args.train_steps:
+        doc["phases"] = phases(base, work, args.train_steps)
+        print(json.dumps(doc["phases"]), flush=True)
+        save()
+    if torch.cuda.is_available() and args.static:
+        torch.cuda.empty_cache()
+        doc["static_compiled"] = static_compiled(base, prompts[:args.static], args.new)
+        save()
+    print(json.dumps(doc, indent=2)[:3000])
 
 
 if __name__ == "__main__":

@@ -49,11 +49,16 @@ def generate_fast(model, tokenizer, prompts: list[str], max_new_tokens: int, max
     last position's logits; each step is one forward of the live rows, and a row that emitted
     an end-of-sequence token leaves the batch (its cache rows dropped). return_ids: the new
     token ids per prompt instead of text."""
+    model.eval()
+    with _decode_attention(model):
+        return _generate_fast(model, tokenizer, prompts, max_new_tokens, max_rows, max_batch_tokens, return_ids)
+
+
+def _generate_fast(model, tokenizer, prompts, max_new_tokens, max_rows, max_batch_tokens, return_ids):
     import torch
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    model.eval()
     eos = tokenizer.eos_token_id if isinstance(tokenizer.eos_token_id, list) else [tokenizer.eos_token_id]
     eos_ids = torch.tensor([e for e in eos if e is not None] or [-1], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0].item()
@@ -109,6 +114,61 @@ def generate_fast(model, tokenizer, prompts: list[str], max_new_tokens: int, max
     if return_ids:
         return [out[i] for i in range(len(prompts))]
     return [tokenizer.decode(out[i], skip_special_tokens=True).strip() for i in range(len(prompts))]
+
+
+GQA_DECODE = "ftpipe_gqa_decode"
+
+
+def _gqa_decode(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA for a decode step of a grouped-query model without copying the cache: the query
+    heads that share a key/value head are folded into that head's query rows ([B, Hkv, G, D]
+    against [B, Hkv, L, D]) instead of repeating K and V to every query head (repeat_kv, which
+    copied the whole cache every step). Prefill (more than one query) is transformers' SDPA."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, h, q, d = query.shape
+    hkv = key.shape[1]
+    if q != 1 or h == hkv:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, hkv, h // hkv, d), key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+
+
+class _decode_attention:
+    """generate_fast's attention on a GPU: the folded grouped-query decode (_gqa_decode) for
+    models on SDPA, and SDPA without the cuDNN backend (it re-plans for every new cache
+    length: ~3 ms of CPU per layer and step, measured on an H200). Restored on exit."""
+
+    def __init__(self, model):
+        self.model, self.before = model, getattr(model.config, "_attn_implementation", None)
+
+    def __enter__(self):
+        self.kernels = None
+        if self.model.device.type != "cuda":
+            return self
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        self.kernels = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+        self.kernels.__enter__()
+        if self.before == "sdpa" and hasattr(self.model, "set_attn_implementation"):
+            from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+            AttentionInterface.register(GQA_DECODE, _gqa_decode)
+            AttentionMaskInterface.register(GQA_DECODE, sdpa_mask)
+            self.model.set_attn_implementation(GQA_DECODE)
+        return self
+
+    def __exit__(self, *exc):
+        if self.kernels is not None:
+            self.kernels.__exit__(*exc)
+            if getattr(self.model.config, "_attn_implementation", None) == GQA_DECODE:
+                self.model.set_attn_implementation(self.before)
+        return False
 
 
 def load_for_eval(model_dir: str, revision: str | None = None, trust_remote_code: bool = False,
