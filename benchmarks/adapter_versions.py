@@ -56,13 +56,18 @@ def project(dest: Path, base: Path, steps: int) -> Path:
     return dest
 
 
-def store_bytes(p: Path) -> int:
+def store_files(p: Path) -> dict[str, int]:
     art = p / "mlflow" / "artifacts"
-    return sum(f.stat().st_size for f in art.rglob("*") if f.is_file()) if art.is_dir() else 0
+    return {str(f.relative_to(art)): f.stat().st_size for f in art.rglob("*") if f.is_file()} if art.is_dir() else {}
+
+
+def store_bytes(p: Path) -> int:
+    return sum(store_files(p).values())
 
 
 def run(p: Path, *overrides: str) -> dict:
-    before = store_bytes(p)
+    before_files = store_files(p)
+    before = sum(before_files.values())
     t0 = time.perf_counter()
     proc = subprocess.run([str(BIN / "ftpipe"), "run", *overrides, "--project", str(p)], cwd=p,
                           capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"})
@@ -76,6 +81,8 @@ def run(p: Path, *overrides: str) -> dict:
             "register_s": float(reg.group(3)), "store_bytes_added": store_bytes(p) - before,
             "merged_model_bytes": merged, "share_of_merged": round((store_bytes(p) - before) / merged, 4),
             "run_s": round(time.perf_counter() - t0, 1),
+            "largest_added": sorted(((n.split("/artifacts/", 1)[-1], b) for n, b in store_files(p).items()
+                                     if n not in before_files), key=lambda x: -x[1])[:6],
             "base_line": next((line.strip() for line in out.splitlines() if "base " in line and "registry" in line), "")}
 
 

@@ -110,7 +110,13 @@ def bench_generation(base: Path, prompts: list[str], max_new: int, dtype_name: s
     res = {}
     variants = [("reference", lambda: reference_ids(model, tok, prompts, max_new)),
                 ("fast", lambda: generate_fast(model, tok, prompts, max_new, return_ids=True))]
-    if dtype_name == "bf16" and extra:   # what the batch size alone gives, either way
+    if dtype_name == "bf16" and extra == "budget":   # the batch limits of generate_fast
+        variants = [("fast_rows512_256k", lambda: generate_fast(model, tok, prompts, max_new, max_rows=512,
+                                                                max_batch_tokens=256 * 1024, return_ids=True)),
+                    ("fast", lambda: generate_fast(model, tok, prompts, max_new, return_ids=True)),
+                    ("fast_rows2048", lambda: generate_fast(model, tok, prompts, max_new, max_rows=2048,
+                                                            return_ids=True))]
+    elif dtype_name == "bf16" and extra:   # what the batch size alone gives, either way
         variants += [("reference_batch256", lambda: reference_ids(model, tok, prompts, max_new, 256)),
                      ("fast_rows128", lambda: generate_fast(model, tok, prompts, max_new, max_rows=128,
                                                             return_ids=True)),
@@ -127,6 +133,10 @@ def bench_generation(base: Path, prompts: list[str], max_new: int, dtype_name: s
                      "tokens_per_s": round(new_tokens(tok, got) / sec)}
         kept[name] = got
         print(name, dtype_name, res[name], flush=True)
+    if "reference" not in kept:
+        from ftpipe.evaluation.generation import token_budget
+
+        return res | {"dtype": dtype_name, "token_budget": token_budget(model)}
     ref, fast = kept["reference"], kept["fast"]
     for name in kept:
         res[name]["identical_to_reference"] = sum(a == b for a, b in zip(ref, kept[name]))
@@ -281,6 +291,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--lean", action="store_true", help="only the reference and the fast path")
+    ap.add_argument("--budget", action="store_true", help="only generate_fast, at three batch limits")
     ap.add_argument("--profile", type=int, default=0, help="profile generate_fast on this many prompts")
     ap.add_argument("--static", type=int, default=0, help="the static-cache compiled experiment on this many prompts")
     args = ap.parse_args()
@@ -306,7 +317,8 @@ def main() -> None:
 
     doc["generation"] = {}
     for d in args.dtypes.split(","):
-        doc["generation"][d] = bench_generation(base, prompts, args.new, d, extra=not args.lean)
+        doc["generation"][d] = bench_generation(base, prompts, args.new, d,
+                                                extra="budget" if args.budget else not args.lean)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         print(json.dumps({d: doc["generation"][d]})[:6000], flush=True)

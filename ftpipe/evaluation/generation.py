@@ -42,10 +42,12 @@ def generate_reference(model, tokenizer, prompts: list[str], max_new_tokens: int
 
 
 def generate_fast(model, tokenizer, prompts: list[str], max_new_tokens: int, max_rows: int = 512,
-                  max_batch_tokens: int = 256 * 1024, return_ids: bool = False):
+                  max_batch_tokens: int | None = None, return_ids: bool = False):
     """Greedy decoding as `model.generate` does it (left padding, positions from the mask, the
     same KV cache), for evaluation at GPU speed: prompts sorted by token length and batched up
-    to max_rows rows and max_batch_tokens (prompt + new) tokens; the prefill keeps only the
+    to max_rows rows and max_batch_tokens (prompt + new) tokens (default: what half the free
+    GPU memory holds, at most 256k: on an H200 at the 1B shape 256k and 512 rows gave 11.8k
+    new tokens/s, 341k and 1,024 rows 9.3k, `token_budget`); the prefill keeps only the
     last position's logits; each step is one forward of the live rows, and a row that emitted
     an end-of-sequence token leaves the batch (its cache rows dropped). return_ids: the new
     token ids per prompt instead of text."""
@@ -54,11 +56,31 @@ def generate_fast(model, tokenizer, prompts: list[str], max_new_tokens: int, max
         return _generate_fast(model, tokenizer, prompts, max_new_tokens, max_rows, max_batch_tokens, return_ids)
 
 
+def token_budget(model, share: float = 0.5, cap: int = 256 * 1024) -> int:
+    """How many (prompt + new) tokens a generate_fast batch may hold: `share` of the free GPU
+    memory over a token's bytes (its KV cache, and the prefill's transient activations), at
+    most `cap`. 64k on CPU."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return 64 * 1024
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    size = next(model.parameters()).element_size()
+    kv = 2 * c.num_hidden_layers * getattr(c, "num_key_value_heads", heads) * head_dim * size
+    transient = (3 * getattr(c, "intermediate_size", 4 * c.hidden_size) + 4 * c.hidden_size) * size
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(4096, min(cap, share * free // (kv + transient))))
+
+
 def _generate_fast(model, tokenizer, prompts, max_new_tokens, max_rows, max_batch_tokens, return_ids):
     import torch
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
+    max_batch_tokens = max_batch_tokens or token_budget(model)
     eos = tokenizer.eos_token_id if isinstance(tokenizer.eos_token_id, list) else [tokenizer.eos_token_id]
     eos_ids = torch.tensor([e for e in eos if e is not None] or [-1], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0].item()

@@ -157,26 +157,30 @@ def log_model(run_id: str, model_dir: str, name: str, tags: dict[str, str] | Non
                                "messages", required=False)]),
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 48)]))
+    code = code_copy()
     if adapter_dir:
-        ref_file = bases.write_ref(base_ref, Path(scratch_dir("ftpipe-base-ref-")) / bases.REF_FILE)
+        ref_file = bases.write_ref(base_ref, code.parent / bases.REF_FILE)
         artifacts = {"adapter": adapter_dir, "base": str(ref_file)}
     else:
         artifacts = {"model": model_dir}
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # The signature is given explicitly; MLflow's hint about type hints does not apply.
-        warnings.filterwarnings("ignore", message=".*type hints.*")
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            # Models from code: the version stores this file, not a pickle of an object.
-            python_model=str(Path(__file__).parents[1] / "serving" / "model_file.py"),
-            artifacts=artifacts,
-            signature=signature,
-            input_example=example,
-            # ftpipe's own code travels with the model, so serving needs only these.
-            code_paths=[str(Path(__file__).parents[1])],
-            pip_requirements=["torch>=2.4", "transformers>=5.2,<6", "mlflow>=3.17,<3.18", "pandas",
-                              "safetensors", "accelerate"] + (["peft>=0.21,<0.22"] if adapter_dir else []),
-        )
+    try:
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # The signature is given explicitly; MLflow's hint about type hints does not apply.
+            warnings.filterwarnings("ignore", message=".*type hints.*")
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                # Models from code: the version stores this file, not a pickle of an object.
+                python_model=str(Path(__file__).parents[1] / "serving" / "model_file.py"),
+                artifacts=artifacts,
+                signature=signature,
+                input_example=example,
+                # ftpipe's own code travels with the model, so serving needs only these.
+                code_paths=[str(code)],
+                pip_requirements=["torch>=2.4", "transformers>=5.2,<6", "mlflow>=3.17,<3.18", "pandas",
+                                  "safetensors", "accelerate"] + (["peft>=0.21,<0.22"] if adapter_dir else []),
+            )
+    finally:
+        remove(code.parent)
     # Leaving start_run() ended the run; it is still in progress until the flow says otherwise.
     client().update_run(run_id, status="RUNNING")
     try:
@@ -301,8 +305,25 @@ def log_files(run_id: str, paths: list[str | Path], artifact_path: str) -> None:
             c.log_artifact(run_id, str(p), artifact_path)
 
 
-def log_dir(run_id: str, path: str | Path, artifact_path: str) -> None:
-    client().log_artifacts(run_id, str(path), artifact_path)
+def log_dir(run_id: str, path: str | Path, artifact_path: str, skip: tuple[str, ...] = ()) -> None:
+    """A folder into the run's artifacts, leaving out files matching the `skip` patterns."""
+    if not skip:
+        client().log_artifacts(run_id, str(path), artifact_path)
+        return
+    tmp = scratch_dir("ftpipe-log-dir-")
+    try:
+        shutil.copytree(path, tmp / "d", ignore=shutil.ignore_patterns(*skip))
+        client().log_artifacts(run_id, str(tmp / "d"), artifact_path)
+    finally:
+        remove(tmp)
+
+
+def code_copy() -> Path:
+    """ftpipe's Python modules as a version carries them (no caches, no Data Docs assets)."""
+    tmp = scratch_dir("ftpipe-code-")
+    shutil.copytree(Path(__file__).parents[1], tmp / "ftpipe",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "static"))
+    return tmp / "ftpipe"
 
 
 def scratch_dir(prefix: str) -> Path:
