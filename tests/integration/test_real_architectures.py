@@ -11,6 +11,7 @@ index, trained on chat-format data with and without system turns.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,14 +55,17 @@ PREDICT = """
 import json, sys
 import mlflow
 mlflow.set_tracking_uri(sys.argv[1])
+mlflow.set_registry_uri(sys.argv[1])
 model = mlflow.pyfunc.load_model(sys.argv[2])
 print(json.dumps(list(model.predict([{"messages": json.loads(sys.argv[3])}], params={"max_new_tokens": 8}))))
 """
 
 
 def _predict(project, uri: str, messages: list[dict]) -> list[str]:
+    # not the registry an earlier test in this process pointed MLflow at (it exports MLFLOW_*_URI)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     proc = subprocess.run([sys.executable, "-c", PREDICT, f"sqlite:///{project / 'mlflow/mlflow.db'}", uri,
-                           json.dumps(messages)], capture_output=True, text=True, timeout=300)
+                           json.dumps(messages)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
