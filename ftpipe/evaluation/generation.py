@@ -4,7 +4,6 @@ KV-cached, longest prompts first; on a GPU through a lean decode loop (`generate
 
 from __future__ import annotations
 
-from pathlib import Path
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
@@ -202,7 +201,9 @@ def load_for_eval(model_dir: str, revision: str | None = None, trust_remote_code
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    tok_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
+    from ftpipe.training.models import tokenizer_dir
+
+    tok_dir = tokenizer_dir(model_dir, adapter)
     tok = AutoTokenizer.from_pretrained(tok_dir, revision=None if tok_dir == adapter else revision,
                                         trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:

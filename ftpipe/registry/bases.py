@@ -129,10 +129,11 @@ def check_files(folder: Path, ref: dict) -> list[str]:
     problems = []
     for name, want in sorted(ref["files"].items()):
         f = folder / name
-        if not f.is_file():
+        got = sha256_path(f) if f.is_file() else None
+        if got is None:
             problems.append(f"{name} missing")
-        elif sha256_path(f) != want:
-            problems.append(f"{name} changed (sha256 {sha256_path(f)[:16]}…, pinned {want[:16]}…)")
+        elif got != want:
+            problems.append(f"{name} changed (sha256 {got[:16]}…, pinned {want[:16]}…)")
     return problems
 
 

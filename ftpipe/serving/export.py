@@ -14,9 +14,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
 @dataclass(frozen=True)
 class Exported:
     path: str
@@ -70,8 +67,9 @@ def export_merged(model_dir: str, adapter_dir: str | None, dst: Path, max_shard_
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     model = model.to(saved_dtype)
     model.save_pretrained(dst, max_shard_size=max_shard_size, safe_serialization=True)
-    tok_dir = adapter_dir if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").is_file() else model_dir
-    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(dst)
+    from ftpipe.training.models import tokenizer_dir
+
+    AutoTokenizer.from_pretrained(tokenizer_dir(model_dir, adapter_dir)).save_pretrained(dst)
     return _summary(dst, "merged" if adapter_dir else "full")
 
 

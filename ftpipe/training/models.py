@@ -172,6 +172,11 @@ def resolve_base(model: ModelConfig, root: Path) -> BaseModelRef:
     return BaseModelRef(path, model.base, base_model_revision(path, model.revision, root), None)
 
 
+def tokenizer_dir(model_dir: str, adapter: str | None) -> str:
+    """Where a version's tokenizer is: its adapter's own (saved with it at training), else the base's."""
+    return adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
+
+
 def merged_copy(base: str, adapter: str, dst: Path) -> str:
     """base + adapter merged and saved as a full checkpoint (once: reused when dst is whole)."""
     import torch
@@ -183,7 +188,6 @@ def merged_copy(base: str, adapter: str, dst: Path) -> str:
         return str(dst)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
     PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(dst)
-    AutoTokenizer.from_pretrained(adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
-                                  ).save_pretrained(dst)
+    AutoTokenizer.from_pretrained(tokenizer_dir(base, adapter)).save_pretrained(dst)
     (dst / ".complete").write_text("")
     return str(dst)
