@@ -69,24 +69,31 @@ def retrain_steps(cfg: PipelineConfig, root: str, require_new_data: bool) -> Ret
         plan = io.plan_training(cfg, data, run, root, require_new_data)   # scratch / champion / skip, and why
         if plan.skip:
             return skipped(run, plan.skip, plan, cfg, root, io)
-        candidate = train_candidate(cfg.model, cfg.lora, plan, run, root, cfg.eval.batch_size)   # or cached
-        known = io.find_registered(cfg.registry, candidate.model_dir, run)
-        decided = known and known.skip(cfg.registry.model_name)   # these weights were decided already
-        if decided:
-            return skipped(run, decided, plan, cfg, root, io)
-        io.log_training(run, candidate)
-        report = evaluate(cfg.eval, cfg.model, cfg.registry, data.base.path, candidate.model_dir,
-                          data.splits["test"], cfg.train.max_seq_len, run, root)
-        version = known.version if known else io.register(
-            cfg.registry, run, candidate.model_dir, lineage_of(data, plan, cfg.hash(), Path(root), flow_run_id),
-            report.candidate.metrics() | {"train_loss": candidate.train_loss}, cfg.train.method, report.test_sha,
-            candidate.adapter_dir, (plan.base_path, plan.base_source, plan.base_revision))
-        checks = {"data_gate": data.passed, "train_loss_finite": math.isfinite(candidate.train_loss)}
-        promotion = io.promote(cfg.registry, cfg.eval, run, version.version, report, checks, cfg.train.max_seq_len,
-                               root)
-        io.publish_reports(cfg, run, promotion, str(Path(candidate.model_dir).parent / "loss_curve.png"), root)
-        io.finish_run(run)
-        return RetrainResult(run, _tracking_uri(cfg, root), cfg, data, plan, candidate, promotion.report, promotion)
+        return candidate_steps(cfg, root, run, data, plan, io, flow_run_id)
+
+
+def candidate_steps(cfg: PipelineConfig, root: str, run: str, data: DataVersion, plan: TrainingPlan, io,
+                    flow_run_id: str, sweep: str = "") -> RetrainResult | SkippedRun:
+    """Train (or reuse) the plan's candidate, evaluate, register, gate: the same for a retrain
+    and a sweep's winner (sweep: its study and trial, for the lineage)."""
+    candidate = train_candidate(cfg.model, cfg.lora, plan, run, root, cfg.eval.batch_size)   # or cached
+    known = io.find_registered(cfg.registry, candidate.model_dir, run)
+    decided = known and known.skip(cfg.registry.model_name)   # these weights were decided already
+    if decided:
+        return skipped(run, decided, plan, cfg, root, io)
+    io.log_training(run, candidate)
+    report = evaluate(cfg.eval, cfg.model, cfg.registry, data.base.path, candidate.model_dir,
+                      data.splits["test"], cfg.train.max_seq_len, run, root)
+    version = known.version if known else io.register(
+        cfg.registry, run, candidate.model_dir, lineage_of(data, plan, cfg.hash(), Path(root), flow_run_id, sweep),
+        report.candidate.metrics() | {"train_loss": candidate.train_loss}, cfg.train.method, report.test_sha,
+        candidate.adapter_dir, (plan.base_path, plan.base_source, plan.base_revision))
+    checks = {"data_gate": data.passed, "train_loss_finite": math.isfinite(candidate.train_loss)}
+    promotion = io.promote(cfg.registry, cfg.eval, run, version.version, report, checks, cfg.train.max_seq_len,
+                           root)
+    io.publish_reports(cfg, run, promotion, str(Path(candidate.model_dir).parent / "loss_curve.png"), root)
+    io.finish_run(run)
+    return RetrainResult(run, _tracking_uri(cfg, root), cfg, data, plan, candidate, promotion.report, promotion)
 
 
 def prepare_data(cfg: PipelineConfig, root: str, run: str, io) -> DataVersion:

@@ -97,13 +97,7 @@ def run(
     cfg = _load(_config_path(config, project), overrides or [], project)
 
     from ftpipe.cli_summary import print_summary
-    from ftpipe.config import ConfigError
-    from ftpipe.data.preflight import PreflightFailed, preflight
-    from ftpipe.data.quality import QualityGateFailed
-    from ftpipe.data.sources import SourceError
-    from ftpipe.data.versions import StageFailed
-    from ftpipe.training.models import ModelRefError
-    from ftpipe.training.recipe import TrainingDiverged
+    from ftpipe.data.preflight import preflight
 
     os.chdir(project)
     problems = preflight(cfg.data, cfg.model, project)   # before Prefect starts: seconds, every problem at once
@@ -115,9 +109,28 @@ def run(
     from flows.retrain import SkippedRun, retrain
 
     quiet_terminal()
+    result = _classified(lambda: retrain(cfg, root=str(project), require_new_data=if_new_data), cfg)
+    if isinstance(result, SkippedRun):
+        champ = f" (champion: {result.champion})" if result.champion else ""
+        print(f"{result.message}{champ}: nothing trained, no alias moved. "
+              f"MLflow run {result.run_id} (tag ftpipe.skipped)")
+        return
+    print_summary(result)
+
+
+def _classified(call, cfg):
+    """Run a flow; a failure the user can act on ends in one `error:` line that says what moved
+    (nothing) and what to do."""
+    from ftpipe.config import ConfigError
+    from ftpipe.data.preflight import PreflightFailed
+    from ftpipe.data.quality import QualityGateFailed
+    from ftpipe.data.sources import SourceError
+    from ftpipe.data.versions import StageFailed
+    from ftpipe.training.models import ModelRefError
+    from ftpipe.training.recipe import TrainingDiverged
 
     try:
-        result = retrain(cfg, root=str(project), require_new_data=if_new_data)
+        return call()
     except QualityGateFailed as exc:
         _fail(f"{exc}\nNo model was trained and no alias moved.")
     except (SourceError, StageFailed, ConfigError) as exc:
@@ -139,13 +152,96 @@ def run(
                   "again when it answers: finished training is reused, a registered candidate is not "
                   "registered twice.")
         raise
-    if isinstance(result, SkippedRun):
-        champ = f" (champion: {result.champion})" if result.champion else ""
-        print(f"{result.message}{champ}: nothing trained, no alias moved. "
-              f"MLflow run {result.run_id} (tag ftpipe.skipped)")
-        return
-    print_summary(result)
 
+
+
+@app.command()
+def sweep(
+    overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. sweep.sampler=random"),
+    config: Path = typer.Option(Path("params.yaml"), "--config", "-c", help="the params file"),
+    project: Path = typer.Option(Path("."), "--project", "-p", help="project root (dvc.yaml, data/)"),
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", help="finished trials the study needs (sweep.trials)"),
+    study: Optional[str] = typer.Option(None, "--study", help="the study (default: named after the sweep's settings; "
+                                        "--report/--join: the newest)"),
+    report: bool = typer.Option(False, "--report", help="print the study's leaderboard and stop"),
+    join: bool = typer.Option(False, "--join", help="one more worker on a running study (e.g. on a second machine)"),
+) -> None:
+    """Tune the recipe: an Optuna study of trials; the best goes through the gate like `run`."""
+    _quiet_env()
+    project = project.resolve()
+    if not (project / "dvc.yaml").is_file():
+        _fail(f"{project} is not an ftpipe project (no dvc.yaml); pass --project", 2)
+    overrides = list(overrides or []) + ([f"sweep.trials={trials}"] if trials else []) + (
+        [f"sweep.study={study}"] if study and not (report or join) else [])
+    config = _config_path(config, project)
+    cfg = _load(config, overrides, project)
+    if report:
+        return _sweep_report(cfg, project, study)
+    if not cfg.sweep.space:
+        _fail(f"{config}: sweep.space is empty: name the recipe keys to tune, e.g.\n  sweep:\n    space:\n"
+              "      train.lr: {low: 0.0005, high: 0.01, log: true}\n      lora.r: [8, 16, 32]", 2)
+    from ftpipe.data.preflight import preflight
+
+    os.chdir(project)
+    problems = preflight(cfg.data, cfg.model, project)
+    if problems:
+        _fail("\n".join(problems) + "\nNothing was run.", 2)
+    from flows.runtime import project_store, quiet_terminal
+
+    project_store(project)
+    from flows.sweep import NoTrialCompleted, sweep as sweep_flow, sweep_trials
+
+    quiet_terminal()
+    if join:
+        try:
+            done = sweep_trials(str(project), str(config), study)
+        except ValueError as exc:
+            _fail(str(exc), 2)
+        print(f"study {done['study']}: {done['trials_here']} trial(s) run here; the coordinator registers the winner")
+        return _sweep_report(cfg, project, done["study"])
+    try:
+        res = _classified(lambda: sweep_flow(cfg, root=str(project)), cfg)
+    except NoTrialCompleted as exc:
+        _fail(f"{exc}\nNo model was registered and no alias moved.")
+    _sweep_report(cfg, project, res.board.study)
+    from flows.retrain import SkippedRun
+
+    if isinstance(res.result, SkippedRun):
+        print(f"best trial: {res.result.message}: nothing registered, no alias moved")
+        return
+    from ftpipe.cli_summary import print_summary
+
+    print(f"best trial {res.board.best['trial']} ({res.board.objective} {res.board.best['value']:.4f}) -> the gate:")
+    print_summary(res.result)
+
+
+def _sweep_report(cfg, project: Path, name: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ftpipe.sweeps import report, study
+
+    url = study.storage_url(cfg.sweep, project)
+    try:
+        if name is None:
+            names = [s.study_name for s in study.optuna.get_all_study_summaries(study.storage(url, cfg.sweep.heartbeat_s))]
+            if not names:
+                _fail(f"no study in {study.shown(url)} yet: run `ftpipe sweep`", 2)
+            name = names[-1]
+        s = study.open_study(url, name, cfg.sweep, cfg.sweep.params(), create=False)
+    except KeyError:
+        _fail(f"no study {name!r} in {study.shown(url)}", 2)
+    rows = study.leaderboard(s)
+    header, body = report.table_rows(rows)
+    table = Table(title=f"study {name} — objective {s.user_attrs.get('objective', '?')}"
+                        f" ({s.direction.name.lower()}) — {study.shown(url)}")
+    for h in header:
+        table.add_column(h, overflow="fold")
+    for row in body:
+        table.add_row(*row)
+    Console(width=max(120, int(os.environ.get("COLUMNS", "0") or 0))).print(table)
+    best = next((r for r in rows if r["state"] == "complete"), None)
+    print(f"best: trial {best['trial']} value {best['value']:.6g} {best['params']}" if best else "best: none yet")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -280,6 +280,106 @@ class IncrementalConfig(Section):
     max_steps: int | None = Field(None, ge=1)
 
 
+class ParamRange(Section):
+    """A sampled range of one sweep parameter: ints when low and high are ints."""
+    low: int | float
+    high: int | float
+    log: bool = False                     # sample on a log scale (learning rates)
+    step: int | float | None = None       # a grid within the range (not with log)
+
+    @model_validator(mode="after")
+    def _order(self) -> "ParamRange":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log: true needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("a log range takes no step")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        return all(isinstance(v, int) for v in (self.low, self.high, self.step if self.step is not None else 1))
+
+
+class PrunerConfig(Section):
+    # A trial is stopped at an evaluation point when its validation loss there is worse than
+    # the median of earlier trials at the same step (Optuna's MedianPruner).
+    enabled: bool = True
+    startup_trials: int = Field(2, ge=0)  # trials that finish before any trial is pruned
+    warmup_steps: int = Field(0, ge=0)    # no pruning before this training step
+
+
+# Sweep parameters are recipe keys: the data stages (DVC) and the base model are not swept.
+SWEEPABLE = ("train.", "lora.")
+
+
+class SweepConfig(Section):
+    study: str | None = None              # None: <model_name>-sweep-<hash of space, recipe and data>
+    # Optuna's storage: None is SQLite in optuna/optuna.db of the project; a team's is
+    # postgresql://user:${OPTUNA_DB_PASSWORD}@host/db (${VARS} expanded, never a literal password)
+    storage: str | None = None
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    objective: Literal["val_loss", "exact_match", "token_f1", "rouge_l"] = "val_loss"   # on the validation split
+    trials: int = Field(8, ge=1)          # finished (complete or pruned) trials in the study
+    timeout_s: float | None = Field(None, gt=0)   # no new trial starts after this many seconds
+    parallel: int | Literal["auto"] = "auto"      # trials at once here: auto = one per GPU, 1 on CPU
+    eval_points: int = Field(4, ge=1)     # validation loss this many times a trial (the pruning points)
+    objective_examples: int | None = Field(200, ge=1)   # validation rows generated for a metric objective
+    seed: int = 0                         # the sampler's
+    heartbeat_s: int = Field(30, ge=1)    # a trial silent for 4x this (its worker died) is failed and retried once
+    pruner: PrunerConfig = PrunerConfig()
+    # dotted recipe key -> a list of values (grid / categorical) or {low, high, log, step}
+    space: dict[str, Any] = Field(default_factory=dict)
+
+    def params(self) -> dict[str, "list[Any] | ParamRange"]:
+        """The space, each entry a list of values or a ParamRange."""
+        return {k: v if isinstance(v, list) else ParamRange.model_validate(v) for k, v in self.space.items()}
+
+    @field_validator("storage")
+    @classmethod
+    def no_literal_password(cls, url: str | None) -> str | None:
+        return no_literal_password(url, "write it as ${OPTUNA_DB_PASSWORD} (any variable name) and set that "
+                                        "variable where the sweep runs")
+
+    @model_validator(mode="after")
+    def _space(self) -> "SweepConfig":
+        problems = []
+        for key, values in self.space.items():
+            if not key.startswith(SWEEPABLE) or key.count(".") != 1:
+                problems.append(f"space key {key!r}: only train.* and lora.* recipe keys are swept "
+                                "(data and the base model are DVC's)")
+                continue
+            section, field = key.split(".")
+            cls = TrainConfig if section == "train" else LoraConfig
+            if field not in cls.model_fields:
+                problems.append(f"space key {key!r}: {section} has no field {field!r}")
+                continue
+            if isinstance(values, list) and not values:
+                problems.append(f"space key {key!r}: an empty list")
+                continue
+            if not isinstance(values, list):
+                try:
+                    values = ParamRange.model_validate(values)
+                except ValidationError as exc:
+                    problems.append(f"space key {key!r}: " + "; ".join(
+                        (".".join(str(p) for p in e["loc"]) + ": " if e["loc"] else "")
+                        + e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                        + " (a list of values, or {low, high, log, step})")
+                    continue
+            for value in (values if isinstance(values, list) else [values.low, values.high]):
+                try:
+                    cls.model_validate({field: value})
+                except ValidationError as exc:
+                    problems.append(f"space key {key!r}: {value!r} is not a valid {key} "
+                                    f"({exc.errors()[0]['msg'].removeprefix('Value error, ')})")
+            if self.sampler == "grid" and not isinstance(values, list):
+                problems.append(f"space key {key!r}: sampler grid needs a list of values, not a range")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class PipelineConfig(Section):
     data: DataConfig
     quality: QualityConfig = QualityConfig()
@@ -290,6 +390,7 @@ class PipelineConfig(Section):
     registry: RegistryConfig = RegistryConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     incremental: IncrementalConfig = IncrementalConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
     def _cross_field(self) -> "PipelineConfig":

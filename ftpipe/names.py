@@ -42,6 +42,7 @@ BASE_MODEL_REVISION = "ftpipe.base_model_revision"
 GX_VERDICT = "ftpipe.gx_verdict"
 PREFECT_FLOW_RUN = "ftpipe.prefect_flow_run"
 START_FROM = "ftpipe.start_from"          # "scratch" | "champion models:/NAME/V: N new training rows + M replayed"
+SWEEP = "ftpipe.sweep"                    # a sweep's winner: "study NAME trial N (objective=VALUE)"
 TRAIN_FILE = "ftpipe.train_file"          # an incremental run's training file: "sha256:HEX rows:N"
 BASE_STORED = "ftpipe.base_stored"        # an adapter version's base in the base store: "sha256:DIGEST run:ID"
 DVC = "ftpipe.dvc."                       # + "stage:path" -> DVC md5
@@ -79,17 +80,21 @@ RUN_SKIPPED = "ftpipe.skipped"
 RUN_MODEL_VERSION = "ftpipe.model_version"
 RUN_REUSED_VERSION = "ftpipe.reused_version"
 RUN_NEW_ROWS = "ftpipe.new_rows"
+SWEEP_STUDY = "ftpipe.sweep.study"       # a sweep's parent run and each trial's child run: the Optuna study
+SWEEP_TRIAL = "ftpipe.sweep.trial"       # a trial's child run: its number in the study
+SWEEP_STATE = "ftpipe.sweep.state"       # complete | pruned | fail
+SWEEP_RESUMES = "ftpipe.sweep.resumes"   # a resumed sweep's parent run: the parent run it continues
 RECORD_PARAM = "ftpipe.lineage_sha256"    # run param: the digest of the immutable lineage record
 
 # in the record: which of its keys were also written as version tags
 RECORD_TAGGED = "ftpipe.tagged"
 
-VERSION_TAGS = (METHOD, CANDIDATE, CONFIG_HASH, SPLITS, BASE_MODEL, BASE_MODEL_REVISION, START_FROM, TEST_SET)
+VERSION_TAGS = (METHOD, CANDIDATE, CONFIG_HASH, SPLITS, BASE_MODEL, BASE_MODEL_REVISION, START_FROM, TEST_SET, SWEEP)
 
 
 def is_registered(key: str) -> bool:
     """A key that registration writes (in the record; some also as tags), not the gate."""
-    return key in LINEAGE_KEYS or key in (TRAIN_FILE, BASE_STORED, METHOD, CANDIDATE, TEST_SET) \
+    return key in LINEAGE_KEYS or key in (TRAIN_FILE, SWEEP, BASE_STORED, METHOD, CANDIDATE, TEST_SET) \
         or key.startswith((DVC, SOURCE, METRIC))
 
 

@@ -17,9 +17,9 @@ from tasks.io import io_task
 
 
 @io_task("start-run")
-def start_run(cfg: PipelineConfig, root: str, flow_run_id: str) -> str:
+def start_run(cfg: PipelineConfig, root: str, flow_run_id: str, kind: str = "retrain") -> str:
     """One MLflow run per flow run; the whole config is logged once, here."""
-    return runs.start_run(cfg, Path(root), flow_run_id)
+    return runs.start_run(cfg, Path(root), flow_run_id, kind)
 
 
 @io_task("find-registered")

@@ -42,6 +42,7 @@ class Lineage:
     prefect_flow_run: str = ""
     start_from: str = "scratch"          # or "champion models:/NAME/V: N new training rows + M replayed"
     train_file: str = ""                 # an incremental run's training file: "sha256:HEX rows:N"
+    sweep: str = ""                      # a sweep's winner: "study NAME trial N (OBJECTIVE=VALUE) in STORAGE"
 
     def tags(self) -> dict[str, str]:
         """The lineage as ftpipe.* keys (ftpipe.names): all go into the immutable record, a few
@@ -55,7 +56,7 @@ class Lineage:
             t.GX_VERDICT: self.gx_verdict,
             t.PREFECT_FLOW_RUN: self.prefect_flow_run,
             t.START_FROM: self.start_from,
-        } | ({t.TRAIN_FILE: self.train_file} if self.train_file else {})
+        } | ({t.TRAIN_FILE: self.train_file} if self.train_file else {}) | ({t.SWEEP: self.sweep} if self.sweep else {})
         for key, md5 in self.data_hashes.items():
             tags[t.DVC + key] = md5
         for f in self.manifest.get("files", []):
@@ -231,12 +232,14 @@ def recorded_tags(client, name: str, version: str) -> dict[str, str]:
     return v.tags | recorded_lineage(client, v)[0]
 
 
-def lineage_of(data: DataVersion, plan: TrainingPlan, config_hash: str, root: Path, flow_run_id: str) -> Lineage:
+def lineage_of(data: DataVersion, plan: TrainingPlan, config_hash: str, root: Path, flow_run_id: str,
+               sweep: str = "") -> Lineage:
     """Everything a candidate came from: code, config, base model, data version, GX verdict,
-    sources, the Prefect flow run, and (incremental) its start and training file."""
+    sources, the Prefect flow run, (incremental) its start and training file, and (a sweep's
+    winner) the study and trial."""
     commit, dirty = git_commit(root)
     train_file = plan.splits["train"] if plan.increment.train_path else None
     return Lineage(git_commit=commit, git_dirty=dirty, config_hash=config_hash, base_model=data.base.id,
                    base_model_revision=data.base.revision, data_hashes=data.hashes, gx_verdict=data.gx_verdict,
                    manifest=data.manifest, prefect_flow_run=flow_run_id, start_from=plan.start_from,
-                   train_file=file_pin(train_file) if train_file else "")
+                   train_file=file_pin(train_file) if train_file else "", sweep=sweep)

@@ -25,15 +25,16 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def start_run(cfg: PipelineConfig, root: Path, flow_run_id: str) -> str:
-    """One MLflow run per flow run, tagged with it; the whole config is logged once, here."""
+def start_run(cfg: PipelineConfig, root: Path, flow_run_id: str, kind: str = "retrain") -> str:
+    """One MLflow run per flow run (kind: retrain or sweep), tagged with it; the whole config is
+    logged once, here."""
     import yaml
     from mlflow.entities import Param
 
 
     exp_id = store.setup(cfg.registry, root)
     c = store.client()
-    run = c.create_run(exp_id, run_name=f"retrain-{flow_run_id[:8]}",
+    run = c.create_run(exp_id, run_name=f"{kind}-{flow_run_id[:8]}",
                        tags={t.PREFECT_FLOW_RUN: flow_run_id, t.CONFIG_HASH: cfg.hash()})
     doc = cfg.model_dump(mode="json")
     c.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in _flatten(doc).items()])
@@ -133,3 +134,30 @@ def runs_of_flow_run(flow_run_id: str) -> list[str]:
     found = c.search_runs(exps, filter_string=f"tags.`{t.PREFECT_FLOW_RUN}` = '{flow_run_id}' "
                                               "and attributes.status = 'RUNNING'") if exps else []
     return [r.info.run_id for r in found]
+
+
+def log_trial(parent_run_id: str, outcome: dict, study: str) -> str:
+    """A sweep trial as a child run of the sweep's run: its parameters, loss curve, objective
+    and state (complete, pruned, fail); returns the child run's id."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    c = store.client()
+    parent = c.get_run(parent_run_id)
+    run = c.create_run(parent.info.experiment_id, run_name=f"trial-{outcome['number']}", tags={
+        "mlflow.parentRunId": parent_run_id, t.SWEEP_STUDY: study, t.SWEEP_TRIAL: str(outcome["number"]),
+        t.SWEEP_STATE: outcome["state"]})
+    now = int(time.time() * 1000)
+    points = [Metric(key, float(v), now, int(step)) for key in ("train_loss", "val_loss")
+              for step, v in outcome.get("history", {}).get(key, [])]
+    if outcome.get("value") is not None:
+        points.append(Metric(f"objective_{outcome['objective']}", float(outcome["value"]), now, 0))
+    params = [Param(k, str(v)) for k, v in outcome.get("params", {}).items()]
+    params += [Param("training_dir", Path(outcome.get("training_dir", "")).name)]
+    tags = [RunTag("mlflow.note.content", outcome["message"])] if outcome.get("message") else []
+    for i in range(0, max(len(points), 1), 1000):
+        c.log_batch(run.info.run_id, metrics=points[i:i + 1000], params=params if i == 0 else [],
+                    tags=tags if i == 0 else [])
+    status = {"complete": "FINISHED", "pruned": "KILLED"}.get(outcome["state"], "FAILED")
+    c.set_terminated(run.info.run_id, status=status)
+    return run.info.run_id
+

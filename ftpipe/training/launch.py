@@ -62,12 +62,30 @@ def write_spec(path: Path, model: ModelConfig, lora: LoraConfig, train: TrainCon
     return path
 
 
+def finished(out_dir: str | Path) -> TrainResult | None:
+    """The result of a training that completed in out_dir (runs/train-KEY is keyed by recipe and
+    data, so it is this training): a sweep's winning trial, or a run started again."""
+    out_dir = Path(out_dir)
+    if not ((out_dir / "train_result.json").is_file() and (out_dir / "model" / "config.json").is_file()):
+        return None
+    doc = json.loads((out_dir / "train_result.json").read_text())
+    adapter = out_dir / "adapter"
+    return TrainResult(**doc | {
+        "model_dir": str(out_dir / "model"), "adapter_dir": str(adapter) if doc.get("adapter_dir") else None,
+        "loss_history": [tuple(h) for h in doc.get("loss_history", [])],
+        "val_history": [tuple(h) for h in doc.get("val_history", [])]})
+
+
 def train(model: ModelConfig, lora: LoraConfig, train_cfg: TrainConfig, train_path: str,
           val_path: str | None, out_dir: str | Path, log: Callable[[str], None] = print,
           on_metrics: Callable[[int, dict], None] | None = None, val_batch_size: int = 64,
           start_adapter: str | None = None) -> TrainResult:
     """One process, or torchrun with one per device. start_adapter: a LoRA adapter that
     training continues (an incremental start from an adapter version) instead of a new one."""
+    done = finished(out_dir)
+    if done is not None:
+        log(f"this recipe already trained on this data: reusing {done.model_dir}")
+        return done
     n = resolve_devices(train_cfg.devices)
     if n == 1:
         return fine_tune(model, lora, train_cfg, train_path, val_path, out_dir, log=log, on_metrics=on_metrics,

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: the search space, the Optuna study, one trial's objective."""
