@@ -113,13 +113,14 @@ def sweep(cfg: PipelineConfig, root: str = ".") -> SweepResult:
 
 
 @flow(name="sweep-trials", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=64))
-def sweep_trials(root: str = ".", config: str = "params.yaml", study: str | None = None) -> dict:
+def sweep_trials(root: str = ".", config: str = "params.yaml", study: str | None = None,
+                 overrides: list[str] | None = None) -> dict:
     """One more worker on a running study (another machine, or a Prefect work pool's worker):
     its trials until the study has them all. The coordinator (`ftpipe sweep`) registers the winner."""
     from ftpipe.sweeps.study import join
 
     root_path = Path(root).resolve()
-    cfg = load_config(root_path / config if not Path(config).is_absolute() else config)
+    cfg = load_config(root_path / config if not Path(config).is_absolute() else config, overrides)
     ref, swept = join(cfg.sweep, study, root_path)
     ran = run_trials(ref, swept.model_copy(update={"parallel": cfg.sweep.parallel, "timeout_s": cfg.sweep.timeout_s}))
     return {"study": ref.name, "trials_here": ran}

@@ -194,7 +194,7 @@ def sweep(
     quiet_terminal()
     if join:
         try:
-            done = sweep_trials(str(project), str(config), study)
+            done = sweep_trials(str(project), str(config), study, overrides)
         except ValueError as exc:
             _fail(str(exc), 2)
         print(f"study {done['study']}: {done['trials_here']} trial(s) run here; the coordinator registers the winner")

@@ -36,12 +36,20 @@ def open_sweep(cfg: PipelineConfig, plan: TrainingPlan, run_id: str, root: str) 
     name = cfg.sweep.study or study.default_name(cfg.registry.model_name, cfg.sweep, [
         template["model"], template["lora"], template["train"], plan.data_key, plan.start_adapter])
     ref = study.prepare(cfg.sweep, name, Path(root), run_id, template)
+    url = study.storage_url(cfg.sweep, Path(root))
     c = client()
     c.set_tag(run_id, t.SWEEP_STUDY, name)
-    c.set_tag(run_id, "ftpipe.sweep.storage", study.shown(study.storage_url(cfg.sweep, Path(root))))
+    c.set_tag(run_id, "ftpipe.sweep.storage", study.shown(url))
     logger = get_run_logger()
-    logger.info(f"study {name} ({study.shown(study.storage_url(cfg.sweep, Path(root)))}): "
+    logger.info(f"study {name} ({study.shown(url)}): "
                 f"{cfg.sweep.trials} trials, {cfg.sweep.sampler} sampler, objective {cfg.sweep.objective}")
+    if ref.previous_run and ref.previous_run != run_id:    # the same sweep again (after a kill, or more trials)
+        c.set_tag(run_id, t.SWEEP_RESUMES, ref.previous_run)
+        if c.get_run(ref.previous_run).info.status == "RUNNING":   # its process was killed
+            c.set_terminated(ref.previous_run, status="KILLED")
+        done, _ = study.counts(study.open_study(url, name, cfg.sweep, cfg.sweep.params(), create=False))
+        logger.info(f"continuing study {name}: {done} of {cfg.sweep.trials} trials finished before "
+                    f"(sweep run {ref.previous_run})")
     if ref.resumed:
         logger.warning(f"trials {', '.join(map(str, ref.resumed))} were running when their worker died: failed, "
                        "and each enqueued once more with the same parameters (it resumes from its checkpoints)")

@@ -186,6 +186,7 @@ class SweepRef:
     parent_run: str         # the MLflow run whose children the trials are
     budget: int
     resumed: tuple[int, ...] = ()   # trials of a killed worker failed now, each enqueued once more
+    previous_run: str = ""          # the parent run of this study's earlier (killed or finished) sweep
 
 
 def shown(url: str) -> str:
@@ -234,10 +235,11 @@ def prepare(cfg: SweepConfig, name: str, root: Path, parent_run: str, template: 
     elif {k: v for k, v in study.user_attrs["spec"].items() if k.endswith("_sha256")} != \
             {k: v for k, v in template.items() if k.endswith("_sha256")}:   # same name, other data
         raise ValueError(f"study {name} in {shown(url)} trained on other data: set sweep.study to a new name")
+    previous = study.user_attrs.get("parent_run", "")
     study.set_user_attr("parent_run", parent_run)
     resumed = tuple(fail_dead_trials(study))
-    return SweepRef(name, cfg.storage or url, str(write_spec(root, name, study.user_attrs["spec"] | {}, cfg, url)),
-                    str(root), parent_run, cfg.trials, resumed)
+    return SweepRef(name, cfg.storage or url, str(write_spec(root, name, study.user_attrs["spec"], cfg, url)),
+                    str(root), parent_run, cfg.trials, resumed, previous)
 
 
 def join(cfg: SweepConfig, name: str | None, root: Path) -> tuple[SweepRef, SweepConfig]:
