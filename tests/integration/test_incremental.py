@@ -287,6 +287,8 @@ def test_prefect_yaml_deploys_to_a_process_work_pool_and_a_worker_runs_it(projec
         dep = client.read_deployment_by_name("scheduled-retrain/ftpipe-retrain")
         assert dep.work_pool_name == "ftpipe-process"
         assert dep.schedules[0].schedule.cron == "0 3 * * *" and dep.schedules[0].schedule.timezone == "UTC"
+        sweeps = client.read_deployment_by_name("sweep-trials/ftpipe-sweep-trials")   # extra sweep workers' queue
+        assert (sweeps.work_pool_name, sweeps.work_queue_name) == ("ftpipe-process", "sweeps")
     fr = run_deployment("scheduled-retrain/ftpipe-retrain", timeout=0)   # queued for the pool
     sh("worker", "start", "--pool", "ftpipe-process", "--run-once", timeout=600)
     with get_client(sync_client=True) as client:
