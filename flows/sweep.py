@@ -38,8 +38,9 @@ class SweepResult:
     result: RetrainResult | SkippedRun
 
 
-def slots(cfg: SweepConfig) -> list[dict[str, str]]:
-    """One environment per trial slot: a GPU each (CUDA_VISIBLE_DEVICES), or a share of the cores."""
+def slots(cfg: SweepConfig, lane: str) -> list[dict[str, str]]:
+    """One environment per trial slot: a GPU each (CUDA_VISIBLE_DEVICES), or a share of the
+    cores; each slot a lane of its own (its trials' sampler seeds differ from the others')."""
     from ftpipe import cores
 
     try:
@@ -50,32 +51,45 @@ def slots(cfg: SweepConfig) -> list[dict[str, str]]:
         gpus = 0
     n = cfg.parallel if cfg.parallel != "auto" else max(1, gpus)
     if gpus:
-        return [{"CUDA_VISIBLE_DEVICES": str(i % gpus)} for i in range(n)]
-    return [{"OMP_NUM_THREADS": str(max(1, cores.share() // n))} for _ in range(n)]
+        return [{"CUDA_VISIBLE_DEVICES": str(i % gpus), "FTPIPE_SWEEP_LANE": f"{lane}-{i}"} for i in range(n)]
+    return [{"OMP_NUM_THREADS": str(max(1, cores.share() // n)), "FTPIPE_SWEEP_LANE": f"{lane}-{i}"}
+            for i in range(n)]
 
 
-def run_trials(ref: SweepRef, cfg: SweepConfig) -> int:
+MAX_FAILED_IN_A_ROW = 3   # trials that fail one after another (a recipe that cannot train here): stop
+
+
+def run_trials(ref: SweepRef, cfg: SweepConfig, wait_for_others: bool = False) -> int:
     """Trials as tasks, one per free slot, until the study has its trials (counting those any
-    other worker runs) or sweep.timeout_s has passed; returns how many this worker ran."""
+    other worker runs), sweep.timeout_s has passed, or trials keep failing; returns how many
+    this worker started. wait_for_others: then wait until no other worker's trial runs."""
     from ftpipe.sweeps import study
 
     url = study.storage_url(cfg, Path(ref.root))
     s = study.open_study(url, ref.name, cfg, cfg.params(), create=False)
     deadline = time.monotonic() + cfg.timeout_s if cfg.timeout_s else None
-    free, active, seq = slots(cfg), {}, 0
+    free, active, seq, failed = slots(cfg, ref.lane), {}, 0, 0
     while True:
         done, running = study.counts(s)
         room = ref.budget - done - max(running, len(active))
-        while free and room > 0 and (deadline is None or time.monotonic() < deadline):
+        while free and room > 0 and failed < MAX_FAILED_IN_A_ROW and (deadline is None or time.monotonic() < deadline):
             env = free.pop()
             active[run_trial.submit(ref, seq, env)] = env
             seq, room = seq + 1, room - 1
         if not active:
-            return seq
+            break
         finished = next(as_completed(list(active)))
         free.append(active.pop(finished))
-        if finished.result().get("state") == "crashed":   # its trial stays RUNNING: fail it, retry once
+        state = finished.result().get("state")
+        failed = failed + 1 if state in ("fail", "crashed") else 0 if state in ("complete", "pruned") else failed
+        if state == "crashed":           # its trial stays RUNNING: fail it, retry once
             study.fail_dead_trials(s)
+    if failed >= MAX_FAILED_IN_A_ROW:
+        print(f"{failed} trials in a row failed: no more trials start here (see their messages in the leaderboard)")
+    while wait_for_others and study.counts(s)[1]:   # another worker's trial: the winner waits for it
+        time.sleep(5)
+        study.fail_dead_trials(s)          # (a dead one is failed by its heartbeat, then retried elsewhere)
+    return seq
 
 
 def winner(cfg: PipelineConfig, plan, board: Board):
@@ -101,11 +115,12 @@ def sweep(cfg: PipelineConfig, root: str = ".") -> SweepResult:
         data = prepare_data(cfg, root, run, io)            # DVC stages + both GX gates, once per sweep
         plan = io.plan_training(cfg, data, run, root, False)   # scratch / from the champion: the trials' start
         ref = io.open_sweep(cfg, plan, run, root)          # the study (continued if this sweep ran before)
-        run_trials(ref, cfg.sweep)                         # trials as tasks, sweep.parallel at once
+        run_trials(ref, cfg.sweep, wait_for_others=True)   # trials as tasks, sweep.parallel at once
         board = io.publish_sweep(ref, cfg, run)            # leaderboard and plots on this run
         if board.best is None:
-            raise NoTrialCompleted(f"no trial of study {ref.name} completed ({board.counts}): nothing to register; "
-                                   "see the leaderboard (`ftpipe sweep --report`)")
+            raise NoTrialCompleted(f"no trial of study {ref.name} completed ({board.counts})"
+                                   + (f"; the first failure: {board.first_failure}" if board.first_failure else "")
+                                   + "; see `ftpipe sweep --report`")
         best_cfg, best_plan = winner(cfg, plan, board)
         io.log_winner_config(run, best_cfg)
         res = candidate_steps(best_cfg, root, run, data, best_plan, io, flow_run_id, board.lineage)

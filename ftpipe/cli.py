@@ -203,6 +203,8 @@ def sweep(
         res = _classified(lambda: sweep_flow(cfg, root=str(project)), cfg)
     except NoTrialCompleted as exc:
         _fail(f"{exc}\nNo model was registered and no alias moved.")
+    except ValueError as exc:      # the study's storage or name (ftpipe.sweeps.study says which)
+        _fail(f"{exc}\nNo model was registered and no alias moved.", 2)
     _sweep_report(cfg, project, res.board.study)
     from flows.retrain import SkippedRun
 
@@ -221,20 +223,20 @@ def _sweep_report(cfg, project: Path, name: str | None) -> None:
 
     from ftpipe.sweeps import report, study
 
-    url = study.storage_url(cfg.sweep, project)
     try:
+        url = study.storage_url(cfg.sweep, project)
+        name = name or study.newest(url, cfg.sweep.heartbeat_s)
         if name is None:
-            names = [s.study_name for s in study.optuna.get_all_study_summaries(study.storage(url, cfg.sweep.heartbeat_s))]
-            if not names:
-                _fail(f"no study in {study.shown(url)} yet: run `ftpipe sweep`", 2)
-            name = names[-1]
+            _fail(f"no study in {study.display(cfg.sweep, project)} yet: run `ftpipe sweep`", 2)
         s = study.open_study(url, name, cfg.sweep, cfg.sweep.params(), create=False)
     except KeyError:
-        _fail(f"no study {name!r} in {study.shown(url)}", 2)
+        _fail(f"no study {name!r} in {study.display(cfg.sweep, project)}", 2)
+    except ValueError as exc:
+        _fail(str(exc), 2)
     rows = study.leaderboard(s)
     header, body = report.table_rows(rows)
     table = Table(title=f"study {name} — objective {s.user_attrs.get('objective', '?')}"
-                        f" ({s.direction.name.lower()}) — {study.shown(url)}")
+                        f" ({s.direction.name.lower()}) — {study.display(cfg.sweep, project)}")
     for h in header:
         table.add_column(h, overflow="fold")
     for row in body:

@@ -344,7 +344,7 @@ class SweepConfig(Section):
 
     @model_validator(mode="after")
     def _space(self) -> "SweepConfig":
-        problems = []
+        problems = [] if self.parallel == "auto" or self.parallel >= 1 else ["parallel must be >= 1 or 'auto'"]
         for key, values in self.space.items():
             if not key.startswith(SWEEPABLE) or key.count(".") != 1:
                 problems.append(f"space key {key!r}: only train.* and lora.* recipe keys are swept "
@@ -400,8 +400,9 @@ class PipelineConfig(Section):
         return self
 
     def hash(self) -> str:
-        """Content hash of the whole config: the same settings give the same hash."""
-        return digest(self.model_dump(mode="json"))
+        """Content hash of the config that trains (the same settings give the same hash); the
+        sweep section, which only says how to search, is not part of it."""
+        return config_digest(self.model_dump(mode="json"))
 
 
 def cross_section_problems(doc: dict) -> list[str]:
@@ -427,6 +428,11 @@ def digest(value: Any, length: int = 16) -> str:
     canonical JSON, cut to `length` hex digits."""
     blob = json.dumps(value, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def config_digest(doc: dict) -> str:
+    """The config hash of a config document (a run's logged params.yaml), its sweep section left out."""
+    return digest({k: v for k, v in doc.items() if k != "sweep"})
 
 
 class ConfigError(ValueError):

@@ -39,10 +39,10 @@ def open_sweep(cfg: PipelineConfig, plan: TrainingPlan, run_id: str, root: str) 
     url = study.storage_url(cfg.sweep, Path(root))
     c = client()
     c.set_tag(run_id, t.SWEEP_STUDY, name)
-    c.set_tag(run_id, "ftpipe.sweep.storage", study.shown(url))
+    c.set_tag(run_id, "ftpipe.sweep.storage", study.display(cfg.sweep, Path(root)))
     logger = get_run_logger()
-    logger.info(f"study {name} ({study.shown(url)}): "
-                f"{cfg.sweep.trials} trials, {cfg.sweep.sampler} sampler, objective {cfg.sweep.objective}")
+    logger.info(f"study {name} ({study.display(cfg.sweep, Path(root))}): "
+                f"{ref.budget} trials, {cfg.sweep.sampler} sampler, objective {cfg.sweep.objective}")
     if ref.previous_run and ref.previous_run != run_id:    # the same sweep again (after a kill, or more trials)
         c.set_tag(run_id, t.SWEEP_RESUMES, ref.previous_run)
         if c.get_run(ref.previous_run).info.status == "RUNNING":   # its process was killed
@@ -61,8 +61,10 @@ def run_trial(ref: SweepRef, seq: int, env: dict[str, str]) -> dict:
     """One trial in its own process (python -m ftpipe.sweeps.trial); its outcome, logged as a
     child run of the sweep's run. A trial that fails is a failed trial, not a failed task."""
     logger = get_run_logger()
+    import uuid
+
     spec = json.loads(Path(ref.spec).read_text())
-    spec_path = Path(ref.spec).with_name(f"worker-{os.getpid()}-{seq}.json")
+    spec_path = Path(ref.spec).with_name(f"worker-{seq}-{uuid.uuid4().hex[:8]}.json")
     spec["result"] = str(spec_path.with_suffix(".result.json"))
     spec_path.write_text(json.dumps(spec, indent=2))
     proc = subprocess.Popen([sys.executable, "-m", "ftpipe.sweeps.trial", str(spec_path)], cwd=ref.root,
@@ -98,6 +100,7 @@ class Board:
     objective: str
     lineage: str                  # "study NAME trial N (OBJECTIVE=VALUE) in STORAGE"
     report: str                   # the HTML report's path
+    first_failure: str = ""       # the message of the first failed trial
 
 
 @io_task("publish-sweep")
@@ -109,12 +112,13 @@ def publish_sweep(ref: SweepRef, cfg: PipelineConfig, run_id: str) -> Board:
     url = study.storage_url(cfg.sweep, Path(ref.root))
     s = study.open_study(url, ref.name, cfg.sweep, cfg.sweep.params(), create=False)
     rows = study.leaderboard(s)
+    where = study.display(cfg.sweep, Path(ref.root))
     best = next((r for r in rows if r["state"] == "complete"), None)
     out = Path(ref.root) / "runs" / "sweeps" / ref.name / "report"
     out.mkdir(parents=True, exist_ok=True)
     drawn = report.plots(s, out)
     files = [report.write_csv(rows, out / "leaderboard.csv"),
-             report.write_html(ref.name, study.shown(url), cfg.sweep.objective, rows, drawn, best, out / "sweep.html")]
+             report.write_html(ref.name, where, cfg.sweep.objective, rows, drawn, best, out / "sweep.html")]
     files += [p for p in drawn.values() if isinstance(p, Path)]
     store.log_files(run_id, files, "sweep")
     counts: dict[str, int] = {}
@@ -127,11 +131,13 @@ def publish_sweep(ref: SweepRef, cfg: PipelineConfig, run_id: str) -> Board:
     if best:
         c.log_metric(run_id, f"sweep_best_{cfg.sweep.objective}", best["value"])
         c.set_tag(run_id, "ftpipe.sweep.best_trial", str(best["trial"]))
-        lineage = f"study {ref.name} trial {best['trial']} ({cfg.sweep.objective}={best['value']:.6g}) in {study.shown(url)}"
+        lineage = f"study {ref.name} trial {best['trial']} ({cfg.sweep.objective}={best['value']:.6g}) in {where}"
     get_run_logger().info(f"study {ref.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
                           + (f"; best trial {best['trial']}: {cfg.sweep.objective} {best['value']:.4f} "
                              f"{best['params']}" if best else "; no trial completed"))
-    return Board(ref.name, best, counts, cfg.sweep.objective, lineage, str(out / "sweep.html"))
+    fails = sorted((r for r in rows if r["state"] == "fail" and r.get("message")), key=lambda r: r["trial"])
+    return Board(ref.name, best, counts, cfg.sweep.objective, lineage, str(out / "sweep.html"),
+                 fails[0]["message"] if fails else "")
 
 
 @io_task("log-winner-config")
@@ -143,6 +149,7 @@ def log_winner_config(run_id: str, cfg: PipelineConfig) -> None:
     from ftpipe.registry.store import client
 
     c = client()
-    first = c.download_artifacts(run_id, "config/params.yaml")
-    c.log_text(run_id, Path(first).read_text(), "config/sweep_params.yaml")
+    if not any(a.path == "config/sweep_params.yaml" for a in c.list_artifacts(run_id, "config")):   # a retry
+        first = c.download_artifacts(run_id, "config/params.yaml")
+        c.log_text(run_id, Path(first).read_text(), "config/sweep_params.yaml")
     c.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/params.yaml")

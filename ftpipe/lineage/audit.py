@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from ftpipe import names as t
-from ftpipe.config import digest
+from ftpipe.config import config_digest
 from ftpipe.data.versions import Store
 from ftpipe.lineage.record import TRAIN_FILE_ARTIFACT, _Run, recorded_lineage, resolve
 
@@ -146,7 +146,7 @@ def audit(client, root: Path, ref: str, remote: str | None = None,
             import yaml
 
             try:   # the hash of the logged document itself: later config fields do not change it
-                again = digest(yaml.safe_load(logged.read_text()))
+                again = config_digest(yaml.safe_load(logged.read_text()))
             except Exception as exc:  # noqa: BLE001 - an unreadable config is a broken link
                 again = f"unreadable ({type(exc).__name__})"
             config["rehash"] = again

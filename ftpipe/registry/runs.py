@@ -149,7 +149,7 @@ def log_trial(parent_run_id: str, outcome: dict, study: str) -> str:
     now = int(time.time() * 1000)
     points = [Metric(key, float(v), now, int(step)) for key in ("train_loss", "val_loss")
               for step, v in outcome.get("history", {}).get(key, [])]
-    if outcome.get("value") is not None:
+    if outcome.get("value") is not None and outcome["state"] == "complete":   # a pruned trial's is a midway loss
         points.append(Metric(f"objective_{outcome['objective']}", float(outcome["value"]), now, 0))
     params = [Param(k, str(v)) for k, v in outcome.get("params", {}).items()]
     params += [Param("training_dir", Path(outcome.get("training_dir", "")).name)]

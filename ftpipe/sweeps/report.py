@@ -26,7 +26,7 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     body = []
     for r in rows:
         note = (f"retry of {r['retry_of']}; " if r.get("retry_of") is not None else "") + (r.get("message") or "")
-        body.append([str(r["trial"]), r["state"], _value(r["value"]),
+        body.append([str(r["trial"]), r["state"], _value(r["shown"]),
                      *[str(r["params"].get(k, "")) for k in keys],
                      f"{r['seconds']:.0f}" if r.get("seconds") is not None else "", note[:120]])
     return header, body

@@ -36,7 +36,10 @@ def direction(objective: str) -> str:
 def storage_url(cfg: SweepConfig, root: Path) -> str:
     """sweep.storage (${VARS} expanded), else SQLite in the project's optuna/ folder."""
     if cfg.storage:
-        return os.path.expandvars(cfg.storage)
+        url = os.path.expandvars(cfg.storage)
+        if "$" in url:
+            raise ValueError(f"sweep.storage {cfg.storage}: a variable in it is not set in this environment")
+        return url
     folder = Path(root) / "optuna"
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(folder / 'optuna.db').resolve()}"
@@ -78,13 +81,17 @@ def open_study(url: str, name: str, cfg: SweepConfig, space: dict, create: bool 
     return optuna.load_study(study_name=name, storage=st, sampler=sampler(cfg, space), pruner=pruner(cfg))
 
 
-def trial_seed(url: str, name: str, cfg: SweepConfig) -> int:
-    """The sampler seed of the study's next trial: sweep.seed and how many trials the study
-    holds, so one worker's sweep draws the same recipes every time it is run."""
+def trial_seed(url: str, name: str, cfg: SweepConfig, lane: str) -> int:
+    """The sampler seed of the study's next trial: sweep.seed, how many trials the study holds
+    and the lane (the trial slot of this worker), so one worker draws the same recipes every
+    time it runs and trials started side by side draw different ones. The grid sampler keeps
+    sweep.seed: every process must shuffle the grid alike (a trial's number picks its point)."""
     from ftpipe.config import digest
 
+    if cfg.sampler == "grid":
+        return cfg.seed
     n = len(optuna.load_study(study_name=name, storage=storage(url, cfg.heartbeat_s)).get_trials(deepcopy=False))
-    return int(digest([cfg.seed, n], 8), 16)
+    return int(digest([cfg.seed, n, lane], 8), 16)
 
 
 def counts(study: optuna.Study) -> tuple[int, int]:
@@ -106,8 +113,18 @@ def over_budget(study: optuna.Study, number: int, budget: int) -> bool:
     return sum(1 for t in before if t.number < number and not t.user_attrs.get(OVER_BUDGET)) >= budget
 
 
+def _machine() -> str:
+    """This machine and PID namespace (containers may share a hostname, not their processes)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        ns = os.stat("/proc/self/ns/pid").st_ino
+        return f"{socket.gethostname()}/{boot}.{ns}"
+    except OSError:
+        return socket.gethostname()
+
+
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{_machine()}:{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:
@@ -125,15 +142,19 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
     failed now and enqueued once more with the same parameters. Other machines' dead
     workers are found by their heartbeat (optuna.storages.fail_stale_trials)."""
     optuna.storages.fail_stale_trials(study)
-    host, failed = socket.gethostname(), []
+    host, failed = _machine(), []
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1, inherit_intermediate_values=True)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         where, _, pid = str(t.user_attrs.get(WORKER, "")).rpartition(":")
         if where == host and pid.isdigit() and not _alive(int(pid)):
-            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                study.set_user_attr(f"failed_{t.number}", "its worker process died")
-                retry(study, study._storage.get_trial(t._trial_id))
-                failed.append(t.number)
+            try:
+                study._storage.set_trial_user_attr(t._trial_id, "message", "its worker process died")
+                if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:   # another worker failed it first
+                continue
+            retry(study, study._storage.get_trial(t._trial_id))
+            failed.append(t.number)
     return failed
 
 
@@ -149,6 +170,7 @@ def leaderboard(study: optuna.Study) -> list[dict]:
         if t.user_attrs.get(OVER_BUDGET):
             continue
         rows.append({"trial": t.number, "state": t.state.name.lower(), "value": t.value,
+                     "shown": t.value if t.state == TrialState.COMPLETE else None,   # a pruned one's is a midway loss
                      "last_step": max(t.intermediate_values) if t.intermediate_values else None,
                      "params": dict(t.params), "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
                      if t.datetime_complete and t.datetime_start else None,
@@ -187,14 +209,22 @@ class SweepRef:
     budget: int
     resumed: tuple[int, ...] = ()   # trials of a killed worker failed now, each enqueued once more
     previous_run: str = ""          # the parent run of this study's earlier (killed or finished) sweep
+    lane: str = "main"              # this worker's trial slots are lanes "<lane>-<slot>" (sampler seeds)
 
 
 def shown(url: str) -> str:
-    """A storage URL fit for logs and lineage: any password (or ${VAR}) replaced."""
+    """A storage URL fit for logs and lineage: any password replaced."""
+    import re
+
     from ftpipe.secrets import redact
 
-    import re
-    return redact(re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url))
+    return redact(re.sub(r"(://[^:/@]+:).*@", r"\1***@", url))
+
+
+def display(cfg: SweepConfig, root: Path) -> str:
+    """The storage as a person reads it: sweep.storage as written (a ${VAR} stays a name), or
+    the project's SQLite file."""
+    return shown(cfg.storage) if cfg.storage else storage_url(cfg, root)
 
 
 def default_name(model_name: str, cfg: SweepConfig, recipe: list) -> str:
@@ -214,6 +244,18 @@ def relative(path: str, root: Path) -> str:
         return str(p)
 
 
+def budget(cfg: SweepConfig) -> int:
+    """sweep.trials, at most the grid's points for the grid sampler."""
+    from ftpipe.sweeps.space import grid_size
+
+    return min(cfg.trials, grid_size(cfg.params())) if cfg.sampler == "grid" else cfg.trials
+
+
+# what a study's trials must agree on; a worker's budget and time limit may differ
+SAME = ("model", "lora", "train", "data_key", "eval", "max_seq_len", "start_adapter", "train_path_sha256",
+        "val_path_sha256")
+
+
 def prepare(cfg: SweepConfig, name: str, root: Path, parent_run: str, template: dict) -> SweepRef:
     """Open (or create) the study, record the trial spec its workers share (paths relative to
     the project) and the parent run, fail the trials of a killed worker here (each retried once)."""
@@ -229,17 +271,28 @@ def prepare(cfg: SweepConfig, name: str, root: Path, parent_run: str, template: 
         template["model"] = template["model"] | {"base": relative(base, root)}
         template["base_in_project"] = not Path(template["model"]["base"]).is_absolute()
     template["sweep"] = cfg.model_dump(mode="json")
-    if "spec" not in study.user_attrs:
-        study.set_user_attr("spec", template)
-        study.set_user_attr("objective", cfg.objective)
-    elif {k: v for k, v in study.user_attrs["spec"].items() if k.endswith("_sha256")} != \
-            {k: v for k, v in template.items() if k.endswith("_sha256")}:   # same name, other data
-        raise ValueError(f"study {name} in {shown(url)} trained on other data: set sweep.study to a new name")
+    stored = study.user_attrs.get("spec")
+    if stored and ({k: stored.get(k) for k in SAME} != {k: template.get(k) for k in SAME}
+                   or stored["sweep"]["space"] != template["sweep"]["space"]):
+        raise ValueError(f"study {name} in {display(cfg, root)} holds trials of another recipe, space or data: "
+                         "set sweep.study to a new name (or leave it null: each sweep gets its own)")
+    study.set_user_attr("spec", template)          # this run's budget and settings for workers that join
+    study.set_user_attr("objective", cfg.objective)
     previous = study.user_attrs.get("parent_run", "")
+    if previous == parent_run:                     # this same run, its task retried
+        previous = study.user_attrs.get("previous_run", "")
+    else:
+        study.set_user_attr("previous_run", previous)
     study.set_user_attr("parent_run", parent_run)
     resumed = tuple(fail_dead_trials(study))
-    return SweepRef(name, cfg.storage or url, str(write_spec(root, name, study.user_attrs["spec"], cfg, url)),
-                    str(root), parent_run, cfg.trials, resumed, previous)
+    return SweepRef(name, cfg.storage or url, str(write_spec(root, name, template, cfg, url)), str(root), parent_run,
+                    budget(cfg), resumed, previous)
+
+
+def newest(url: str, heartbeat_s: int) -> str | None:
+    """The study created last in this storage."""
+    studies = storage(url, heartbeat_s).get_all_studies()
+    return max(studies, key=lambda s: s._study_id).study_name if studies else None
 
 
 def join(cfg: SweepConfig, name: str | None, root: Path) -> tuple[SweepRef, SweepConfig]:
@@ -248,34 +301,41 @@ def join(cfg: SweepConfig, name: str | None, root: Path) -> tuple[SweepRef, Swee
     from ftpipe.files import sha256_path
 
     url = storage_url(cfg, root)
+    name = name or newest(url, cfg.heartbeat_s)
     if name is None:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage(url, cfg.heartbeat_s))]
-        if not names:
-            raise ValueError(f"no study in {shown(url)} to join: start one with `ftpipe sweep`")
-        name = names[-1]
-    study = open_study(url, name, cfg, cfg.params(), create=False)
+        raise ValueError(f"no study in {display(cfg, root)} to join: start one with `ftpipe sweep`")
+    try:
+        study = open_study(url, name, cfg, cfg.params(), create=False)
+    except KeyError:
+        raise ValueError(f"no study {name!r} in {display(cfg, root)} (`ftpipe sweep --report` names the newest)") \
+            from None
     spec = study.user_attrs.get("spec")
     if not spec:
-        raise ValueError(f"study {name} in {shown(url)} was not started by `ftpipe sweep` (no trial spec)")
+        raise ValueError(f"study {name} in {display(cfg, root)} was not started by `ftpipe sweep` (no trial spec)")
     for key in ("train_path", "val_path"):
         path = root / spec[key] if not Path(spec[key]).is_absolute() else Path(spec[key])
         if not path.is_file() or sha256_path(path) != spec[key + "_sha256"]:
+            how = ("this sweep starts from the champion: its incremental training set and start weights live "
+                   "on the first worker's machine; join from a machine that shares the project folder") \
+                if "increment-" in str(spec[key]) else "`git pull && dvc pull` this project first"
             raise ValueError(f"{path}: not the {key.split('_')[0]} file study {name} trains on "
-                             f"(sha256 {spec[key + '_sha256'][:12]}): `git pull && dvc pull` this project first")
+                             f"(sha256 {spec[key + '_sha256'][:12]}): {how}")
     if spec.get("base_in_project") and not (root / spec["model"]["base"]).exists():
         raise ValueError(f"{root / spec['model']['base']}: the start weights of study {name} are not on this "
                          f"machine ({spec.get('base_source') or 'the base model'}): run `dvc pull` (the tiny "
                          "base) or point model.base at the same model")
     fail_dead_trials(study)
-    swept = SweepConfig.model_validate(spec["sweep"])
-    swept = swept.model_copy(update={"storage": cfg.storage})   # this machine's way to the same storage
-    return SweepRef(name, cfg.storage or url, str(write_spec(root, name, spec, swept, url)), str(root),
-                    study.user_attrs.get("parent_run", ""), swept.trials), swept
+    swept = SweepConfig.model_validate(spec["sweep"]).model_copy(update={"storage": cfg.storage})
+    lane = f"join-{worker_id()}"
+    return SweepRef(name, cfg.storage or url, str(write_spec(root, name, spec, swept, url, lane)), str(root),
+                    study.user_attrs.get("parent_run", ""), budget(swept), lane=lane), swept
 
 
-def write_spec(root: Path, name: str, template: dict, cfg: SweepConfig, url: str) -> Path:
+def write_spec(root: Path, name: str, template: dict, cfg: SweepConfig, url: str, lane: str = "main") -> Path:
     """This worker's copy of the trial spec: paths made absolute here, the sweep's settings
     and storage (as configured; the trial expands ${VARS})."""
+    import json
+
     doc = dict(template)
     for key in ("train_path", "val_path"):
         doc[key] = str(root / doc[key]) if not Path(doc[key]).is_absolute() else doc[key]
@@ -284,7 +344,6 @@ def write_spec(root: Path, name: str, template: dict, cfg: SweepConfig, url: str
     doc.update(root=str(root), study=name, storage=cfg.storage or url, sweep=cfg.model_dump(mode="json"))
     folder = root / "runs" / "sweeps" / name
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "spec.json"
-    import json
+    path = folder / (f"spec-{lane.replace(':', '-').replace('/', '-')}.json" if lane != "main" else "spec.json")
     path.write_text(json.dumps(doc, indent=2))
     return path

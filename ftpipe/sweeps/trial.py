@@ -26,6 +26,7 @@ from ftpipe.config import EvalConfig, LoraConfig, ModelConfig, SweepConfig, Trai
 from ftpipe.sweeps.space import apply, suggest, with_eval_points
 from ftpipe.sweeps.study import (OVER_BUDGET, WORKER, direction, needed, open_study, over_budget, trial_seed,
                                  worker_id)
+from ftpipe.sweeps.study import budget as budget_of
 
 TRIAL = "@@trial "     # the last line a trial process prints: its result as JSON
 
@@ -58,8 +59,9 @@ def run_trial(spec: dict) -> dict:
     cfg = SweepConfig.model_validate(spec["sweep"])
     space = cfg.params()
     url = os.path.expandvars(spec["storage"])
-    study = open_study(url, spec["study"], cfg, space, create=False, seed=trial_seed(url, spec["study"], cfg))
-    budget = cfg.trials
+    lane = os.environ.get("FTPIPE_SWEEP_LANE", "main-0")      # this trial's slot (tasks/sweep.run_trial)
+    study = open_study(url, spec["study"], cfg, space, create=False, seed=trial_seed(url, spec["study"], cfg, lane))
+    budget = budget_of(cfg)
     if needed(study, budget) <= 0:
         return {"state": "not-needed", "message": f"the study has its {budget} trials"}
     model, lora0, train0 = (ModelConfig.model_validate(spec["model"]), LoraConfig.model_validate(spec["lora"]),
@@ -70,6 +72,7 @@ def run_trial(spec: dict) -> dict:
     def objective(trial: optuna.Trial) -> float:
         out["number"] = trial.number
         trial.set_user_attr(WORKER, worker_id())
+        trial.set_user_attr("message", "")          # a retried trial inherits its failed original's attrs
         if over_budget(study, trial.number, budget):
             trial.set_user_attr(OVER_BUDGET, True)
             raise OverBudget(f"trial {trial.number} is one more than the study's {budget}: another worker "

@@ -68,7 +68,10 @@ def finished(out_dir: str | Path) -> TrainResult | None:
     out_dir = Path(out_dir)
     if not ((out_dir / "train_result.json").is_file() and (out_dir / "model" / "config.json").is_file()):
         return None
-    doc = json.loads((out_dir / "train_result.json").read_text())
+    try:
+        doc = json.loads((out_dir / "train_result.json").read_text())
+    except (OSError, ValueError):
+        return None
     adapter = out_dir / "adapter"
     return TrainResult(**doc | {
         "model_dir": str(out_dir / "model"), "adapter_dir": str(adapter) if doc.get("adapter_dir") else None,

@@ -230,7 +230,9 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
         val_history=[tuple(v) for v in state.val_history], best_step=state.best_step,
         resumed_from=resumed_from, stopped_early=stopped_early)
     if procs.main:
-        (out_dir / "train_result.json").write_text(json.dumps(result.__dict__, indent=2))
+        tmp = out_dir / "train_result.json.tmp"     # whole or absent: a finished training is found by it
+        tmp.write_text(json.dumps(result.__dict__, indent=2))
+        os.replace(tmp, out_dir / "train_result.json")
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # finished: the export replaces them
     if procs.world > 1:
         import torch.distributed as dist

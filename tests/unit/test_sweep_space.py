@@ -2,7 +2,6 @@
 trial's values make of the recipe, the budget two workers share, a dead worker's trial."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
@@ -65,7 +64,7 @@ def test_a_trial_whose_worker_died_here_is_failed_and_retried_once(tmp_path):
                           text=True).stdout.strip()
     gone, alive = s.ask(), s.ask()
     space.suggest(gone, cfg.params())
-    gone.set_user_attr(study.WORKER, f"{socket.gethostname()}:{dead}")
+    gone.set_user_attr(study.WORKER, study.worker_id().rsplit(":", 1)[0] + f":{dead}")   # this machine, a dead pid
     alive.set_user_attr(study.WORKER, study.worker_id())
     assert study.fail_dead_trials(s) == [gone.number]
     states = {t.number: t.state for t in s.trials}
