@@ -136,7 +136,7 @@ def sweep_trials(root: str = ".", config: str = "params.yaml", study: str | None
 
     root_path = Path(root).resolve()
     cfg = load_config(root_path / config if not Path(config).is_absolute() else config, overrides)
-    ref, swept = join(cfg.sweep, study, root_path)
+    ref, swept = join(cfg.sweep, study, root_path, cfg.registry)
     ran = run_trials(ref, swept.model_copy(update={"parallel": cfg.sweep.parallel, "timeout_s": cfg.sweep.timeout_s}))
     return {"study": ref.name, "trials_here": ran}
 

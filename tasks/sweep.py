@@ -32,7 +32,11 @@ def open_sweep(cfg: PipelineConfig, plan: TrainingPlan, run_id: str, root: str) 
                 "train": plan.train.model_dump(mode="json"), "train_path": plan.splits["train"],
                 "val_path": plan.splits["validation"], "data_key": plan.data_key,
                 "eval": cfg.eval.model_dump(mode="json"), "max_seq_len": cfg.train.max_seq_len,
-                "start_adapter": plan.start_adapter, "base_source": plan.base_source}
+                "start_adapter": plan.start_adapter, "base_source": plan.base_source,
+                "champion": None if plan.increment.start_from != "champion" else {
+                    "name": cfg.registry.model_name, "version": plan.increment.champion_version,
+                    "start": "adapter" if plan.start_adapter else "merged" if Path(plan.base_path).name == "merged"
+                    else "full"}}
     name = cfg.sweep.study or study.default_name(cfg.registry.model_name, cfg.sweep, [
         template["model"], template["lora"], template["train"], plan.data_key, plan.start_adapter])
     ref = study.prepare(cfg.sweep, name, Path(root), run_id, template)

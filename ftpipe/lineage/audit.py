@@ -173,6 +173,11 @@ def audit(client, root: Path, ref: str, remote: str | None = None,
             links.append(Link("training file", now == want, f"training file {TRAIN_FILE_ARTIFACT}: " + (
                 "missing from the run's artifacts" if got is None else f"sha256 {want[:16]}… matches"
                 if now == want else f"altered since registration (sha256 now {now[:16]}…, recorded {want[:16]}…)")))
+        if doc.get(t.SWEEP):             # a sweep's winner: its study and trial, read back
+            from ftpipe.sweeps.study import audit_trial
+
+            ok, detail = audit_trial(doc[t.SWEEP], doc.get(t.CANDIDATE, ""))
+            links.append(Link("sweep trial", ok is not False, detail, warning=ok is None))
         # data
         store = Store(root, remote)
         try:

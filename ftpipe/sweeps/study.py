@@ -295,9 +295,45 @@ def newest(url: str, heartbeat_s: int) -> str | None:
     return max(studies, key=lambda s: s._study_id).study_name if studies else None
 
 
-def join(cfg: SweepConfig, name: str | None, root: Path) -> tuple[SweepRef, SweepConfig]:
+def champion_start(spec: dict, root: Path, registry) -> dict:
+    """On a machine that joins a sweep starting from the champion: its incremental training
+    file (the first worker's run artifact) and the champion's weights (the registry; an adapter
+    version's base from this machine's base cache), put where this machine's trials read them."""
+    import shutil
+    import tempfile
+
+    from ftpipe.files import sha256_path
+    from ftpipe.lineage.record import TRAIN_FILE_ARTIFACT
+    from ftpipe.registry import store
+
+    store.setup(registry, root)
+    champ, spec = spec["champion"], dict(spec)
+    train = root / spec["train_path"]
+    if not train.is_file() or sha256_path(train) != spec["train_path_sha256"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            got = store.client().download_artifacts(spec["parent_run"], TRAIN_FILE_ARTIFACT, tmp)
+            train.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(got, train)
+    local = store.version_weights(champ["name"], champ["version"], root)
+    if champ["start"] == "adapter":      # the adapter trains on, on its pinned base
+        spec["model"] = spec["model"] | {"base": local.model_dir}
+        spec["start_adapter"] = local.adapter_dir
+    elif champ["start"] == "merged":     # a full fine-tune of an adapter champion: its merged weights
+        from ftpipe.training.models import merged_copy
+
+        spec["model"] = spec["model"] | {"base": merged_copy(local.model_dir, local.adapter_dir,
+                                                             Path(local.adapter_dir).parent / "merged")}
+    else:
+        spec["model"] = spec["model"] | {"base": local.model_dir}
+    spec["base_in_project"] = False
+    return spec
+
+
+def join(cfg: SweepConfig, name: str | None, root: Path, registry=None) -> tuple[SweepRef, SweepConfig]:
     """A second worker (another machine, or another process here) on an existing study: its
-    trial spec from the study, the data files checked against the study's sha256."""
+    trial spec from the study (a champion start fetched here: champion_start), the data files
+    checked against the study's sha256. registry: this project's RegistryConfig (the MLflow
+    the first worker logs to)."""
     from ftpipe.files import sha256_path
 
     url = storage_url(cfg, root)
@@ -312,12 +348,12 @@ def join(cfg: SweepConfig, name: str | None, root: Path) -> tuple[SweepRef, Swee
     spec = study.user_attrs.get("spec")
     if not spec:
         raise ValueError(f"study {name} in {display(cfg, root)} was not started by `ftpipe sweep` (no trial spec)")
+    if spec.get("champion") and registry is not None:
+        spec = champion_start(spec | {"parent_run": study.user_attrs.get("parent_run", "")}, root, registry)
     for key in ("train_path", "val_path"):
         path = root / spec[key] if not Path(spec[key]).is_absolute() else Path(spec[key])
         if not path.is_file() or sha256_path(path) != spec[key + "_sha256"]:
-            how = ("this sweep starts from the champion: its incremental training set and start weights live "
-                   "on the first worker's machine; join from a machine that shares the project folder") \
-                if "increment-" in str(spec[key]) else "`git pull && dvc pull` this project first"
+            how = "`git pull && dvc pull` this project first"
             raise ValueError(f"{path}: not the {key.split('_')[0]} file study {name} trains on "
                              f"(sha256 {spec[key + '_sha256'][:12]}): {how}")
     if spec.get("base_in_project") and not (root / spec["model"]["base"]).exists():
@@ -347,3 +383,34 @@ def write_spec(root: Path, name: str, template: dict, cfg: SweepConfig, url: str
     path = folder / (f"spec-{lane.replace(':', '-').replace('/', '-')}.json" if lane != "main" else "spec.json")
     path.write_text(json.dumps(doc, indent=2))
     return path
+
+
+def audit_trial(fact: str, candidate: str) -> tuple[bool | None, str]:
+    """The sweep link of a version's lineage (its `ftpipe.sweep` fact): the study and trial
+    read back from the storage, COMPLETE, with the version's training and objective value.
+    (ok, detail); ok None: the storage cannot be reached from here (unverified)."""
+    import re
+
+    m = re.fullmatch(r"study (\S+) trial (\d+) \((\w+)=([^)]+)\) in (.+)", fact)
+    if not m:
+        return False, f"sweep: cannot read the lineage fact {fact!r}"
+    name, number, objective, value, where = m.groups()
+    url = os.path.expandvars(where)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        return None, f"sweep: study {name}'s storage {where} is not on this machine"
+    try:
+        s = optuna.load_study(study_name=name, storage=url)
+        trial = next((t for t in s.get_trials(deepcopy=False) if t.number == int(number)), None)
+    except Exception as exc:   # noqa: BLE001 - an unreachable database is unverified, not broken
+        return None, f"sweep: study {name} in {where} not reachable ({type(exc).__name__})"
+    if trial is None:
+        return False, f"sweep: study {name} in {where} has no trial {number}"
+    problems = []
+    if trial.state != TrialState.COMPLETE:
+        problems.append(f"trial {number} is {trial.state.name.lower()}, not complete")
+    if trial.user_attrs.get("training_dir") != candidate:
+        problems.append(f"trial {number} trained {trial.user_attrs.get('training_dir')}, the version holds {candidate}")
+    if trial.value is None or f"{trial.value:.6g}" != value:
+        problems.append(f"trial {number}'s {objective} is {trial.value}, the lineage says {value}")
+    return not problems, f"sweep: study {name} trial {number} " + (
+        f"complete, {objective} {value}, its training is the version's" if not problems else "; ".join(problems))

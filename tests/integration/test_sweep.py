@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tests.helpers import BIN, PG, make_project, mlflow_client, needs_postgres, ok, run_cli
+from tests.helpers import BIN, PG, REPO, make_project, mlflow_client, needs_postgres, ok, ok_json, run_cli
 
 pytestmark = pytest.mark.integration
 NAME = "ftpipe-dates"
@@ -76,7 +76,9 @@ def test_a_sweep_prunes_registers_its_best_through_the_gate_and_never_reads_the_
     facts = recorded_tags(c, NAME, v1.version)
     assert facts["ftpipe.sweep"].startswith(f"study {name} trial {best.number} (val_loss=")
     assert facts["ftpipe.candidate"] == best.user_attrs["training_dir"]          # its training, reused
-    assert ok(run_cli(["lineage", f"models:/{NAME}/{v1.version}"], project, prefect_server))
+    audit = ok_json(run_cli(["lineage", f"models:/{NAME}/{v1.version}", "--json"], project, prefect_server))
+    link = next(x for x in audit["links"] if x["name"] == "sweep trial")
+    assert link["ok"] and not link["warning"] and f"trial {best.number} complete" in link["detail"], link
 
     # the test split never reaches a trial: not in any trial's spec, and the objective is the
     # validation loss of the exported weights, which the run logs next to its test-set scores
@@ -129,30 +131,51 @@ def test_a_killed_sweep_resumes_its_study_and_a_worse_best_is_refused(project, p
 
 
 @needs_postgres
-def test_two_workers_share_one_study_in_postgresql_and_no_trial_runs_twice(project, prefect_server):
+def test_a_second_machine_joins_a_postgresql_study_from_the_champion_and_no_trial_runs_twice(project, prefect_server,
+                                                                                           tmp_path):
+    """Two workers on one PostgreSQL study of a sweep that starts from the champion (new rows
+    dropped: an incremental set + replay, the champion's adapter trains on). The second works in
+    a git clone of the project, as another machine would: its data from `dvc pull`, the
+    incremental training file from the first worker's run, the champion from the registry."""
     import psycopg
 
     db = f"ftpipe_sweep_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {db}")
     url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
-    args = [f"sweep.storage={url}", "sweep.study=pg", "sweep.trials=4", "sweep.pruner.enabled=false", "sweep.seed=7"]
+    drops = (REPO / "data/drops/drop-0002.jsonl").read_text().splitlines(keepends=True)
+    (project / "data/incoming/drop-sweep.jsonl").write_text("".join(drops[400:480]))
+    args = [f"sweep.storage={url}", "sweep.study=pg", "sweep.trials=4", "sweep.pruner.enabled=false", "sweep.seed=7",
+            "incremental.start_from=champion", "incremental.max_steps=30"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | prefect_server | {"COLUMNS": "200"}
     first = subprocess.Popen([str(BIN / "ftpipe"), "sweep", *args, "--project", str(project)], cwd=project, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while "pg" not in optuna.study.get_all_study_names(url):   # the first worker made the study
+    while "pg" not in optuna.study.get_all_study_names(url):   # the first worker prepared the data, made the study
         assert first.poll() is None and time.time() < deadline, first.stdout.read()[-3000:]
         time.sleep(0.5)
-    second = run_cli(["sweep", "--join", "--study", "pg", *args], project, prefect_server)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["add", "-A"], cwd=project, check=True)            # the drop and dvc.lock, committed
+    subprocess.run(git + ["commit", "-qm", "drop"], cwd=project, check=True)
+    clone = tmp_path / "machine-2"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+    pull = subprocess.run([str(BIN / "dvc"), "pull"], cwd=clone, capture_output=True, text=True)
+    assert pull.returncode == 0, pull.stdout[-2000:] + pull.stderr[-2000:]
+    second = run_cli(["sweep", "--join", "--study", "pg", *args], clone,
+                     prefect_server | {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"})
     out_first, _ = first.communicate(timeout=600)
     out_second = ok(second)
     assert first.returncode == 0, out_first[-3000:]
+    assert "new training rows" in out_first and "replayed" in out_first        # the sweep starts from the champion
     here, there = trial_lines(out_first), trial_lines(out_second)
-    assert here and there, (here, there)                          # both workers ran trials
-    assert not set(here) & set(there)                             # none twice
+    assert here and there, (here, there)                                      # both workers ran trials
+    assert not set(here) & set(there)                                         # none twice
     study = study_of(project, "pg", url)
     assert sorted(here + there) == [t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(sorted(here + there)) == 4
-    assert len({t.user_attrs["worker"].rsplit(":", 1)[0] for t in study.trials}) == 1   # this machine, two processes
+    assert len(here + there) == 4
+    # the second machine fetched what it had not: the incremental set (byte-identical) and the champion
+    mine = next((project / "runs").glob("increment-*/train.jsonl"))
+    theirs = clone / mine.relative_to(project)
+    assert theirs.read_bytes() == mine.read_bytes()
+    assert list((clone / "runs").glob("champion-ftpipe-dates-v1/.complete"))
     assert "Promotion gate:" in out_first                         # the first worker registers and gates the winner
