@@ -20,20 +20,25 @@ def _value(v) -> str:
     return fmt(v) if v is not None else "—"
 
 
-def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+def _param(v, precise: bool) -> str:
+    return f"{v:.4g}" if isinstance(v, float) and not precise else str(v)
+
+
+def table_rows(rows: list[dict], precise: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the leaderboard; float parameters to 4 significant digits unless precise (the CSV)."""
     keys = sorted({k for r in rows for k in r["params"]})
     header = ["trial", "state", "value", *keys, "seconds", "note"]
     body = []
     for r in rows:
         note = (f"retry of {r['retry_of']}; " if r.get("retry_of") is not None else "") + (r.get("message") or "")
         body.append([str(r["trial"]), r["state"], _value(r["shown"]),
-                     *[str(r["params"].get(k, "")) for k in keys],
+                     *[_param(r["params"].get(k, ""), precise) for k in keys],
                      f"{r['seconds']:.0f}" if r.get("seconds") is not None else "", note[:120]])
     return header, body
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
-    header, body = table_rows(rows)
+    header, body = table_rows(rows, precise=True)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
