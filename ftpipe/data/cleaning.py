@@ -22,7 +22,7 @@ from typing import Iterator
 
 from ftpipe.config import CleanConfig
 from ftpipe.data.pii import scrub, scrub_all
-from ftpipe.data.records import REQUIRED, prompt_key, response_of, texts_of
+from ftpipe.data.records import PREFERENCE, REQUIRED, is_pair, pair_key, prompt_key, rejected_view, response_of, texts_of
 from ftpipe.cores import share
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
@@ -51,12 +51,14 @@ def normalize_text(text: str, form: str = "NFC") -> str:
     return _BLANKS.sub("\n\n", text).strip()
 
 
+TEXT_FIELDS = ("instruction", "input", "output", "prompt", "completion", "chosen", "rejected")
+
+
 def _normalize_row(row: dict, form: str) -> None:
-    if row.get("_format") == "chat" and isinstance(row.get("messages"), list):
+    if row.get("_format") in ("chat", "chat_preference") and isinstance(row.get("messages"), list):
         for m in row["messages"]:
             m["content"] = normalize_text(m["content"], form)
-        return
-    for name in ("instruction", "input", "output", "prompt", "completion"):
+    for name in TEXT_FIELDS:
         if isinstance(row.get(name), str):
             row[name] = normalize_text(row[name], form)
 
@@ -70,7 +72,21 @@ def _structure_problem(row: dict, cfg: CleanConfig) -> tuple[str, str] | None:
     for name in REQUIRED.get(fmt, ()):
         if row.get(name) is None:
             return "missing field", f"missing field {name!r} (null or absent)"
-    if fmt == "chat":
+    if fmt in PREFERENCE:
+        if fmt == "chat_preference":
+            msgs = row["messages"]
+            if not msgs or msgs[-1]["role"] != "user":
+                return "bad pair", "the shared conversation of a pair must end with a user turn"
+            if any(not m["content"] for m in msgs):
+                return "empty", "a turn has empty content"
+        elif not row["prompt"]:
+            return "empty", "empty prompt"
+        for name in ("chosen", "rejected"):
+            if len(row[name]) < max(cfg.min_output_chars, 1):
+                return "empty", f"empty {name} answer (< data.clean.min_output_chars={max(cfg.min_output_chars, 1)})"
+        if " ".join(row["chosen"].split()) == " ".join(row["rejected"].split()):
+            return "bad pair", "chosen and rejected answers are the same"
+    elif fmt == "chat":
         msgs = row["messages"]
         if not msgs:
             return "empty", "empty conversation"
@@ -100,15 +116,14 @@ def _scrub(row: dict, policy: str) -> list[str]:
     found: list[str] = []
     if policy == "keep":
         return found
-    if row.get("_format") == "chat":
+    if row.get("_format") in ("chat", "chat_preference"):
         for m in row["messages"]:
             if policy == "scrub":
                 m["content"], kinds = scrub(m["content"])
             else:
                 kinds = find(m["content"])
             found += kinds
-        return found
-    for name in ("instruction", "input", "output", "prompt", "completion"):
+    for name in TEXT_FIELDS:
         if isinstance(row.get(name), str):
             if policy == "scrub":
                 row[name], kinds = scrub(row[name])
@@ -165,6 +180,7 @@ def _process_chunk(args: tuple[list[bytes], CleanConfig]) -> list[tuple]:
     out: list = []
     candidates: list[int] = []
     rendered: list[str] = []
+    alternates: list[str | None] = []   # a pair's prompt + rejected answer
     for raw in lines:
         row = orjson.loads(raw)
         _normalize_row(row, cfg.normalize) if not row.get("_error") else None
@@ -178,32 +194,39 @@ def _process_chunk(args: tuple[list[bytes], CleanConfig]) -> list[tuple]:
             out.append(_rejected(problem[0], problem[1], row, cfg.pii, kinds))
             continue
         try:
-            text = prompt_of(row, _TOKENIZER) + completion_of(row, _TOKENIZER)
+            prompt = prompt_of(row, _TOKENIZER)
+            text = prompt + completion_of(row, _TOKENIZER)
+            # a pair: each answer after the prompt must fit; near-duplicates compare the whole pair
+            other = prompt + completion_of(rejected_view(row), _TOKENIZER) if is_pair(row) else None
         except Exception as exc:  # a chat template that rejects this conversation
             out.append(_rejected("bad chat", f"chat template failed: {exc}", row, cfg.pii, kinds))
             continue
         candidates.append(len(out))
         rendered.append(text)
-        out.append(("c", prompt_key(row), None, row, kinds))
+        alternates.append(other)
+        out.append(("c", pair_key(row) if other is not None else prompt_key(row), None, row, kinds))
     if not candidates:
         return out
     # Token limits. Every token of a byte-level (or byte-fallback) tokenizer covers at
     # least one byte, so a text of B UTF-8 bytes has at most B + a few special tokens:
     # rows whose bytes prove them within max_tokens skip the tokenizer (exactly as safe,
     # ~150 us a row cheaper). `_tokens` is then that bound, flagged by `_tokens_exact`.
-    bounds = [len(t.encode("utf-8")) + SPECIAL_MARGIN for t in rendered]
+    longest = [t if o is None or len(t.encode("utf-8")) >= len(o.encode("utf-8")) else o
+               for t, o in zip(rendered, alternates)]
+    bounds = [len(t.encode("utf-8")) + SPECIAL_MARGIN for t in longest]
     lengths: list[int] = list(bounds)
     exact = [False] * len(rendered)
     need = [i for i, n in enumerate(bounds) if n > cfg.max_tokens]
     if need:
-        texts = [rendered[i] for i in need]
+        texts = [t for i in need for t in (rendered[i], alternates[i] or "")]
         if _TOKENIZER is not None:
             counted = [len(ids) for ids in _TOKENIZER(texts, add_special_tokens=True)["input_ids"]]
         else:  # no tokenizer configured: count whitespace words (tests without a model)
             counted = [len(t.split()) for t in texts]
-        for i, n in zip(need, counted):
-            lengths[i], exact[i] = n, True
-    sigs = signatures(rendered, cfg.near_dup) if cfg.near_dup.enabled else [None] * len(rendered)
+        for j, i in enumerate(need):
+            lengths[i], exact[i] = max(counted[2 * j], counted[2 * j + 1]), True
+    near = [t if o is None else t + o for t, o in zip(rendered, alternates)]
+    sigs = signatures(near, cfg.near_dup) if cfg.near_dup.enabled else [None] * len(rendered)
     for pos, n_tokens, is_exact, sig in zip(candidates, lengths, exact, sigs):
         _, key, _, row, kinds = out[pos]
         if n_tokens > cfg.max_tokens:

@@ -17,13 +17,13 @@ def prompt_of(row: dict[str, Any], tokenizer=None) -> str:
     """The prompt text of a canonical row (see ftpipe.data.records). Chat rows go through the
     tokenizer's chat template, ending with the generation prompt of the assistant turn."""
     fmt = row.get("_format", "alpaca")
-    if fmt == "prompt_completion":
+    if fmt in ("prompt_completion", "preference"):
         return row.get("prompt") or ""
-    if fmt == "chat":
+    if fmt in ("chat", "chat_preference"):
         if tokenizer is None:
             raise ValueError("chat rows need the tokenizer's chat template to render")
-        return tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False,
-                                             add_generation_prompt=True)
+        turns = row["messages"] if fmt == "chat_preference" else row["messages"][:-1]
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     instruction = (row.get("instruction") or "").strip()
     inp = (row.get("input") or "").strip()
     if inp:
@@ -33,10 +33,18 @@ def prompt_of(row: dict[str, Any], tokenizer=None) -> str:
 
 def completion_of(row: dict[str, Any], tokenizer=None) -> str:
     """What follows the prompt: for chat, exactly what the template adds for the last
-    assistant turn (its content and end-of-turn marker)."""
+    assistant turn (its content and end-of-turn marker); a pair's chosen answer (its rejected
+    one through records.rejected_view)."""
     fmt = row.get("_format", "alpaca")
     if fmt == "prompt_completion":
         return row.get("completion") or ""
+    if fmt == "preference":
+        return row.get("chosen") or ""
+    if fmt == "chat_preference":
+        prompt = prompt_of(row, tokenizer)
+        full = tokenizer.apply_chat_template(row["messages"] + [{"role": "assistant", "content": row["chosen"]}],
+                                             tokenize=False)
+        return full[len(prompt):] if full.startswith(prompt) else row["chosen"]
     if fmt == "chat":
         prompt = prompt_of(row, tokenizer)
         full = tokenizer.apply_chat_template(row["messages"], tokenize=False)

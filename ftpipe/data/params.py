@@ -40,7 +40,7 @@ class SourceConfig(Section):
     name: str | None = None
     type: Literal["auto", "jsonl", "json", "csv", "parquet", "saved", "drop", "sql"] = "auto"
     path: str | None = Field(None, description="file, glob or folder under data/sources or data/incoming")
-    format: Literal["auto", "alpaca", "prompt_completion", "chat"] = "auto"
+    format: Literal["auto", "alpaca", "prompt_completion", "chat", "preference", "chat_preference"] = "auto"
     # Canonical field -> your column: {"instruction": "question", "output": "answer"}.
     columns: dict[str, str] = Field(default_factory=dict)
     encoding: str = "utf-8"

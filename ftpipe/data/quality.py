@@ -33,7 +33,7 @@ from ftpipe.config import CleanConfig, QualityConfig, SplitConfig
 from ftpipe.data.records import json_type, prompt_field, response_field, texts_of
 from ftpipe.files import iter_jsonl
 
-FORMATS = ["alpaca", "prompt_completion", "chat"]
+FORMATS = ["alpaca", "prompt_completion", "chat", "preference", "chat_preference"]
 REPORTS = Path("data/reports")
 SITE = "ftpipe"                                           # the Data Docs site in data/reports/docs
 VENDOR = Path(__file__).parent / "static" / "datadocs"    # offline copies of its CSS/JS (README there)
@@ -134,7 +134,8 @@ def raw_expectations(cfg: QualityConfig) -> list:
         gxe.ExpectColumnValuesToNotBeNull(column="prompt", mostly=m),
         gxe.ExpectColumnValuesToNotBeNull(column="response", mostly=m),
         gxe.ExpectColumnValuesToBeInSet(column="prompt_type", mostly=m, value_set=[
-            "alpaca:string", "prompt_completion:string", "chat:array"]),
+            "alpaca:string", "prompt_completion:string", "chat:array", "preference:string",
+            "chat_preference:array"]),
         gxe.ExpectColumnValuesToBeInSet(column="response_type", mostly=m, value_set=[
             f"{f}:string" for f in FORMATS]),
     ]
