@@ -76,8 +76,18 @@ class LoraConfig(Section):
     use_rslora: bool = False
 
 
+class DpoConfig(Section):
+    """Direct preference optimisation on preference pairs (train.objective: dpo)."""
+    beta: float = Field(0.1, gt=0, description="how far the policy may move from the reference (the start weights)")
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"   # sigmoid: the DPO paper's; ipo: squared, on mean token log-probs
+
+
 class TrainConfig(Section):
     method: Literal["full", "lora", "qlora"] = "lora"
+    # sft: learn the answers (a preference pair's chosen one); dpo: prefer each pair's chosen
+    # answer over its rejected one, relative to the start weights (train.dpo)
+    objective: Literal["sft", "dpo"] = "sft"
+    dpo: DpoConfig = DpoConfig()
     max_steps: int = Field(1200, ge=1)
     batch_size: int = Field(32, ge=1, description="examples per optimizer step (x grad_accum)")
     grad_accum: int = Field(1, ge=1)
@@ -137,7 +147,7 @@ class TrainConfig(Section):
         """This config with every `auto` speed setting decided for the device it runs on."""
         update = {}
         if self.packing == "auto":
-            update["packing"] = cuda
+            update["packing"] = cuda and self.objective == "sft"   # DPO pairs train padded
         if self.compile == "auto":
             update["compile"] = cuda and world == 1
         return self.model_copy(update=update)
@@ -149,6 +159,18 @@ class TrainConfig(Section):
             problems.append("train.early_stopping_patience needs train.eval_every > 0")
         if isinstance(self.devices, int) and self.devices < 1:
             problems.append("train.devices must be >= 1 or 'auto'")
+        if self.objective == "dpo":
+            if self.neftune_alpha:
+                problems.append("train.neftune_alpha does not apply to train.objective=dpo (NEFTune noises the "
+                                "embeddings of answers being learned; DPO compares fixed answers): set it to null")
+            if not self.completion_only_loss:
+                problems.append("train.completion_only_loss=false does not apply to train.objective=dpo (DPO "
+                                "compares the answers' log-probs; the prompt is shared): set it to true")
+            if self.devices != 1:
+                problems.append("train.objective=dpo trains on one device for now: set train.devices to 1")
+            if self.packing is True:
+                problems.append("train.packing=true does not apply to train.objective=dpo (pairs train as padded "
+                                "batches): set it to auto or false")
         if problems:
             raise ValueError("; ".join(problems))
         return self

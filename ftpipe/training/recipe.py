@@ -41,6 +41,7 @@ from ftpipe.training.checkpoints import (
 )
 from ftpipe.training.loss import LossModel, mean_loss
 from ftpipe.training.models import load_base, pick_dtype
+from ftpipe.training.preference import dpo_forward_backward
 from ftpipe.training.step import (
     forward_backward,
     neftune_hook,
@@ -140,6 +141,7 @@ class Progress:
     history: list = field(default_factory=list)       # (step, mean loss of its logging window)
     val_history: list = field(default_factory=list)   # (step, validation loss)
     window: list = field(default_factory=list)        # step losses since the last log line
+    window_rewards: list = field(default_factory=list)  # DPO: (reward accuracy sum, margin sum, pairs) per step
     best_val: float | None = None
     best_step: int | None = None
     bad_evals: int = 0                    # evaluations in a row without improvement
@@ -176,10 +178,12 @@ class Trainee:
 
 @dataclass
 class Batches:
-    """The encoded examples, and this process's micro-batches of any step."""
+    """The encoded examples (DPO: pairs), and this process's micro-batches of any step."""
     train: list
     val: list
     micro_batches: Callable[[int], list]
+    ref: object = None        # DPO: the reference log-probs (n, 2) of train pairs, and of val pairs
+    val_ref: object = None
 
 
 @dataclass
@@ -217,10 +221,12 @@ def fine_tune(model_cfg: ModelConfig, lora_cfg: LoraConfig, train_cfg: TrainConf
                           train_cfg.model_dump(mode="json", exclude={"resume", "log_every", "checkpoint_every",
                                                                      "keep_checkpoints"}),
                           len(data.train), sum(len(e[0]) for e in data.train), procs.world])
+    if train_cfg.objective == "dpo":
+        reference(t, data, train_cfg, out_dir / "reference.pt", fingerprint, val_batch_size, say)
     state, resumed_from = resume(out_dir / "checkpoints", fingerprint, t, o, train_cfg, say)
     stopped_early = train_loop(t, data, o, state, train_cfg, procs, out_dir, resumed_from, say, on_metrics,
                                val_batch_size, procs.main and (progress if progress is not None else _is_terminal()))
-    val_loss = best_weights(t, data, state, out_dir / "best", val_batch_size, say)
+    val_loss = best_weights(t, data, state, out_dir / "best", train_cfg, val_batch_size, say)
     adapter_dir = save(t, train_cfg, out_dir, procs)
     history = [tuple(h) for h in state.history]
     result = TrainResult(
@@ -309,11 +315,13 @@ def setup_batches(t: Trainee, train_cfg: TrainConfig, train_path: str | Path, va
     train_rows = read_jsonl(train_path)
     if not train_rows:
         raise ValueError(f"{train_path}: no training examples")
-    train = [encode(t.tokenizer, r, train_cfg.max_seq_len, train_cfg.completion_only_loss) for r in train_rows]
-    val = [encode(t.tokenizer, r, train_cfg.max_seq_len, True) for r in read_jsonl(val_path)] \
-        if val_path and Path(val_path).is_file() else []
-    per_step = min(train_cfg.batch_size, len(train))
+    val_rows = read_jsonl(val_path) if val_path and Path(val_path).is_file() else []
     pad = t.tokenizer.pad_token_id
+    if train_cfg.objective == "dpo":
+        return _pair_batches(t, train_cfg, train_path, train_rows, val_rows, procs)
+    train = [encode(t.tokenizer, r, train_cfg.max_seq_len, train_cfg.completion_only_loss) for r in train_rows]
+    val = [encode(t.tokenizer, r, train_cfg.max_seq_len, True) for r in val_rows]
+    per_step = min(train_cfg.batch_size, len(train))
 
     def micro_batches(step: int) -> list:
         """This process's micro-batches of optimizer step `step` (0-based)."""
@@ -335,6 +343,68 @@ def setup_batches(t: Trainee, train_cfg: TrainConfig, train_path: str | Path, va
         return out
 
     return Batches(train, val, micro_batches)
+
+
+def _pair_batches(t: Trainee, train_cfg: TrainConfig, train_path, train_rows: list, val_rows: list,
+                  procs: Processes) -> Batches:
+    """DPO: the preference pairs among the rows (SFT rows are not used), a step's pairs chosen
+    like SFT examples, each micro-batch the chosen and the rejected answers padded together."""
+    import torch
+
+    from ftpipe.training.preference import encode_pairs, pair_batch
+
+    train = encode_pairs(t.tokenizer, train_rows, train_cfg.max_seq_len)
+    if not train:
+        raise ValueError(f"{train_path}: train.objective=dpo needs preference pairs (prompt, chosen, rejected); "
+                         f"its {len(train_rows)} rows hold none")
+    val = encode_pairs(t.tokenizer, val_rows, train_cfg.max_seq_len)
+    per_step = min(train_cfg.batch_size, len(train))
+
+    def micro_batches(step: int) -> list:
+        idx = step_examples(len(train), per_step * train_cfg.grad_accum, train_cfg.seed, step)
+        out = []
+        for a in range(train_cfg.grad_accum):
+            mine = idx[a * per_step: (a + 1) * per_step][procs.rank::procs.world]
+            if mine:
+                b = pair_batch([train[i] for i in mine], t.tokenizer.pad_token_id)
+                b["index"] = torch.tensor(mine)
+                out.append(b)
+        return out
+
+    return Batches(train, val, micro_batches)
+
+
+def reference(t: Trainee, data: Batches, train_cfg: TrainConfig, path: Path, fingerprint: str, batch_size: int,
+              say: Callable[[str], None]) -> None:
+    """DPO's reference: the start weights' log-probs of every pair, scored once before the first
+    step (kept in `path`: a resumed run, whose weights have moved, reads them back)."""
+    import torch
+
+    from ftpipe.training.preference import reference_logps
+
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved.get("fingerprint") == [fingerprint]:
+            data.ref, data.val_ref = saved["train"], saved["val"]
+            return
+    began = time.perf_counter()
+    ipo = train_cfg.dpo.loss == "ipo"
+    pad = t.tokenizer.pad_token_id
+    data.ref = reference_logps(t.core, data.train, batch_size, pad, ipo, t.device)
+    data.val_ref = reference_logps(t.core, data.val, batch_size, pad, ipo, t.device)
+    torch.save({"fingerprint": [fingerprint], "train": data.ref, "val": data.val_ref}, path)
+    say(f"DPO reference: log-probs of {len(data.train)} training and {len(data.val)} validation pairs under the "
+        f"start weights in {time.perf_counter() - began:.1f}s (beta {train_cfg.dpo.beta}, loss {train_cfg.dpo.loss})")
+
+
+def val_loss_of(t: Trainee, data: Batches, train_cfg: TrainConfig, batch_size: int) -> float:
+    """The validation loss of the objective: token loss (SFT) or mean DPO loss over pairs."""
+    if train_cfg.objective == "dpo":
+        from ftpipe.training.preference import dpo_val_loss
+
+        return dpo_val_loss(t.core, data.val, data.val_ref, train_cfg, batch_size, t.tokenizer.pad_token_id,
+                            t.device)
+    return mean_loss(t.core, data.val, batch_size, t.tokenizer.pad_token_id)
 
 
 def setup_optimizer(t: Trainee, train_cfg: TrainConfig) -> Optimizer:
@@ -411,10 +481,17 @@ def train_loop(t: Trainee, data: Batches, o: Optimizer, state: Progress, train_c
         while step < train_cfg.max_steps:
             # Every process weights its token-loss sum by the step's labelled-token total,
             # so gradients are those of one token-mean over the whole step.
-            batches, n_label, n_real = step_inputs(upcoming, t.device, procs.world)
-            # x world: DDP averages gradients over processes; this makes it a sum.
-            step_loss = forward_backward(t.model, batches, procs.world / max(float(n_label), 1.0), t.embed,
-                                         o.autocast, o.adapter_cast, t.loss_model, t.device)
+            if train_cfg.objective == "dpo":
+                batches, n_label, n_real = _pair_inputs(upcoming, t.device, procs.world)
+                step_loss, acc, margin = dpo_forward_backward(
+                    t.core, batches, data.ref, train_cfg,
+                    procs.world / max(float(n_label), 1.0), o.autocast, o.adapter_cast, t.device)
+                state.window_rewards.append((float(acc), float(margin), n_label))
+            else:
+                batches, n_label, n_real = step_inputs(upcoming, t.device, procs.world)
+                # x world: DDP averages gradients over processes; this makes it a sum.
+                step_loss = forward_backward(t.model, batches, procs.world / max(float(n_label), 1.0), t.embed,
+                                             o.autocast, o.adapter_cast, t.loss_model, t.device)
             # the next step's micro-batches are built on the CPU while the GPU works on this one
             upcoming = data.micro_batches(step + 1) if step + 1 < train_cfg.max_steps else []
             if procs.world > 1:
@@ -455,6 +532,22 @@ def train_loop(t: Trainee, data: Batches, o: Optimizer, state: Progress, train_c
     return stopped_early
 
 
+def _pair_inputs(batches: list[dict], device, world: int = 1) -> tuple[list[dict], int, int]:
+    """A DPO step's micro-batches on the device: (batches, pairs, real tokens), counts over all processes."""
+    import torch
+
+    n_pairs = sum(int(b["index"].numel()) for b in batches)
+    n_real = sum(int(b["real"]) for b in batches)
+    out = [{k: (v.to(device) if k != "index" else v) for k, v in b.items()} for b in batches]
+    if world > 1:
+        import torch.distributed as dist
+
+        totals = torch.tensor([n_pairs, n_real], dtype=torch.int64, device=device)
+        dist.all_reduce(totals)
+        n_pairs, n_real = totals.tolist()
+    return out, n_pairs, n_real
+
+
 def _log_window(state: Progress, step: int, elapsed: float, resumed_from: int | None, o: Optimizer,
                 train_cfg: TrainConfig, say: Callable[[str], None] | None,
                 on_metrics: Callable[[int, dict], None] | None) -> None:
@@ -463,12 +556,20 @@ def _log_window(state: Progress, step: int, elapsed: float, resumed_from: int | 
     state.window = []
     state.history.append((step, avg))
     lr = o.sched.get_last_lr()[0]
+    rewards = {}
+    if state.window_rewards:     # DPO: the implicit reward accuracy and margin of the window's pairs
+        pairs = max(sum(n for *_, n in state.window_rewards), 1)
+        rewards = {"train_reward_accuracy": sum(a for a, _, _ in state.window_rewards) / pairs,
+                   "train_reward_margin": sum(m for _, m, _ in state.window_rewards) / pairs}
+        state.window_rewards = []
     if say:
         eta = elapsed / max(step - (resumed_from or 0), 1) * (train_cfg.max_steps - step)
-        say(f"step {step}/{train_cfg.max_steps}  loss {avg:.4f}  lr {lr:.2e}  "
+        extra = "".join(f"  {k[6:].replace('_', ' ')} {v:.3f}" for k, v in rewards.items())
+        say(f"step {step}/{train_cfg.max_steps}  loss {avg:.4f}{extra}  lr {lr:.2e}  "
             f"{state.tokens / elapsed:,.0f} tok/s  ETA {eta:.0f}s")
     if on_metrics:
-        on_metrics(step, {"train_loss": avg, "learning_rate": lr, "tokens_per_second": state.tokens / elapsed})
+        on_metrics(step, {"train_loss": avg, "learning_rate": lr, "tokens_per_second": state.tokens / elapsed}
+                   | rewards)
 
 
 def validate(t: Trainee, data: Batches, state: Progress, step: int, best_dir: Path, train_cfg: TrainConfig,
@@ -476,7 +577,7 @@ def validate(t: Trainee, data: Batches, state: Progress, step: int, best_dir: Pa
              on_metrics: Callable[[int, dict], None] | None) -> bool:
     """Validation loss now; the best weights so far kept in best_dir; True when early stopping
     has run out of patience."""
-    val = mean_loss(t.core, data.val, batch_size, t.tokenizer.pad_token_id)
+    val = val_loss_of(t, data, train_cfg, batch_size)
     state.val_history.append((step, val))
     if on_metrics:
         on_metrics(step, {"val_loss": val})
@@ -497,8 +598,8 @@ def validate(t: Trainee, data: Batches, state: Progress, step: int, best_dir: Pa
     return False
 
 
-def best_weights(t: Trainee, data: Batches, state: Progress, best_dir: Path, batch_size: int,
-                 say: Callable[[str], None]) -> float | None:
+def best_weights(t: Trainee, data: Batches, state: Progress, best_dir: Path, train_cfg: TrainConfig,
+                 batch_size: int, say: Callable[[str], None]) -> float | None:
     """The weights to export: the best validation checkpoint when validation ran during
     training, else the last step's; returns their validation loss."""
     if state.best_step is not None and (best_dir / "trainable.safetensors").is_file() \
@@ -506,7 +607,7 @@ def best_weights(t: Trainee, data: Batches, state: Progress, best_dir: Path, bat
         load_trainable(t.core, best_dir / "trainable.safetensors")
         say(f"exporting the best checkpoint: step {state.best_step} (validation loss {state.best_val:.4f})")
     val_loss = state.best_val if state.best_step is not None else (
-        mean_loss(t.core, data.val, batch_size, t.tokenizer.pad_token_id) if data.val else None)
+        val_loss_of(t, data, train_cfg, batch_size) if data.val else None)
     if val_loss is not None:
         say(f"validation loss {val_loss:.4f} on {len(data.val)} examples")
     return val_loss
