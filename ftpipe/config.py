@@ -215,6 +215,9 @@ class PromotionConfig(Section):
     # Largest allowed drop of the primary metric on any earlier test set (regression set),
     # candidate vs champion; null: not checked.
     max_forgetting: float | None = Field(0.05, ge=0)
+    # Preference pairs in the test set: the least share of them on which the candidate's log-prob
+    # ratio of chosen over rejected must beat the champion's (win_rate); null: not checked.
+    min_win_rate: float | None = Field(None, ge=0, le=1)
     # Checks that must pass: data_gate (GX gates), finite_metrics (no NaN/inf, no diverged
     # run), non_empty_outputs (every generation non-empty: min_non_empty share), and
     # no_pii_in_outputs (no generation holds PII its prompt did not).

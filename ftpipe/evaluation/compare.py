@@ -16,12 +16,12 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from ftpipe.config import EvalConfig, ModelConfig, RegistryConfig
-from ftpipe.evaluation.metrics import ModelScores
+from ftpipe.evaluation.metrics import ModelScores, preference_metrics
 from ftpipe.evaluation.scoring import evaluate_model
 from ftpipe.files import read_jsonl, sha256_path
 from ftpipe.names import SLICE_METRICS
@@ -140,10 +140,18 @@ def evaluate_all(cfg: EvalConfig, model: ModelConfig, reg: RegistryConfig, base_
     champ = registry.version_by_alias(reg.model_name, registry.CHAMPION)
     champion, champ_reg = (score_version(reg, champ.version, rows, regression, cfg, max_seq_len)
                            if champ else (None, {}))
+    if candidate.pair_logratios:     # preference pairs: rewards relative to the base, the candidate vs the champion
+        candidate = replace(candidate, relative=preference_metrics(
+            candidate.pair_logratios, base.pair_logratios, champion.pair_logratios if champion else None))
+        if champion is not None:
+            champion = replace(champion, relative=preference_metrics(champion.pair_logratios, base.pair_logratios))
     for label, s in (("base", base), ("candidate", candidate), ("champion", champion)):
         if s is not None:
+            prefs = "".join(f", {k.replace('_', ' ')} {v:.3f}" for k, v in s.metrics().items()
+                            if k in ("pref_accuracy", "reward_accuracy", "reward_margin", "win_rate"))
             log(f"{label}: exact match {s.exact_match:.3f}, token F1 {s.token_f1:.3f}, ROUGE-L "
-                f"{s.rouge_l:.3f}, eval loss {s.eval_loss:.4f} on {s.n_examples} test examples")
+                f"{s.rouge_l:.3f}, eval loss {s.eval_loss:.4f}{prefs} on {s.n_examples} test examples"
+                + (f" ({len(s.pair_logratios)} preference pairs)" if s.pair_logratios else ""))
     return EvalReport(str(test_path), sha, base, candidate, champion, champ.version if champ else None,
                       cand_reg, champ_reg)
 

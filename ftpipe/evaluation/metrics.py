@@ -6,6 +6,13 @@
     rouge_l                   ROUGE-L F-measure (Google's rouge-score package)
     non_empty                 share of non-empty generations            (a gate check)
     pii_outputs               generations containing PII the prompt did not (a gate check)
+Preference pairs in the test set (their chosen answer is what the metrics above compare with):
+    pref_accuracy             share of pairs whose chosen answer the model gives the higher log-prob
+    reward_accuracy           share of pairs where the model's chosen-over-rejected log-ratio beats the
+                              base model's (DPO's implicit reward, the base model as reference)
+    reward_margin             the mean of that log-ratio gain over the base model (nats)
+    win_rate                  candidate vs champion: share of pairs where the candidate's log-ratio beats
+                              the champion's (ties count half)
 Per slice (rows with a `slice`): "slice.<name>.<metric>" for the quality metrics.
 """
 
@@ -36,14 +43,37 @@ class ModelScores:
     pii_outputs: int = 0
     slices: dict[str, dict[str, float]] = field(default_factory=dict)
     predictions: list[dict] = field(default_factory=list, repr=False)
+    pair_logratios: list[float] = field(default_factory=list, repr=False)  # log p(chosen) - log p(rejected)
+    relative: dict[str, float] = field(default_factory=dict)   # reward_accuracy, reward_margin, win_rate
+
+    @property
+    def pref_accuracy(self) -> float | None:
+        r = self.pair_logratios
+        return sum(x > 0 for x in r) / len(r) if r else None
 
     def metrics(self) -> dict[str, float]:
         out = {"eval_loss": self.eval_loss, "perplexity": self.perplexity,
                "exact_match": self.exact_match, "token_f1": self.token_f1, "rouge_l": self.rouge_l,
                "non_empty": self.non_empty, "pii_outputs": float(self.pii_outputs)}
+        if self.pair_logratios:
+            out["pref_accuracy"] = self.pref_accuracy
+        out |= self.relative
         for name, values in sorted(self.slices.items()):
             out |= {f"slice.{name}.{k}": v for k, v in values.items()}
         return out
+
+
+def preference_metrics(model: list[float], base: list[float], champion: list[float] | None = None
+                       ) -> dict[str, float]:
+    """A model's preference metrics relative to the base model's (and the champion's) log-ratios
+    on the same pairs, in the same order."""
+    if not model or len(model) != len(base):
+        return {}
+    gain = [m - b for m, b in zip(model, base)]
+    out = {"reward_accuracy": sum(g > 0 for g in gain) / len(gain), "reward_margin": sum(gain) / len(gain)}
+    if champion is not None and len(champion) == len(model):
+        out["win_rate"] = sum(1.0 if m > c else 0.5 if m == c else 0.0 for m, c in zip(model, champion)) / len(model)
+    return out
 
 
 def _tokens(text: str) -> list[str]:
@@ -94,7 +124,8 @@ def _aggregate(preds: list[dict], losses: list[tuple[float, int]]) -> dict[str, 
 
 
 def score_predictions(rows: list[dict], prompts: list[str], answers: list[str],
-                      losses: list[tuple[float, int]], name: str) -> ModelScores:
+                      losses: list[tuple[float, int]], name: str,
+                      pair_logratios: list[float] | None = None) -> ModelScores:
     """The metrics of given generations and per-example losses (pure: no model)."""
     from ftpipe.data.pii import scrub
 
@@ -117,4 +148,5 @@ def score_predictions(rows: list[dict], prompts: list[str], answers: list[str],
                        exact_match=overall["exact_match"], token_f1=overall["token_f1"],
                        rouge_l=overall["rouge_l"], n_examples=len(rows),
                        non_empty=sum(bool(p["prediction"]) for p in preds) / max(len(preds), 1),
-                       pii_outputs=sum(bool(p["pii"]) for p in preds), slices=slices, predictions=preds)
+                       pii_outputs=sum(bool(p["pii"]) for p in preds), slices=slices, predictions=preds,
+                       pair_logratios=list(pair_logratios or []))

@@ -17,6 +17,12 @@ from ftpipe.registry.gate import PromotionResult
 from ftpipe import names as t
 
 
+def _shown(report: EvalReport) -> list[str]:
+    """The metrics any model of the report has (the preference ones only with pairs in the test set)."""
+    have = set().union(*(m for _, m in _rows(report)))
+    return [k for k in KEY_METRICS if k in have]
+
+
 def _rows(report: EvalReport) -> list[tuple[str, dict]]:
     rows = [("base", report.base.metrics()), ("candidate", report.candidate.metrics())]
     if report.champion is not None:
@@ -34,7 +40,9 @@ def model_card(cfg: PipelineConfig, version: str, run_id: str, tags: dict[str, s
         f"- Base model: `{tags.get('ftpipe.base_model', cfg.model.base)}` "
         f"(revision `{tags.get('ftpipe.base_model_revision', cfg.model.revision or 'main')}`)",
         f"- Method: {cfg.train.method}" + (f" (LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets "
-                                           f"{cfg.lora.target_modules})" if cfg.train.method != "full" else ""),
+                                           f"{cfg.lora.target_modules})" if cfg.train.method != "full" else "")
+        + (f"; objective DPO ({cfg.train.dpo.loss} loss, beta {cfg.train.dpo.beta})"
+           if cfg.train.objective == "dpo" else ""),
         f"- Training: {cfg.train.max_steps} steps, batch {cfg.train.batch_size} x {cfg.train.grad_accum}, "
         f"lr {cfg.train.lr}, max sequence {cfg.train.max_seq_len} tokens",
         f"- Code: git `{tags.get('ftpipe.git_commit', '?')}`"
@@ -45,8 +53,8 @@ def model_card(cfg: PipelineConfig, version: str, run_id: str, tags: dict[str, s
         "| source file | sha256, rows |", "|---|---|", *[f"| {k} | {v} |" for k, v in sorted(sources.items())], "",
         f"Data quality: {tags.get('ftpipe.gx_verdict', '?')}. Test set sha256 `{report.test_sha}`.", "",
         "## Metrics (current test set)", "",
-        "| model | " + " | ".join(KEY_METRICS) + " |", "|---" * (len(KEY_METRICS) + 1) + "|",
-        *[f"| {label} | " + " | ".join(_f(m.get(k)) for k in KEY_METRICS) + " |" for label, m in _rows(report)],
+        "| model | " + " | ".join(_shown(report)) + " |", "|---" * (len(_shown(report)) + 1) + "|",
+        *[f"| {label} | " + " | ".join(_f(m.get(k)) for k in _shown(report)) + " |" for label, m in _rows(report)],
         "",
     ]
     if report.candidate.slices:
@@ -114,7 +122,7 @@ def html_report(cfg: PipelineConfig, run_id: str, version: str, report: EvalRepo
             f"<tr><td>{html.escape(r.rule)}</td><td class='{'ok' if r.passed else 'no'}'>"
             f"{'yes' if r.passed else 'NO'}</td><td>{html.escape(r.detail)}</td></tr>" for r in d.reasons) + "</table>",
         f"<h2>Metrics on the current test set ({report.candidate.n_examples} examples)</h2>",
-        _table(["model", *KEY_METRICS], [[label, *(m.get(k) for k in KEY_METRICS)] for label, m in _rows(report)]),
+        _table(["model", *_shown(report)], [[label, *(m.get(k) for k in _shown(report))] for label, m in _rows(report)]),
         _img(comparison_png),
     ]
     if report.candidate.slices:

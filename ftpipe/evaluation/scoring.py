@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ftpipe.config import EvalConfig
 from ftpipe.data.formatting import prompt_of
+from ftpipe.data.records import is_pair, rejected_view
 from ftpipe.evaluation.generation import generate, load_for_eval
 from ftpipe.evaluation.metrics import ModelScores, score_predictions
 from ftpipe.training.batches import encode
@@ -47,9 +48,14 @@ def evaluate_loaded(model, tok, rows: list[dict], cfg: EvalConfig, max_seq_len: 
     rows = rows[: cfg.max_examples] if cfg.max_examples else rows
     encoded = [encode(tok, r, max_seq_len, completion_only=True) for r in rows]
     losses = example_losses(model, encoded, cfg.batch_size, tok.pad_token_id)
+    # preference pairs: log p(chosen) - log p(rejected), the chosen answers' losses already above
+    at = [i for i, r in enumerate(rows) if is_pair(r)]
+    rejected = example_losses(model, [encode(tok, rejected_view(rows[i]), max_seq_len, completion_only=True)
+                                      for i in at], cfg.batch_size, tok.pad_token_id) if at else []
+    logratios = [rl - losses[i][0] for i, (rl, _) in zip(at, rejected)]
     prompts = [prompt_of(r, tok) for r in rows]
     answers = generate(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
-    return score_predictions(rows, prompts, answers, losses, name)
+    return score_predictions(rows, prompts, answers, losses, name, logratios)
 
 
 def evaluate_model(model_dir: str, rows: list[dict], cfg: EvalConfig, max_seq_len: int = 256,

@@ -160,6 +160,19 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None,
                                   f"improvement {gain:+.4f} {'>=' if ok else '<'} required "
                                   f"{policy.min_improvement}"))
 
+    if policy.min_win_rate is not None:
+        rate = candidate.get("win_rate")
+        if champion is None:
+            reasons.append(RuleResult("win_rate", True, "no champion yet: no preference win rate to check"))
+        elif rate is None:
+            reasons.append(RuleResult("win_rate", False, "win_rate was not measured: the test set holds no "
+                                      f"preference pairs (required {policy.min_win_rate})"))
+        else:
+            ok = rate >= policy.min_win_rate
+            reasons.append(RuleResult("win_rate", ok, f"the candidate's chosen-over-rejected log-ratio beats the "
+                                      f"champion's on {rate:.1%} of preference pairs {'>=' if ok else '<'} "
+                                      f"required {policy.min_win_rate:.0%}"))
+
     if policy.max_forgetting is not None:
         if not forgotten:
             reasons.append(RuleResult("forgetting", True, "no earlier test set to forget"

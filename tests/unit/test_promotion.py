@@ -124,3 +124,22 @@ def test_text_metrics():
     assert m["non_empty"] == pytest.approx(2 / 3) and m["pii_outputs"] == 1.0
     assert m["slice.s1.exact_match"] == 1.0 and m["slice.s2.exact_match"] == 0.0
     assert m["slice.s2.eval_loss"] == pytest.approx(2.0) and m["slice.s2.n"] == 2
+
+
+def test_preference_rules_win_rate_and_reward_thresholds():
+    from ftpipe.evaluation.metrics import preference_metrics
+
+    base, champ = [0.0, 0.0, 0.0, 0.0], [1.0, -1.0, 0.5, 2.0]
+    cand = [2.0, -0.5, 0.5, 1.0]
+    m = preference_metrics(cand, base, champ)
+    assert m == {"reward_accuracy": 0.75, "reward_margin": 0.75, "win_rate": (1 + 1 + 0.5 + 0) / 4}
+    policy = PromotionConfig(primary_metric="reward_accuracy", min_improvement=0.0, max_forgetting=None,
+                             thresholds={"reward_accuracy": 0.9}, min_win_rate=0.6)
+    d = decide(m | CLEAN, {"reward_accuracy": 0.75} | CLEAN, None, policy, OK)
+    r = rules(d)
+    assert not d.promote
+    assert not r["threshold:reward_accuracy"].passed and "0.7500 >= 0.9 fails" in r["threshold:reward_accuracy"].detail
+    assert r["win_rate"].passed and "62.5% of preference pairs >= required 60%" in r["win_rate"].detail
+    d = decide({"exact_match": 1.0} | CLEAN, {"exact_match": 0.5}, None,
+               PromotionConfig(min_win_rate=0.5, max_forgetting=None), OK)
+    assert not d.promote and "holds no preference pairs" in rules(d)["win_rate"].detail

@@ -1,0 +1,91 @@
+"""Preference tuning end to end on the tiny model: an SFT champion, then a drop of preference
+pairs (the same date questions asked for day-first answers: chosen "21 March 1948", rejected
+"March 21, 1948") and a DPO run from the champion's adapter. The reward accuracy on held-out
+pairs rises to at least 0.9, the chosen answers gain log-prob over the rejected ones, the
+candidate wins the pairs against the champion, and the gate promotes it; the reference model
+is never a second copy of the weights."""
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+import yaml
+
+from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
+from ftpipe.training.recipe import fine_tune
+from tests.helpers import dates_rows, make_project, mlflow_client, ok, run_cli, write_rows
+
+pytestmark = pytest.mark.integration
+MODEL = "ftpipe-dates"
+
+
+def day_first_pairs(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        month, day, year = r["output"].replace(",", "").split()
+        iso = r["instruction"].split()[1]
+        out.append({"prompt": f"Write {iso} day first.", "chosen": f" {day} {month} {year}",
+                    "rejected": f" {month} {day}, {year}"})
+    return out
+
+
+def test_dpo_from_the_champion_learns_the_preference_and_is_promoted(tmp_path, prefect_server):
+    project = make_project(tmp_path / "proj")
+    ok(run_cli(["run"], project, prefect_server))                          # v1: the SFT champion
+    write_rows(project / "data/incoming/pairs-0001.jsonl", day_first_pairs(dates_rows(600)[300:]))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"] |= {"objective": "dpo", "lr": 0.005}
+    params["incremental"] |= {"start_from": "champion", "max_steps": 80}
+    params["registry"]["promotion"] |= {"primary_metric": "reward_accuracy", "min_improvement": 0.05,
+                                        "thresholds": {"reward_accuracy": 0.9}, "min_win_rate": 0.8}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = ok(run_cli(["run"], project, prefect_server))
+    assert "DPO reference: log-probs of" in out and "reward accuracy" in out
+
+    c = mlflow_client(project)
+    champ = c.get_model_version_by_alias(MODEL, "champion")
+    assert champ.version == "2", out[-3000:]
+    m = c.get_run(champ.run_id).data.metrics
+    assert m["candidate_reward_accuracy"] >= 0.9, m
+    assert m["candidate_reward_accuracy"] - m["champion_reward_accuracy"] >= 0.3, m
+    assert m["candidate_reward_margin"] > m["champion_reward_margin"] + 1.0, m   # log p(chosen) - log p(rejected) rose
+    assert m["candidate_pref_accuracy"] >= 0.9 and m["candidate_win_rate"] >= 0.8, m
+    assert m["train_reward_accuracy"] >= 0.9
+    decision = c.get_model_version(MODEL, "2").tags
+    assert "win_rate" in json.dumps(decision) or "preference pairs" in out
+
+
+def test_dpo_continuing_an_adapter_keeps_one_copy_of_the_base_weights(tiny, tmp_path):
+    """DPO from a LoRA adapter (the champion's in an incremental run): while it trains, the base
+    model's weight matrices exist once in memory (the reference is scored once, before the first
+    step, by the same weights)."""
+    import torch
+
+    sft = fine_tune(ModelConfig(base=str(tiny / "base")), LoraConfig(r=4, alpha=8),
+                    TrainConfig(max_steps=5, batch_size=8, log_every=5, warmup_steps=1, checkpoint_every=0),
+                    tiny / "train.jsonl", None, tmp_path / "sft", log=lambda m: None)
+    pairs = [p | {"_format": "preference"} for p in day_first_pairs(dates_rows(96))]   # as cleaning writes them
+    write_rows(tmp_path / "pairs.jsonl", pairs[:80])
+    write_rows(tmp_path / "val.jsonl", pairs[80:])
+    seen: list[int] = []
+
+    def mlp_weights() -> set[int]:
+        """Storages of the live 128 x 64 matrices: the MLP up/gate projections, 2 per layer, 2 layers."""
+        gc.collect()
+        return {obj.untyped_storage().data_ptr() for obj in gc.get_objects()
+                if isinstance(obj, torch.Tensor) and obj.dim() == 2 and tuple(obj.shape) == (128, 64)}
+
+    before = mlp_weights()       # anything an earlier model left alive in this process
+
+    def copies(step, metrics):
+        seen.append(len(mlp_weights() - before))
+
+    res = fine_tune(ModelConfig(base=str(tiny / "base")), LoraConfig(r=4, alpha=8),
+                    TrainConfig(objective="dpo", max_steps=6, batch_size=8, log_every=2, warmup_steps=1,
+                                lr=0.005, checkpoint_every=0),
+                    tmp_path / "pairs.jsonl", tmp_path / "val.jsonl", tmp_path / "dpo", log=(lines := []).append,
+                    on_metrics=copies, start_adapter=sft.adapter_dir)
+    assert seen and set(seen) == {4}, seen
+    assert any("continuing the LoRA adapter" in line for line in lines)
+    assert res.steps == 6 and res.val_loss is not None
