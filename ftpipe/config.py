@@ -215,6 +215,9 @@ class PromotionConfig(Section):
     # Largest allowed drop of the primary metric on any earlier test set (regression set),
     # candidate vs champion; null: not checked.
     max_forgetting: float | None = Field(0.05, ge=0)
+    # The metric forgetting compares on earlier test sets; null: the primary metric. A DPO run
+    # gated on reward_accuracy keeps checking the SFT test sets on e.g. eval_loss or exact_match.
+    forgetting_metric: str | None = None
     # Preference pairs in the test set: the least share of them on which the candidate's log-prob
     # ratio of chosen over rejected must beat the champion's (win_rate); null: not checked.
     min_win_rate: float | None = Field(None, ge=0, le=1)
@@ -227,11 +230,16 @@ class PromotionConfig(Section):
     # A stale promotion lock (a crashed flow) is broken after this many seconds.
     lock_timeout_s: int = Field(600, ge=1)
 
-    @field_validator("primary_metric")
+    @field_validator("primary_metric", "forgetting_metric")
     @classmethod
-    def _known_metric(cls, metric: str) -> str:
-        _known_metrics([metric])
+    def _known_metric(cls, metric: str | None) -> str | None:
+        if metric is not None:
+            _known_metrics([metric])
         return metric
+
+    @property
+    def forgetting_on(self) -> str:
+        return self.forgetting_metric or self.primary_metric
 
     @field_validator("thresholds")
     @classmethod

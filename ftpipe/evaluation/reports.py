@@ -67,7 +67,7 @@ def model_card(cfg: PipelineConfig, version: str, run_id: str, tags: dict[str, s
     forg = report.forgetting(cfg.registry)
     if forg:
         lines += ["Earlier test sets (forgetting = champion minus candidate on "
-                  f"{cfg.registry.promotion.primary_metric}):", "", "| set | forgetting |", "|---|---|",
+                  f"{cfg.registry.promotion.forgetting_on}):", "", "| set | forgetting |", "|---|---|",
                   *[f"| {k} | {v:.4f} |" for k, v in forg.items()], ""]
     d = result.decision
     lines += [
@@ -131,7 +131,7 @@ def html_report(cfg: PipelineConfig, run_id: str, version: str, report: EvalRepo
             [[s, int(m["n"]), m["exact_match"], m["token_f1"], m["rouge_l"], m["eval_loss"]]
              for s, m in sorted(report.candidate.slices.items())])]
     if report.candidate_regression:
-        m = cfg.registry.promotion.primary_metric
+        m = cfg.registry.promotion.forgetting_on
         parts += [f"<h2>Earlier test sets (regression, {html.escape(m)})</h2>", _table(
             ["set", "candidate", "champion", "forgetting"],
             [[sid, s.metrics().get(m), report.champion_regression[sid].metrics().get(m)

@@ -45,7 +45,9 @@ def example_losses(model, encoded: list, batch_size: int, pad_id: int) -> list[t
 def evaluate_loaded(model, tok, rows: list[dict], cfg: EvalConfig, max_seq_len: int, name: str) -> ModelScores:
     if not rows:
         raise ValueError("no test examples to evaluate on")
-    rows = rows[: cfg.max_examples] if cfg.max_examples else rows
+    if cfg.max_examples:      # the first N rows of each kind: SFT rows and preference pairs
+        sft = [r for r in rows if not is_pair(r)][: cfg.max_examples]
+        rows = sft + [r for r in rows if is_pair(r)][: cfg.max_examples]
     encoded = [encode(tok, r, max_seq_len, completion_only=True) for r in rows]
     losses = example_losses(model, encoded, cfg.batch_size, tok.pad_token_id)
     # preference pairs: log p(chosen) - log p(rejected), the chosen answers' losses already above

@@ -85,9 +85,10 @@ def improvement(metric: str, candidate: float, reference: float, policy: Promoti
 
 def forgetting(candidate: dict[str, dict[str, float]], champion: dict[str, dict[str, float]],
                policy: PromotionConfig) -> dict[str, float]:
-    """Per regression set, how much worse the candidate is than the champion on the primary
-    metric (positive = forgot; 0 when it did as well or better)."""
-    m = policy.primary_metric
+    """Per regression set, how much worse the candidate is than the champion on the forgetting
+    metric (the primary one unless forgetting_metric says; positive = forgot; 0 when it did as
+    well or better)."""
+    m = policy.forgetting_on
     out = {}
     for sid, scores in sorted(candidate.items()):
         if sid in champion and m in scores and m in champion[sid]:
@@ -181,7 +182,7 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None,
             worst = max(forgotten, key=forgotten.get)
             ok = forgotten[worst] <= policy.max_forgetting
             reasons.append(RuleResult("forgetting", ok,
-                                      f"largest {m} drop vs champion on an earlier test set: "
+                                      f"largest {policy.forgetting_on} drop vs champion on an earlier test set: "
                                       f"{forgotten[worst]:.4f} on {worst} ({len(forgotten)} sets) "
                                       f"{'<=' if ok else '>'} allowed {policy.max_forgetting}"))
     return Decision(all(r.passed for r in reasons), tuple(reasons))

@@ -1,14 +1,13 @@
-"""Preference tuning end to end on the tiny model: an SFT champion, then a drop of preference
-pairs (the same date questions asked for day-first answers: chosen "21 March 1948", rejected
-"March 21, 1948") and a DPO run from the champion's adapter. The reward accuracy on held-out
-pairs rises to at least 0.9, the chosen answers gain log-prob over the rejected ones, the
-candidate wins the pairs against the champion, and the gate promotes it; the reference model
-is never a second copy of the weights."""
+"""Preference tuning end to end on the tiny model: an SFT champion (month-first dates), then a
+drop of preference pairs (asked for day first: chosen "21 March 1948", rejected "March 21,
+1948") and a DPO run from the champion's adapter. The reward accuracy on held-out pairs rises
+to at least 0.9, the chosen answers gain log-prob over the rejected ones and the candidate wins
+the pairs against the champion; the forgetting rule still guards the SFT test set (the tiny
+model unlearns month-first answers there too, and is refused for it) until the team accepts
+that, and then the gate promotes it. The reference model is never a second copy of the weights."""
 from __future__ import annotations
 
 import gc
-import json
-
 import pytest
 import yaml
 
@@ -21,6 +20,7 @@ MODEL = "ftpipe-dates"
 
 
 def day_first_pairs(rows: list[dict]) -> list[dict]:
+    """Date questions asked for a day-first answer: chosen "21 March 1948", rejected "March 21, 1948"."""
     out = []
     for r in rows:
         month, day, year = r["output"].replace(",", "").split()
@@ -38,22 +38,32 @@ def test_dpo_from_the_champion_learns_the_preference_and_is_promoted(tmp_path, p
     params["train"] |= {"objective": "dpo", "lr": 0.005}
     params["incremental"] |= {"start_from": "champion", "max_steps": 80}
     params["registry"]["promotion"] |= {"primary_metric": "reward_accuracy", "min_improvement": 0.05,
-                                        "thresholds": {"reward_accuracy": 0.9}, "min_win_rate": 0.8}
+                                        "thresholds": {"reward_accuracy": 0.9}, "min_win_rate": 0.8,
+                                        "forgetting_metric": "eval_loss", "max_forgetting": 0.5}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = ok(run_cli(["run"], project, prefect_server))
     assert "DPO reference: log-probs of" in out and "reward accuracy" in out
-
     c = mlflow_client(project)
+    assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    assert "refuse: largest eval_loss drop vs champion on an earlier test set" in out, out[-3000:]
+    assert "of preference pairs >= required 80%" in out and "reward_accuracy" in out
+
+    # the new style is what the team wants now: forgetting month-first answers is accepted, and a
+    # new candidate (a refused version is never gated again: another beta) goes through the gate
+    params["registry"]["promotion"]["max_forgetting"] = None
+    params["train"]["dpo"] = {"beta": 0.2, "loss": "sigmoid"}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = ok(run_cli(["run"], project, prefect_server))
+
     champ = c.get_model_version_by_alias(MODEL, "champion")
-    assert champ.version == "2", out[-3000:]
+    assert str(champ.version) == "3", out[-3000:]
     m = c.get_run(champ.run_id).data.metrics
     assert m["candidate_reward_accuracy"] >= 0.9, m
     assert m["candidate_reward_accuracy"] - m["champion_reward_accuracy"] >= 0.3, m
     assert m["candidate_reward_margin"] > m["champion_reward_margin"] + 1.0, m   # log p(chosen) - log p(rejected) rose
     assert m["candidate_pref_accuracy"] >= 0.9 and m["candidate_win_rate"] >= 0.8, m
     assert m["train_reward_accuracy"] >= 0.9
-    decision = c.get_model_version(MODEL, "2").tags
-    assert "win_rate" in json.dumps(decision) or "preference pairs" in out
+    assert "of preference pairs >= required 80%" in out                       # the win-rate rule
 
 
 def test_dpo_continuing_an_adapter_keeps_one_copy_of_the_base_weights(tiny, tmp_path):
