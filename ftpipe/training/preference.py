@@ -32,11 +32,23 @@ def encode_pairs(tokenizer, rows: list[dict], max_len: int) -> list[tuple]:
             for r in rows if is_pair(r)]
 
 
-def pair_batch(pairs: list[tuple], pad_id: int) -> dict:
-    """One padded batch: the chosen answers in rows [0, n), the rejected in [n, 2n)."""
+def pair_batch(pairs: list[tuple], pad_id: int, multiple: int = 1) -> dict:
+    """One padded batch: the chosen answers in rows [0, n), the rejected in [n, 2n); the width
+    rounded up to `multiple` (on a GPU: few distinct shapes, so compiled layers rarely recompile)."""
+    import torch.nn.functional as F
+
     b = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+    extra = -b["input_ids"].size(1) % multiple
+    if extra:
+        b = {"input_ids": F.pad(b["input_ids"], (0, extra), value=pad_id),
+             "attention_mask": F.pad(b["attention_mask"], (0, extra), value=0),
+             "labels": F.pad(b["labels"], (0, extra), value=IGNORE_INDEX)}
     b["real"] = b["attention_mask"].sum()
     return b
+
+
+def width_multiple(device) -> int:
+    return 64 if getattr(device, "type", str(device)) == "cuda" else 1
 
 
 def _decoder_and_head(core):
@@ -92,20 +104,34 @@ def pair_logps(core, batch: dict, ipo: bool = False):
     return sums[:n], sums[n:]
 
 
-def reference_logps(core, pairs: list[tuple], batch_size: int, pad_id: int, ipo: bool, device):
-    """The reference log-probs (n, 2) of pairs under the weights as they are now (no grad)."""
+def reference_logps(core, pairs: list[tuple], batch_size: int, pad_id: int, ipo: bool, device,
+                    max_tokens: int = 65536):
+    """The reference log-probs (n, 2) of pairs under the weights as they are now (no grad),
+    in batches of similar lengths (little padding; at most batch_size pairs or max_tokens)."""
     import torch
 
     was = core.training
     core.eval()
-    out = []
+    out = torch.zeros(len(pairs), 2)
+    order = sorted(range(len(pairs)), key=lambda i: max(len(pairs[i][0][0]), len(pairs[i][1][0])))
+    multiple = width_multiple(device)
     with torch.no_grad():
-        for i in range(0, len(pairs), batch_size):
-            b = pair_batch(pairs[i: i + batch_size], pad_id)
+        at = 0
+        while at < len(order):
+            width = max(len(pairs[order[at]][0][0]), len(pairs[order[at]][1][0]))
+            take = 1
+            while at + take < len(order) and take < batch_size:
+                w = max(len(pairs[order[at + take]][0][0]), len(pairs[order[at + take]][1][0]))
+                if 2 * (take + 1) * w > max_tokens:
+                    break
+                take, width = take + 1, w
+            idx = order[at: at + take]
+            b = pair_batch([pairs[i] for i in idx], pad_id, multiple)
             c, r = pair_logps(core, {k: v.to(device) for k, v in b.items() if k != "real"}, ipo)
-            out.append(torch.stack([c, r], 1).cpu())
+            out[idx] = torch.stack([c, r], 1).float().cpu()
+            at += take
     core.train(was)
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    return out
 
 
 def dpo_losses(pc, pr, ref, beta: float, kind: str):

@@ -351,7 +351,7 @@ def _pair_batches(t: Trainee, train_cfg: TrainConfig, train_path, train_rows: li
     like SFT examples, each micro-batch the chosen and the rejected answers padded together."""
     import torch
 
-    from ftpipe.training.preference import encode_pairs, pair_batch
+    from ftpipe.training.preference import encode_pairs, pair_batch, width_multiple
 
     train = encode_pairs(t.tokenizer, train_rows, train_cfg.max_seq_len)
     if not train:
@@ -366,7 +366,7 @@ def _pair_batches(t: Trainee, train_cfg: TrainConfig, train_path, train_rows: li
         for a in range(train_cfg.grad_accum):
             mine = idx[a * per_step: (a + 1) * per_step][procs.rank::procs.world]
             if mine:
-                b = pair_batch([train[i] for i in mine], t.tokenizer.pad_token_id)
+                b = pair_batch([train[i] for i in mine], t.tokenizer.pad_token_id, width_multiple(t.device))
                 b["index"] = torch.tensor(mine)
                 out.append(b)
         return out
@@ -390,8 +390,8 @@ def reference(t: Trainee, data: Batches, train_cfg: TrainConfig, path: Path, fin
     began = time.perf_counter()
     ipo = train_cfg.dpo.loss == "ipo"
     pad = t.tokenizer.pad_token_id
-    data.ref = reference_logps(t.core, data.train, batch_size, pad, ipo, t.device)
-    data.val_ref = reference_logps(t.core, data.val, batch_size, pad, ipo, t.device)
+    data.ref = reference_logps(t.core, data.train, max(batch_size, train_cfg.batch_size), pad, ipo, t.device)
+    data.val_ref = reference_logps(t.core, data.val, max(batch_size, train_cfg.batch_size), pad, ipo, t.device)
     torch.save({"fingerprint": [fingerprint], "train": data.ref, "val": data.val_ref}, path)
     say(f"DPO reference: log-probs of {len(data.train)} training and {len(data.val)} validation pairs under the "
         f"start weights in {time.perf_counter() - began:.1f}s (beta {train_cfg.dpo.beta}, loss {train_cfg.dpo.loss})")

