@@ -14,7 +14,8 @@ Both take 64 pairs a step (16 a micro-batch x 4), lr 5e-5 with linear decay and 
 beta 0.1, sigmoid loss, AdamW, grad norm 1.0. TRL scores the reference with the adapter
 disabled each step (its default); ftpipe scores it once before the first step. Measured:
 real tokens/s over the timed steps (each pair's prompt counted with each answer, as both
-compute them), the warm-up apart; peak GiB; the mean DPO loss of the last 5 steps.
+compute them), the warm-up apart; the setup (model load, reference pass where precomputed,
+compile) and the time from load to the last step; peak GiB; the mean DPO loss of the last 5 steps.
 """
 
 from __future__ import annotations
@@ -108,9 +109,10 @@ def run_ftpipe(model_dir: Path, pairs: list[dict], steps: int, warmup: int, work
     t0 = time.perf_counter()
     fine_tune(ModelConfig(base=str(model_dir)), LoraConfig(r=16, alpha=32), cfg, work / "train.jsonl", None,
               work / "out", log=lambda m: print("  ftpipe:", m, flush=True), on_metrics=on_metrics, progress=False)
+    wall = stamps[-1][1] - t0
     times = [b - a for (_, a), (_, b) in zip(stamps, stamps[1:])]
     tokens = [sum(lengths[i] for i in step_examples(len(pairs), PER_STEP, 0, s)) for s in range(total)]
-    return {"setup_s": stamps[0][1] - t0, "step_s": times[warmup - 1:], "tokens": tokens[warmup:],
+    return {"setup_s": stamps[0][1] - t0, "wall_s": wall, "step_s": times[warmup - 1:], "tokens": tokens[warmup:],
             "losses": losses, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
 
 
@@ -124,6 +126,7 @@ def run_trl(model_dir: Path, pairs: list[dict], steps: int, warmup: int, work: P
     cuda = torch.cuda.is_available()
     tok = AutoTokenizer.from_pretrained(model_dir)
     lengths = pair_tokens(tok, pairs)
+    t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
                                                  attn_implementation="sdpa").to("cuda" if cuda else "cpu")
     times, losses, mark = [], [], {}
@@ -156,7 +159,6 @@ def run_trl(model_dir: Path, pairs: list[dict], steps: int, warmup: int, work: P
                      report_to="none", save_strategy="no", disable_tqdm=True, bf16=cuda, use_cpu=not cuda,
                      gradient_checkpointing=False, max_length=None, dataloader_num_workers=0,
                      precompute_ref_log_probs=precompute)
-    t0 = time.perf_counter()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer = Sequential(model=model, args=args, train_dataset=data, processing_class=tok,
@@ -164,8 +166,9 @@ def run_trl(model_dir: Path, pairs: list[dict], steps: int, warmup: int, work: P
                                                     task_type="CAUSAL_LM"), callbacks=[Timer()])
     setup = time.perf_counter() - t0
     trainer.train()
+    wall = time.perf_counter() - t0
     tokens = [sum(lengths[i % len(pairs)] for i in range(s * PER_STEP, (s + 1) * PER_STEP)) for s in range(total)]
-    return {"setup_s": setup, "step_s": times[warmup:], "tokens": tokens[warmup:], "losses": losses,
+    return {"setup_s": setup, "wall_s": wall, "step_s": times[warmup:], "tokens": tokens[warmup:], "losses": losses,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
@@ -225,13 +228,14 @@ def main() -> None:
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     by = {r["name"]: r for r in results}
     lines = [f"DPO, LoRA r16, {'tiny' if a.quick else 'Llama-3.2-1B'} shape, {card}, {time.strftime('%Y-%m-%d')}",
-             "| variant | tokens/s | step s (min-max) | peak GiB | loss (last 5 steps) |", "|---|---|---|---|---|"]
+             "| variant | tokens/s (timed steps) | step s (min-max) | setup s | load to last step s | peak GiB | loss (last 5 steps) |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'].splitlines()[-1][:120]} | | | |")
+            lines.append(f"| {r['name']} | failed: {r['error'].splitlines()[-1][:120]} | | | | | |")
         else:
             lines.append(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['spread'][0]:.3f}-{r['spread'][1]:.3f} | "
-                         f"{r['peak_gib'] or 0:.1f} | {r['final_loss']:.4f} |")
+                         f"{r['setup_s']:.1f} | {r['wall_s']:.1f} | {r['peak_gib'] or 0:.1f} | {r['final_loss']:.4f} |")
     for other in ("trl", "trl-precompute"):
         if "tokens_per_s" in by.get("ftpipe", {}) and "tokens_per_s" in by.get(other, {}):
             f, t = by["ftpipe"], by[other]
