@@ -8,6 +8,7 @@ that, and then the gate promotes it. The reference model is never a second copy 
 from __future__ import annotations
 
 import gc
+import re
 import pytest
 import yaml
 
@@ -24,7 +25,7 @@ def day_first_pairs(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         month, day, year = r["output"].replace(",", "").split()
-        iso = r["instruction"].split()[1]
+        iso = re.search(r"\d{4}-\d{2}-\d{2}", r["instruction"] + " " + r.get("input", "")).group()
         out.append({"prompt": f"Write {iso} day first.", "chosen": f" {day} {month} {year}",
                     "rejected": f" {month} {day}, {year}"})
     return out
