@@ -12,9 +12,10 @@ from __future__ import annotations
 
 # metrics: every one the evaluation reports (per model and set); the first four also per slice
 # ("slice.NAME.METRIC"); non_empty and pii_outputs are gate checks
+# on the test set's preference pairs (ftpipe.evaluation.metrics)
+PREFERENCE_METRICS = ("pref_accuracy", "reward_accuracy", "reward_margin", "win_rate")
 METRICS = ("exact_match", "token_f1", "rouge_l", "eval_loss", "perplexity", "non_empty", "pii_outputs",
-           # on the test set's preference pairs (ftpipe.evaluation.metrics)
-           "pref_accuracy", "reward_accuracy", "reward_margin", "win_rate")
+           *PREFERENCE_METRICS)
 SLICE_METRICS = ("exact_match", "token_f1", "rouge_l", "eval_loss")
 LOWER_IS_BETTER = frozenset({"eval_loss", "perplexity", "pii_outputs"})
 

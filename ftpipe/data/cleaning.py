@@ -22,7 +22,7 @@ from typing import Iterator
 
 from ftpipe.config import CleanConfig
 from ftpipe.data.pii import scrub, scrub_all
-from ftpipe.data.records import PREFERENCE, REQUIRED, is_pair, pair_key, prompt_key, rejected_view, response_of, texts_of
+from ftpipe.data.records import PREFERENCE, REQUIRED, dedup_key, is_pair, rejected_view, response_of, texts_of
 from ftpipe.cores import share
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
@@ -204,7 +204,7 @@ def _process_chunk(args: tuple[list[bytes], CleanConfig]) -> list[tuple]:
         candidates.append(len(out))
         rendered.append(text)
         alternates.append(other)
-        out.append(("c", pair_key(row) if other is not None else prompt_key(row), None, row, kinds))
+        out.append(("c", dedup_key(row), None, row, kinds))
     if not candidates:
         return out
     # Token limits. Every token of a byte-level (or byte-fallback) tokenizer covers at

@@ -210,11 +210,15 @@ def texts_of(row: dict) -> list[str]:
     return [row[f] for f in FIELDS[row.get("_format", "alpaca")] if isinstance(row.get(f), str)]
 
 
+def _folded_hash(value: Any) -> str:
+    blob = json.dumps(value, ensure_ascii=False).casefold()
+    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
 def prompt_key(row: dict) -> str:
     """Hash of what the model is asked, case-folded: two rows asking the same thing are
     duplicates (keeping both would train two answers to one question)."""
-    blob = json.dumps(prompt_parts(row), ensure_ascii=False).casefold()
-    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+    return _folded_hash(prompt_parts(row))
 
 
 def is_pair(row: dict) -> bool:
@@ -226,11 +230,12 @@ def rejected_view(row: dict) -> dict:
     return {**row, "chosen": row.get("rejected")}
 
 
-def pair_key(row: dict) -> str:
-    """A pair's identity for deduplication: the prompt and both answers (one prompt may have
-    many pairs; the same pair twice is a duplicate)."""
-    blob = json.dumps([prompt_parts(row), row.get("chosen"), row.get("rejected")], ensure_ascii=False).casefold()
-    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+def dedup_key(row: dict) -> str:
+    """A row's identity for deduplication: its prompt_key, or for a pair the prompt and both
+    answers (one prompt may have many pairs; the same pair twice is a duplicate)."""
+    if is_pair(row):
+        return _folded_hash([prompt_parts(row), row.get("chosen"), row.get("rejected")])
+    return prompt_key(row)
 
 
 def row_hash(row: dict) -> str:

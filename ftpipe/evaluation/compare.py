@@ -24,7 +24,7 @@ from ftpipe.config import EvalConfig, ModelConfig, RegistryConfig
 from ftpipe.evaluation.metrics import ModelScores, preference_metrics
 from ftpipe.evaluation.scoring import evaluate_model
 from ftpipe.files import read_jsonl, sha256_path
-from ftpipe.names import SLICE_METRICS
+from ftpipe.names import PREFERENCE_METRICS, SLICE_METRICS
 from ftpipe.names import TEST_SET as TEST_SET_TAG
 from ftpipe.registry import store as registry
 from ftpipe.registry.promotion import forgetting
@@ -148,7 +148,7 @@ def evaluate_all(cfg: EvalConfig, model: ModelConfig, reg: RegistryConfig, base_
     for label, s in (("base", base), ("candidate", candidate), ("champion", champion)):
         if s is not None:
             prefs = "".join(f", {k.replace('_', ' ')} {v:.3f}" for k, v in s.metrics().items()
-                            if k in ("pref_accuracy", "reward_accuracy", "reward_margin", "win_rate"))
+                            if k in PREFERENCE_METRICS)
             log(f"{label}: exact match {s.exact_match:.3f}, token F1 {s.token_f1:.3f}, ROUGE-L "
                 f"{s.rouge_l:.3f}, eval loss {s.eval_loss:.4f}{prefs} on {s.n_examples} test examples"
                 + (f" ({len(s.pair_logratios)} preference pairs)" if s.pair_logratios else ""))

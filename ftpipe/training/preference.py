@@ -113,18 +113,16 @@ def reference_logps(core, pairs: list[tuple], batch_size: int, pad_id: int, ipo:
     was = core.training
     core.eval()
     out = torch.zeros(len(pairs), 2)
-    order = sorted(range(len(pairs)), key=lambda i: max(len(pairs[i][0][0]), len(pairs[i][1][0])))
+    longest = [max(len(c[0]), len(r[0])) for c, r in pairs]
+    order = sorted(range(len(pairs)), key=longest.__getitem__)   # a batch's width is its last pair's
     multiple = width_multiple(device)
     with torch.no_grad():
         at = 0
         while at < len(order):
-            width = max(len(pairs[order[at]][0][0]), len(pairs[order[at]][1][0]))
             take = 1
-            while at + take < len(order) and take < batch_size:
-                w = max(len(pairs[order[at + take]][0][0]), len(pairs[order[at + take]][1][0]))
-                if 2 * (take + 1) * w > max_tokens:
-                    break
-                take, width = take + 1, w
+            while at + take < len(order) and take < batch_size \
+                    and 2 * (take + 1) * longest[order[at + take]] <= max_tokens:
+                take += 1
             idx = order[at: at + take]
             b = pair_batch([pairs[i] for i in idx], pad_id, multiple)
             c, r = pair_logps(core, {k: v.to(device) for k, v in b.items() if k != "real"}, ipo)

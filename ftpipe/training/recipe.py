@@ -388,10 +388,8 @@ def reference(t: Trainee, data: Batches, train_cfg: TrainConfig, path: Path, fin
             data.ref, data.val_ref = saved["train"], saved["val"]
             return
     began = time.perf_counter()
-    ipo = train_cfg.dpo.loss == "ipo"
-    pad = t.tokenizer.pad_token_id
-    data.ref = reference_logps(t.core, data.train, max(batch_size, train_cfg.batch_size), pad, ipo, t.device)
-    data.val_ref = reference_logps(t.core, data.val, max(batch_size, train_cfg.batch_size), pad, ipo, t.device)
+    args = (max(batch_size, train_cfg.batch_size), t.tokenizer.pad_token_id, train_cfg.dpo.loss == "ipo", t.device)
+    data.ref, data.val_ref = reference_logps(t.core, data.train, *args), reference_logps(t.core, data.val, *args)
     torch.save({"fingerprint": [fingerprint], "train": data.ref, "val": data.val_ref}, path)
     say(f"DPO reference: log-probs of {len(data.train)} training and {len(data.val)} validation pairs under the "
         f"start weights in {time.perf_counter() - began:.1f}s (beta {train_cfg.dpo.beta}, loss {train_cfg.dpo.loss})")
@@ -482,7 +480,7 @@ def train_loop(t: Trainee, data: Batches, o: Optimizer, state: Progress, train_c
             # Every process weights its token-loss sum by the step's labelled-token total,
             # so gradients are those of one token-mean over the whole step.
             if train_cfg.objective == "dpo":
-                batches, n_label, n_real = _pair_inputs(upcoming, t.device, procs.world)
+                batches, n_label, n_real = _pair_inputs(upcoming, t.device)
                 step_loss, acc, margin = dpo_forward_backward(
                     t.core, batches, data.ref, train_cfg,
                     procs.world / max(float(n_label), 1.0), o.autocast, o.adapter_cast, t.device)
@@ -532,20 +530,12 @@ def train_loop(t: Trainee, data: Batches, o: Optimizer, state: Progress, train_c
     return stopped_early
 
 
-def _pair_inputs(batches: list[dict], device, world: int = 1) -> tuple[list[dict], int, int]:
-    """A DPO step's micro-batches on the device: (batches, pairs, real tokens), counts over all processes."""
-    import torch
-
+def _pair_inputs(batches: list[dict], device) -> tuple[list[dict], int, int]:
+    """A DPO step's micro-batches on the device: (batches, pairs, real tokens). One process:
+    train.objective=dpo refuses train.devices > 1."""
     n_pairs = sum(int(b["index"].numel()) for b in batches)
     n_real = sum(int(b["real"]) for b in batches)
-    out = [{k: (v.to(device) if k != "index" else v) for k, v in b.items()} for b in batches]
-    if world > 1:
-        import torch.distributed as dist
-
-        totals = torch.tensor([n_pairs, n_real], dtype=torch.int64, device=device)
-        dist.all_reduce(totals)
-        n_pairs, n_real = totals.tolist()
-    return out, n_pairs, n_real
+    return [{k: (v.to(device) if k != "index" else v) for k, v in b.items()} for b in batches], n_pairs, n_real
 
 
 def _log_window(state: Progress, step: int, elapsed: float, resumed_from: int | None, o: Optimizer,
