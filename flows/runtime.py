@@ -172,6 +172,9 @@ def read_flow_run(flow_run_id: str) -> tuple[bool | None, str]:
     server, else the project's store (see project_store); (None, why) when it cannot be told."""
     if not flow_run_id or flow_run_id == "local":
         return None, "no Prefect flow run recorded (flow ran without an API)"
+    found = _read_store_file(flow_run_id)
+    if found is not None:
+        return found
     try:
         import uuid
 
@@ -190,3 +193,31 @@ def read_flow_run(flow_run_id: str) -> tuple[bool | None, str]:
                               "PREFECT_API_URL to the server the flow ran on")
             return False, f"not found on the Prefect server {PREFECT_API_URL.value()}"
         return None, f"not checked: {name}: {str(exc)[:120]}"
+
+
+def _read_store_file(flow_run_id: str) -> tuple[bool | None, str] | None:
+    """With no Prefect API and a SQLite run store (project_store's file, or one set by the user),
+    the flow run read from that file, read-only: Prefect's client would start its temporary server
+    (~10 s, 6 of them waiting for it) to answer one query. None when it cannot be read that way
+    (an API is set, another database, no such file, a schema without the columns): the client decides."""
+    import sqlite3
+
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    url = settings.server.database.connection_url
+    url = url.get_secret_value() if hasattr(url, "get_secret_value") else url
+    if settings.api.url or not url or not str(url).startswith("sqlite"):
+        return None
+    path = Path(str(url).split(":///", 1)[-1])
+    if not path.is_file():
+        return None
+    try:
+        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10) as db:
+            row = db.execute("SELECT name, state_name FROM flow_run WHERE id = ?", (flow_run_id,)).fetchone()
+    except sqlite3.Error:
+        return None
+    if row is None:
+        return None, ("not checked: not in this project's Prefect store (.prefect/prefect.db); set "
+                      "PREFECT_API_URL to the server the flow ran on")
+    return True, f"{row[0]}: {row[1] or '?'}"
