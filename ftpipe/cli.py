@@ -180,6 +180,9 @@ def sweep(
     if not cfg.sweep.space:
         _fail(f"{config}: sweep.space is empty: name the recipe keys to tune, e.g.\n  sweep:\n    space:\n"
               "      train.lr: {low: 0.0005, high: 0.01, log: true}\n      lora.r: [8, 16, 32]", 2)
+    if cfg.train.stages:
+        _fail(f"{config}: train.stages: a sweep's trials train one stage; tune each stage's recipe with "
+              "train.stages=[] (e.g. the DPO stage from the champion: train.objective=dpo), then run the stages", 2)
     from ftpipe.data.preflight import preflight
 
     os.chdir(project)

@@ -142,6 +142,18 @@ class TrainConfig(Section):
     # the same recipe under torchrun, one process per device.
     devices: int | Literal["auto"] = 1
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    # Stages: one run trains several in order, each from the weights the one before it left
+    # (e.g. SFT then DPO). Each stage is a partial train section over this one; [] trains once.
+    stages: list[dict[str, Any]] = Field(default_factory=list)
+
+    def stage_configs(self) -> list["TrainConfig"]:
+        """Each stage's whole train section (this one with the stage's keys; a stage's dpo
+        keys over this dpo section); [] when the run trains in one stage."""
+        return [TrainConfig.model_validate(self._stage(stage)) for stage in self.stages]
+
+    def _stage(self, stage: dict) -> dict:
+        base = self.model_dump(exclude={"stages"})
+        return base | stage | ({"dpo": base["dpo"] | stage["dpo"]} if isinstance(stage.get("dpo"), dict) else {})
 
     def resolved(self, cuda: bool, world: int = 1) -> "TrainConfig":
         """This config with every `auto` speed setting decided for the device it runs on."""
@@ -171,9 +183,29 @@ class TrainConfig(Section):
             if self.packing is True:
                 problems.append("train.packing=true does not apply to train.objective=dpo (pairs train as padded "
                                 "batches): set it to auto or false")
+        problems += self._stage_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _stage_problems(self) -> list[str]:
+        problems = []
+        for i, stage in enumerate(self.stages, 1):
+            fixed = sorted(set(stage) & STAGE_FIXED)
+            if fixed:
+                problems.append(f"train.stages[{i}]: {', '.join(fixed)} cannot change between stages (one model "
+                                "set-up, one device plan): set it in the train section")
+                continue
+            try:
+                TrainConfig.model_validate(self._stage(stage))
+            except ValidationError as exc:
+                problems += [f"train.stages[{i}]{''.join('.' + str(k) for k in e['loc'])}: "
+                             f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
+        return problems
+
+
+# train keys a stage cannot set: the chain shares one adapter (or full weights) and one device plan
+STAGE_FIXED = {"method", "devices", "strategy", "stages"}
 
 
 class EvalConfig(Section):

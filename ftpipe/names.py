@@ -83,6 +83,7 @@ RUN_SKIPPED = "ftpipe.skipped"
 RUN_MODEL_VERSION = "ftpipe.model_version"
 RUN_REUSED_VERSION = "ftpipe.reused_version"
 RUN_NEW_ROWS = "ftpipe.new_rows"
+RUN_STAGES = "ftpipe.train_stages"         # a staged run: "1: sft steps 1-120 -> 2: dpo steps 121-180"
 SWEEP_STUDY = "ftpipe.sweep.study"       # a sweep's parent run and each trial's child run: the Optuna study
 SWEEP_TRIAL = "ftpipe.sweep.trial"       # a trial's child run: its number in the study
 SWEEP_STATE = "ftpipe.sweep.state"       # complete | pruned | fail

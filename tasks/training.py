@@ -13,7 +13,7 @@ from prefect.cache_policies import CachePolicy
 from ftpipe.config import LoraConfig, ModelConfig, PipelineConfig
 from ftpipe.data.versions import DataVersion
 from ftpipe.registry import runs
-from ftpipe.training.plan import TrainingPlan
+from ftpipe.training.plan import TrainingPlan, stage_plan
 from ftpipe.training.recipe import TrainResult, training_dir
 from tasks.io import io_task
 from ftpipe import names as t
@@ -67,10 +67,11 @@ def fine_tune(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, run_id: 
     from ftpipe.training.launch import train
 
     logger = get_run_logger()
+    stream = runs.metrics_streamer(run_id, logger.warning)
     result = train(model.model_copy(update={"base": plan.base_path}), lora, plan.train, plan.splits["train"],
                    plan.splits["validation"], _training_dir(model, lora, plan, root), log=logger.info,
-                   on_metrics=runs.metrics_streamer(run_id, logger.warning), val_batch_size=val_batch_size,
-                   start_adapter=plan.start_adapter)
+                   on_metrics=lambda step, metrics: stream(plan.first_step + step, metrics),
+                   val_batch_size=val_batch_size, start_adapter=plan.start_adapter)
     if result.resumed_from:
         logger.info(f"resumed from the checkpoint at step {result.resumed_from}")
     return result
@@ -79,7 +80,21 @@ def fine_tune(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, run_id: 
 def train_candidate(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, run_id: str, root: str,
                     val_batch_size: int = 64) -> TrainResult:
     """The candidate of this flow run: trained, resumed, or (same recipe and data, weights
-    still on disk) the cached result of an earlier run. val_batch_size: eval.batch_size."""
+    still on disk) the cached result of an earlier run. val_batch_size: eval.batch_size.
+    A staged plan (train.stages) trains each stage so, in order, from the one before it."""
+    if not plan.stages:
+        return _train_once(model, lora, plan, run_id, root, val_batch_size)
+    results: list[TrainResult] = []
+    for i, train in enumerate(plan.stages):
+        get_run_logger().info(f"stage {i + 1}/{len(plan.stages)}: {train.objective}, {train.max_steps} steps"
+                              + (f", from stage {i}'s weights" if results else ""))
+        results.append(_train_once(model, lora, stage_plan(plan, i, results[-1] if results else None), run_id,
+                                   root, val_batch_size))
+    return TrainResult.chained(results, [t.objective for t in plan.stages])
+
+
+def _train_once(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, run_id: str, root: str,
+                val_batch_size: int) -> TrainResult:
     cached = fine_tune.with_options(result_storage=result_store(root))
     result = cached(model, lora, plan, run_id, root, val_batch_size)
     if not (Path(result.model_dir) / "config.json").is_file():   # cached, but the weights are gone

@@ -17,6 +17,10 @@ from ftpipe.registry.gate import PromotionResult
 from ftpipe import names as t
 
 
+def _objective(train) -> str:
+    return f"; objective DPO ({train.dpo.loss} loss, beta {train.dpo.beta})" if train.objective == "dpo" else ""
+
+
 def _shown(report: EvalReport) -> list[str]:
     """The metrics any model of the report has (the preference ones only with pairs in the test set)."""
     have = set().union(*(m for _, m in _rows(report)))
@@ -42,10 +46,12 @@ def model_card(cfg: PipelineConfig, version: str, run_id: str, tags: dict[str, s
         f"(revision `{tags.get('ftpipe.base_model_revision', cfg.model.revision or 'main')}`)",
         f"- Method: {cfg.train.method}" + (f" (LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets "
                                            f"{cfg.lora.target_modules})" if cfg.train.method != "full" else "")
-        + (f"; objective DPO ({cfg.train.dpo.loss} loss, beta {cfg.train.dpo.beta})"
-           if cfg.train.objective == "dpo" else ""),
-        f"- Training: {cfg.train.max_steps} steps, batch {cfg.train.batch_size} x {cfg.train.grad_accum}, "
-        f"lr {cfg.train.lr}, max sequence {cfg.train.max_seq_len} tokens",
+        + ("" if cfg.train.stages else _objective(cfg.train)),
+        *([f"- Training: {cfg.train.max_steps} steps, batch {cfg.train.batch_size} x {cfg.train.grad_accum}, "
+           f"lr {cfg.train.lr}, max sequence {cfg.train.max_seq_len} tokens"] if not cfg.train.stages else
+          [f"- Training stage {i}: {s.objective}{_objective(s)}, {s.max_steps} steps, batch {s.batch_size} x "
+           f"{s.grad_accum}, lr {s.lr}" + (", from the stage before's weights" if i > 1 else "")
+           for i, s in enumerate(cfg.train.stage_configs(), 1)]),
         f"- Code: git `{tags.get('ftpipe.git_commit', '?')}`"
         + (" (uncommitted changes)" if tags.get(t.GIT_DIRTY) == "true" else ""),
         f"- Config hash: `{tags.get('ftpipe.config_hash', cfg.hash())}`", "",

@@ -70,7 +70,13 @@ def plot_loss(result, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    if result.loss_history:
+    stages = getattr(result, "stages", None) or []
+    for i, stage in enumerate(stages):   # a staged run: each stage's curve in its own colour
+        end = stages[i + 1]["first_step"] if i + 1 < len(stages) else float("inf")
+        part = [(s, v) for s, v in result.loss_history if stage["first_step"] <= s < end]
+        if part:
+            ax.plot(*zip(*part), label=f"stage {stage['stage']}: {stage['objective']} train loss")
+    if result.loss_history and not stages:
         ax.plot(*zip(*result.loss_history), label="train loss")
     if result.val_history:
         ax.plot(*zip(*result.val_history), "o-", label="validation loss")
@@ -111,6 +117,15 @@ def log_training(run_id: str, result, log: Callable[[str], None] = print) -> Non
         c.log_metric(run_id, "val_loss", result.val_loss)
     c.log_artifact(run_id, str(plot_loss(result, out_dir / "loss_curve.png")), "train")
     c.log_artifact(run_id, str(out_dir / "train_result.json"), "train")
+    for stage in getattr(result, "stages", None) or []:   # a staged run (train.stages): each stage's own
+        i = stage["stage"]
+        c.log_batch(run_id, metrics=[Metric(f"stage{i}_{k}", float(stage[k]), int(time.time() * 1000), 0)
+                                     for k in ("train_loss", "val_loss", "steps") if stage[k] is not None])
+        c.log_artifact(run_id, str(Path(stage["dir"]) / "train_result.json"), f"train/stage{i}")
+    if getattr(result, "stages", None):
+        c.set_tag(run_id, t.RUN_STAGES, " -> ".join(
+            f"{s['stage']}: {s['objective']} steps {s['first_step']}-{s['first_step'] + s['steps'] - 1}"
+            for s in result.stages))
 
 
 def record_skip(run_id: str, message: str, champion: str | None) -> str:

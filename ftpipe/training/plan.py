@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,7 @@ from ftpipe.config import IncrementalConfig, RegistryConfig, TrainConfig
 
 if TYPE_CHECKING:
     from ftpipe.data.versions import DataVersion
+    from ftpipe.training.recipe import TrainResult
 
 SPLITS = ("train", "validation", "test")
 
@@ -117,6 +118,22 @@ class TrainingPlan:
     base_source: str = ""      # what base_path is, as an adapter version pins it: model.base, or models:/NAME/V
     base_revision: str | None = None
     start_adapter: str | None = None   # an adapter champion's adapter, which training continues
+    stages: tuple[TrainConfig, ...] = ()   # train.stages, each whole (an incremental run: steps scaled); (): one
+    first_step: int = 0        # a stage's steps are logged after those of the stages before it
+
+
+def stage_plan(plan: TrainingPlan, i: int, before: TrainResult | None) -> TrainingPlan:
+    """Stage i (0-based) of a staged plan, trained as a plan of its own: the first from the
+    plan's start weights, each later one from what the stage before it left (its adapter,
+    trained on, or its full weights), keyed by that stage's training so a changed earlier
+    stage trains every later one again."""
+    one = replace(plan, train=plan.stages[i], stages=())
+    if before is None:
+        return one
+    adapter = before.adapter_dir
+    return replace(one, base_path=plan.base_path if adapter else before.model_dir, start_adapter=adapter,
+                   data_key=f"{plan.data_key}:after:{Path(before.model_dir).parent.name}",
+                   first_step=plan.first_step + before.steps)
 
 
 def plan_training(data: DataVersion, reg: RegistryConfig, incremental: IncrementalConfig, train: TrainConfig,
@@ -155,7 +172,8 @@ def plan_training(data: DataVersion, reg: RegistryConfig, incremental: Increment
         if require_new_data else None
     if inc.start_from != "champion":
         return TrainingPlan(inc, skip, data.base.path, data.splits, train, f"{data.splits_md5}:scratch", "scratch",
-                            data.base.id, data.base.revision)
+                            data.base.id, data.base.revision, stages=tuple(train.stage_configs()))
+    steps = lambda t: incremental.max_steps or scaled_steps(t.max_steps, inc)   # noqa: E731 - same epochs
     start = store.version_weights(reg.model_name, inc.champion_version, root) if not skip else None
     base_path, source, revision, adapter = "", "", None, None
     if start is not None and start.adapter_dir is None:     # a full champion: its weights are the base
@@ -169,7 +187,8 @@ def plan_training(data: DataVersion, reg: RegistryConfig, incremental: Increment
         base_path, source, revision, adapter = start.model_dir, data.base.id, data.base.revision, start.adapter_dir
     return TrainingPlan(
         inc, skip, base_path, data.splits | {"train": inc.train_path},
-        train.model_copy(update={"max_steps": incremental.max_steps or scaled_steps(train.max_steps, inc)}),
+        train.model_copy(update={"max_steps": steps(train)}),
         f"{data.splits_md5}:champion:{inc.champion_version}",
         f"champion models:/{reg.model_name}/{inc.champion_version}: {inc.new_train_rows} new training rows + "
-        f"{inc.replay_rows} replayed", source, revision, adapter)
+        f"{inc.replay_rows} replayed", source, revision, adapter,
+        tuple(t.model_copy(update={"max_steps": steps(t)}) for t in train.stage_configs()))

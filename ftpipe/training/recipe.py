@@ -69,6 +69,24 @@ class TrainResult:
     best_step: int | None = None
     resumed_from: int | None = None
     stopped_early: bool = False
+    stages: list[dict] = field(default_factory=list)   # a staged run (train.stages): what each stage did
+
+    @staticmethod
+    def chained(results: list[TrainResult], objectives: list[str]) -> TrainResult:
+        """The stages of one run as one result: the last stage's weights and losses, every
+        stage's curve on one step axis (each after the stages before it), and each stage's summary."""
+        last, offset, losses, vals, stages = results[-1], 0, [], [], []
+        for i, (r, objective) in enumerate(zip(results, objectives), 1):
+            losses += [(offset + s, v) for s, v in r.loss_history]
+            vals += [(offset + s, v) for s, v in r.val_history]
+            stages.append({"stage": i, "objective": objective, "first_step": offset + 1, "steps": r.steps,
+                           "train_loss": r.train_loss, "val_loss": r.val_loss, "tokens": r.tokens,
+                           "seconds": round(r.seconds, 1), "dir": str(Path(r.model_dir).parent)})
+            offset += r.steps
+        return TrainResult(last.model_dir, last.adapter_dir, last.method, offset, last.train_loss, last.val_loss,
+                           sum(r.tokens for r in results), sum(r.seconds for r in results), losses, vals,
+                           None if last.best_step is None else offset - last.steps + last.best_step,
+                           last.resumed_from, last.stopped_early, stages)
 
 
 def _checkpointing(model) -> None:

@@ -71,6 +71,42 @@ def test_dpo_from_the_champion_learns_the_preference_and_is_promoted(tmp_path, p
     assert "of preference pairs >= required 80%" in out                       # the win-rate rule
 
 
+def test_sft_then_dpo_in_one_run_each_stage_logged_and_a_changed_stage_alone_retrains(tmp_path, prefect_server):
+    """train.stages: SFT on every row (the pairs' chosen answers too), then DPO on the pairs from
+    the SFT stage's adapter, in one run that registers the last stage's weights and gates them.
+    Each stage is on the run; changing the DPO stage alone trains only it again."""
+    stages = [{"objective": "sft", "max_steps": 120},
+              {"objective": "dpo", "max_steps": 60, "lr": 0.005, "dpo": {"beta": 0.2}}]
+    project = make_project(tmp_path / "proj", {
+        "train.stages": stages,
+        "registry.promotion": {"primary_metric": "reward_accuracy", "min_improvement": 0.0,
+                               "min_gain_over_base": 0.0, "thresholds": {"reward_accuracy": 0.9},
+                               "min_non_empty": 0.5}})
+    write_rows(project / "data/incoming/pairs-0001.jsonl", day_first_pairs(dates_rows(900)[300:]))
+    out = ok(run_cli(["run"], project, prefect_server))
+    assert "stage 1/2: sft, 120 steps" in out and "stage 2/2: dpo, 60 steps, from stage 1's weights" in out
+    assert "continuing the LoRA adapter" in out and "DPO reference: log-probs of" in out
+    c = mlflow_client(project)
+    champ = c.get_model_version_by_alias(MODEL, "champion")
+    run = c.get_run(champ.run_id)
+    assert run.data.tags["ftpipe.train_stages"] == "1: sft steps 1-120 -> 2: dpo steps 121-180"
+    m = run.data.metrics
+    assert m["stage1_steps"] == 120 and m["stage2_steps"] == 60 and m["stage2_val_loss"] < 0.69   # below ln 2
+    assert m["candidate_reward_accuracy"] >= 0.9, m
+    steps = [p.step for p in c.get_metric_history(run.info.run_id, "train_loss")]
+    assert min(steps) <= 20 and max(steps) == 180                           # one step axis, both stages
+    assert any(p.step > 120 for p in c.get_metric_history(run.info.run_id, "train_reward_accuracy"))
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["stages"][1]["dpo"]["beta"] = 0.3
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = ok(run_cli(["run"], project, prefect_server))
+    assert len(re.findall(r"fine-tune-\w+' - Finished in state Cached", out)) == 1, out[-4000:]   # stage 1
+    assert "DPO reference: log-probs of" in out                              # stage 2 trained again
+    card = c.get_run(c.get_model_version(MODEL, "2").run_id).data.tags["ftpipe.train_stages"]
+    assert card == "1: sft steps 1-120 -> 2: dpo steps 121-180"
+
+
 def test_dpo_continuing_an_adapter_keeps_one_copy_of_the_base_weights(tiny, tmp_path):
     """DPO from a LoRA adapter (the champion's in an incremental run): while it trains, the base
     model's weight matrices exist once in memory (the reference is scored once, before the first

@@ -46,3 +46,49 @@ def test_a_champion_of_another_base_model_is_never_the_start(tmp_path):
     assert inc.start_from == "scratch" and inc.train_path is None
     assert inc.reason.startswith(why) and "all 3 training rows" in inc.reason
     assert inc.new_rows == 3   # still counted against the champion's data (b, c, t)
+
+
+def test_stages_chain_weights_keys_and_one_step_axis(tmp_path):
+    """train.stages: each stage a whole train section; the first from the plan's start, a later
+    one from what the stage before left (its adapter trained on, or its full weights), keyed by
+    that training, its steps after the earlier stages'; the run's result joins them."""
+    import pytest
+
+    from ftpipe.config import TrainConfig
+    from ftpipe.training.plan import TrainingPlan, stage_plan
+    from ftpipe.training.recipe import TrainResult
+
+    train = TrainConfig(lr=0.01, stages=[{"max_steps": 30}, {"objective": "dpo", "lr": 0.001, "dpo": {"beta": 0.3}}])
+    sft, dpo = train.stage_configs()
+    assert (sft.objective, sft.max_steps, sft.lr, sft.stages) == ("sft", 30, 0.01, [])
+    assert (dpo.objective, dpo.max_steps, dpo.lr, dpo.dpo.beta, dpo.dpo.loss) == ("dpo", 1200, 0.001, 0.3, "sigmoid")
+    with pytest.raises(ValueError) as bad:
+        TrainConfig(stages=[{"method": "full"}, {"objective": "dpo", "neftune_alpha": 5}, {"dpo": {"beta": -1}}])
+    text = str(bad.value)
+    assert "train.stages[1]: method cannot change between stages" in text
+    assert "train.stages[2]: train.neftune_alpha does not apply to train.objective=dpo" in text
+    assert "train.stages[3].dpo.beta: Input should be greater than 0" in text
+
+    inc = plan(_splits(tmp_path, ["a"], ["t"]), None, None, None, "scratch", 0.5, 0, tmp_path / "o")
+    p = TrainingPlan(inc, None, "/base", {"train": "t.jsonl"}, train, "md5:scratch", "scratch", stages=(sft, dpo))
+    first = stage_plan(p, 0, None)
+    assert (first.train, first.base_path, first.start_adapter, first.data_key, first.first_step, first.stages) == \
+        (sft, "/base", None, "md5:scratch", 0, ())
+    done = TrainResult("/r/train-aaa/model", "/r/train-aaa/adapter", "lora", 30, 0.5, 0.4, 900, 3.0,
+                       [(10, 0.9), (30, 0.5)], [(30, 0.4)], 30)
+    second = stage_plan(p, 1, done)
+    assert (second.train, second.base_path, second.start_adapter, second.first_step) == \
+        (dpo, "/base", "/r/train-aaa/adapter", 30)
+    assert second.data_key == "md5:scratch:after:train-aaa"
+    full = stage_plan(p, 1, TrainResult("/r/train-bbb/model", None, "full", 30, 0.5, 0.4, 900, 3.0))
+    assert (full.base_path, full.start_adapter) == ("/r/train-bbb/model", None)
+
+    last = TrainResult("/r/train-ccc/model", "/r/train-ccc/adapter", "lora", 20, 0.3, 0.2, 400, 2.0,
+                       [(10, 0.6), (20, 0.3)], [(20, 0.2)], 10)
+    joined = TrainResult.chained([done, last], ["sft", "dpo"])
+    assert (joined.model_dir, joined.adapter_dir, joined.steps, joined.train_loss, joined.tokens) == \
+        ("/r/train-ccc/model", "/r/train-ccc/adapter", 50, 0.3, 1300)
+    assert joined.loss_history == [(10, 0.9), (30, 0.5), (40, 0.6), (50, 0.3)]
+    assert joined.val_history == [(30, 0.4), (50, 0.2)] and joined.best_step == 40
+    assert [(s["stage"], s["objective"], s["first_step"], s["steps"]) for s in joined.stages] == \
+        [(1, "sft", 1, 30), (2, "dpo", 31, 20)]
