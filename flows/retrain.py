@@ -65,6 +65,8 @@ def retrain_steps(cfg: PipelineConfig, root: str, require_new_data: bool) -> Ret
         io = io_tasks(cfg.registry)                           # retries of every I/O task, bound once
         flow_run_id = str(flow_run.get_id() or "local")
         run = io.start_run(cfg, root, flow_run_id)
+        if require_new_data and cfg.serve.capture:             # scheduled: served feedback becomes a drop first
+            io.export_feedback(cfg.serve, cfg.data.clean.pii, root)
         data = prepare_data(cfg, root, run, io)               # sources, base model, DVC stages, GX gates, push
         plan = io.plan_training(cfg, data, run, root, require_new_data)   # scratch / champion / skip, and why
         if plan.skip:

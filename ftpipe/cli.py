@@ -466,27 +466,69 @@ def models(
 
 @app.command()
 def serve(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="default: models:/NAME@champion"),
-    host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1 unless you mean otherwise)"),
+    model: str = typer.Option("champion", "--model", "-m",
+                              help="what answers by default: an alias (champion, challenger), a version number"),
+    host: str = typer.Option("127.0.0.1", help="bind address (anything but loopback needs serve.token)"),
     port: int = typer.Option(5001, help="port"),
     config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
     project: Path = typer.Option(Path("."), "--project", "-p"),
 ) -> None:
-    """Serve a registered model over HTTP (the champion by default).
+    """Serve registered versions over HTTP (the champion by default), recording each request.
 
-    `mlflow models serve` with this environment's packages:
-    POST /invocations {"dataframe_records": [{"instruction": "...", "input": ""}]}."""
+    POST /v1/generate {"instruction": "..."} (or "prompt", or "messages"; "model": "challenger" or
+    "3" for another version) -> request_id and answer; POST /v1/feedback on a request_id;
+    POST /invocations as `mlflow models serve` takes it. README "Serving and feedback"."""
     cfg, project = _registry(config, project)
-    from ftpipe.registry import store as registry
+    import uvicorn
 
-    model = model or f"models:/{cfg.registry.model_name}@champion"
-    bindir = str(Path(sys.executable).parent)
-    env = os.environ | {"MLFLOW_TRACKING_URI": registry.tracking_uri(cfg.registry, project),
-                        "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cmd = [str(Path(bindir) / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
-           "--host", host, "--port", str(port)]
-    print(f"serving {model} on http://{host}:{port}/invocations", flush=True)
-    os.execve(cmd[0], cmd, env)
+    from ftpipe.serving.app import LOOPBACK, create_app
+    from ftpipe.serving.records import Records, store_url
+    from ftpipe.registry import store as registry
+    from ftpipe.serving.versions import page_status, resolver, version_checker
+
+    token = os.path.expandvars(cfg.serve.token) if cfg.serve.token else None
+    if token is not None and token.startswith("$"):
+        token = None                                  # the variable is not set
+    if host not in LOOPBACK and not token:
+        _fail(f"--host {host} lets other machines in: set serve.token to ${{VAR}} in {project / 'params.yaml'} and "
+              "that variable to a secret in this environment (or bind 127.0.0.1)", 2)
+    resolve = resolver(cfg.registry.model_name)
+    try:
+        resolve(model)                                # fail now, not on the first request
+    except LookupError as exc:
+        _fail(f"{exc}. Run `ftpipe run` first, or pass --model.")
+    records = Records.open(store_url(cfg.serve.store, project), cfg.data.clean.pii) if cfg.serve.capture else None
+    app = create_app(resolve, records, queue_size=cfg.serve.queue_size, max_batch=cfg.serve.max_batch,
+                     batch_wait_ms=cfg.serve.batch_wait_ms, max_new_tokens=cfg.serve.max_new_tokens, token=token,
+                     version_exists=version_checker(cfg.registry.model_name), default_model=model,
+                     max_body_bytes=cfg.serve.max_body_bytes,
+                     status=page_status(cfg.registry.model_name, registry.tracking_uri(cfg.registry, project)))
+    print(f"serving {cfg.registry.model_name} ({model}): the page at http://{host}:{port}/"
+          + ("?token=..." if token else "") + f", the API at http://{host}:{port}/v1/generate"
+          + ("; requests recorded" if records else "; capture off"), flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+feedback_app = typer.Typer(no_args_is_help=True, help="Feedback on served answers: export it as training data.")
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.command("export")
+def feedback_export(
+    config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
+    project: Path = typer.Option(Path("."), "--project", "-p"),
+) -> None:
+    """Write the feedback gathered since the last export into data/incoming/ as a drop:
+    corrections as SFT rows, preferences as preference pairs, each with its request ids."""
+    cfg, project = _project_config(config, project)
+    from ftpipe.serving.records import export_drop
+
+    paths, counts = export_drop(cfg.serve.store, cfg.data.clean.pii, project) or ([], {})
+    if not paths:
+        print("no feedback to export since the last export (ratings stay in the store)")
+        return
+    print(f"{', '.join(str(p.relative_to(project)) for p in paths)}: {counts['corrections']} corrections "
+          f"(SFT rows), {counts['preferences']} preferences (pairs); the next `ftpipe run` collects them")
 
 
 @app.command()
@@ -542,6 +584,9 @@ def lineage(
     source: Optional[str] = typer.Option(None, "--source", help="which versions learned from this source file"),
     row_hash: Optional[str] = typer.Option(None, "--row-hash", help="which versions' data held this row (_hash), "
                                            "and which trained on it"),
+    request: Optional[str] = typer.Option(None, "--request", help="which versions learned from feedback on this "
+                                          "served request (its request_id)"),
+    requests: bool = typer.Option(False, "--requests", help="with MODEL: the served requests whose feedback fed it"),
     config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
     project: Path = typer.Option(Path("."), "--project", "-p"),
 ) -> None:
@@ -553,8 +598,14 @@ def lineage(
     import json
     import re
 
-    if source is not None and row_hash is not None:
-        _fail("--source and --row-hash: one query at a time", 2)
+    if sum(q is not None for q in (source, row_hash, request)) > 1:
+        _fail("--source, --row-hash, --request: one query at a time", 2)
+    if request is not None:
+        _lineage_request(request, as_json, model, config, project)
+        return
+    if requests:
+        _lineage_requests(model, as_json, config, project)
+        return
     if (source is not None or row_hash is not None) and (model or report):
         _fail("--source / --row-hash list versions: give no MODEL and no --report with them", 2)
     if row_hash is not None and not re.fullmatch(r"[0-9a-f]{64}", row_hash):
@@ -626,6 +677,78 @@ def lineage(
             print(f"BROKEN {link.detail}" if link.detail.startswith(link.name) else f"BROKEN {link.name}: {link.detail}",
                   file=sys.stderr)
         raise typer.Exit(1)
+
+
+def _feedback_store(cfg, project: Path):
+    from ftpipe.serving.records import Records, store_url
+
+    if not cfg.serve.store and not (project / "serving" / "requests.db").is_file():
+        return None
+    return Records.open(store_url(cfg.serve.store, project), cfg.data.clean.pii)
+
+
+def _lineage_request(request: str, as_json: bool, model: Optional[str], config: Path, project: Path) -> None:
+    """`ftpipe lineage --request R`: the versions that learned from feedback on R."""
+    import json
+
+    if model:
+        _fail("--request lists versions: give no MODEL with it", 2)
+    cfg, project = _registry(config, project)
+    from ftpipe.lineage import queries as lq
+    from ftpipe.registry import store as registry
+
+    records = _feedback_store(cfg, project)
+    if records is None or records.request(request) is None:
+        _fail(f"--request {request}: no such request in the serving store "
+              f"({cfg.serve.store or project / 'serving' / 'requests.db'})", 2)
+    drops = records.drops_of(request)
+    client = registry.client()
+    hits = lq.with_descendants(client, lq.versions_with_request(client, project, drops))
+    if as_json:
+        print(json.dumps({"query": {"request": request}, "drops": drops, "versions": hits}, indent=2))
+        return
+    if not drops:
+        print(f"request {request}: no feedback on it was exported yet (`ftpipe feedback export`): no version learned from it")
+        return
+    if not hits:
+        print(f"request {request}: its feedback is in {', '.join(drops)}; no registered version learned from it yet")
+        return
+    print(f"{len(hits)} model version(s) learned from request {request} (via {', '.join(drops)}):")
+    for h in hits:
+        how = f"trained from the weights of {h['via']}, which learned it" if h.get("via") and "source" not in h \
+            else f"{h['source']}, sha256 {h['sha256'][:16]}…"
+        print(f"  {h['model']} v{h['version']}" + (f" ({', '.join(h['aliases'])})" if h.get("aliases") else "")
+              + f": {how}")
+
+
+def _lineage_requests(model: Optional[str], as_json: bool, config: Path, project: Path) -> None:
+    """`ftpipe lineage MODEL --requests`: the served requests whose feedback fed MODEL."""
+    import json
+
+    if not model:
+        _fail("--requests needs a MODEL (models:/NAME/3, models:/NAME@champion or a run id)", 2)
+    cfg, project = _registry(config, project)
+    from ftpipe.lineage import queries as lq
+    from ftpipe.lineage import record as lr
+    from ftpipe.registry import store as registry
+
+    records = _feedback_store(cfg, project)
+    try:
+        fed = lq.requests_of(registry.client(), project, model, records.requests_in if records else None)
+    except lr.AuditError as exc:
+        _fail(str(exc), 2)
+    if as_json:
+        print(json.dumps({"model": model, "drops": fed}, indent=2))
+        return
+    if not fed:
+        print(f"{model}: no served feedback fed it (no feedback drop among its data, nor its ancestors')")
+        return
+    for d in fed:
+        via = f" (through {d['via']}, whose weights it started from)" if d["via"] else ""
+        print(f"{d['model']} v{d['version']} learned from {d['drop']}{via}: {len(d['request_ids'])} request(s), "
+              f"read from {d['read_from']}")
+        for rid in d["request_ids"]:
+            print(f"  {rid}")
 
 
 @app.command("prefect-server")

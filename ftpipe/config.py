@@ -445,6 +445,35 @@ class SweepConfig(Section):
         return self
 
 
+class ServeConfig(Section):
+    """`ftpipe serve`: what it records, how much it queues, who may talk to it."""
+    # Where requests and feedback are recorded: null = SQLite at serving/requests.db in the
+    # project; a PostgreSQL URL for a team (a password as ${VAR}, never a literal).
+    store: str | None = None
+    capture: bool = True                  # false: requests are answered, not recorded (feedback then has nothing to refer to)
+    queue_size: int = Field(64, ge=1)     # waiting generation requests; a full queue answers 503 with Retry-After
+    max_batch: int = Field(16, ge=1)      # concurrent prompts generated together on one model
+    batch_wait_ms: float = Field(5.0, ge=0)   # how long the first prompt of a batch waits for company
+    max_new_tokens: int = Field(48, ge=1)
+    max_body_bytes: int = Field(65536, ge=1024)   # a larger request body answers 413
+    # Bound anywhere but 127.0.0.1 / localhost, every request needs this token (Authorization:
+    # Bearer, or the page's cookie). Written as ${VAR}: the value lives in the environment.
+    token: str | None = None
+
+    @field_validator("store")
+    @classmethod
+    def _no_password(cls, url: str | None) -> str | None:
+        return no_literal_password(url, "write it as ${SERVE_DB_PASSWORD} (any variable name)")
+
+    @field_validator("token")
+    @classmethod
+    def _token_from_env(cls, token: str | None) -> str | None:
+        if token is not None and not (token.startswith("${") and token.endswith("}") or token.startswith("$")):
+            raise ValueError("serve.token must be an environment variable reference, e.g. ${FTPIPE_SERVE_TOKEN}: "
+                             "the config is logged to MLflow and Prefect, the token's value never is")
+        return token
+
+
 class PipelineConfig(Section):
     data: DataConfig
     quality: QualityConfig = QualityConfig()
@@ -456,6 +485,7 @@ class PipelineConfig(Section):
     schedule: ScheduleConfig = ScheduleConfig()
     incremental: IncrementalConfig = IncrementalConfig()
     sweep: SweepConfig = SweepConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _cross_field(self) -> "PipelineConfig":
@@ -496,8 +526,9 @@ def digest(value: Any, length: int = 16) -> str:
 
 
 def config_digest(doc: dict) -> str:
-    """The config hash of a config document (a run's logged params.yaml), its sweep section left out."""
-    return digest({k: v for k, v in doc.items() if k != "sweep"})
+    """The config hash of a config document (a run's logged params.yaml), its sweep and serve
+    sections (how to search, how to serve: neither changes what trains) left out."""
+    return digest({k: v for k, v in doc.items() if k not in ("sweep", "serve")})
 
 
 class ConfigError(ValueError):

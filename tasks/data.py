@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from ftpipe.config import DataConfig, ModelConfig, PromotionConfig, QualityConfig
+from ftpipe.config import DataConfig, ModelConfig, PromotionConfig, QualityConfig, ServeConfig
 from ftpipe.data.quality import REPORTS, QualityResult, gate_cleaned, gate_raw
 from ftpipe.data.stages import CLEANED, COLLECTED, SPLITS
 from ftpipe.data.versions import PushResult, StageResult, reproduce
@@ -26,6 +26,19 @@ def check_inputs(data: DataConfig, model: ModelConfig, root: str) -> None:
     from ftpipe.data.preflight import require
 
     require(data, model, Path(root))
+
+
+@io_task("export-feedback")
+def export_feedback(serve: ServeConfig, pii_policy: str, root: str) -> None:
+    """Scheduled runs: the feedback gathered since the last export lands in data/incoming first."""
+    from ftpipe.serving.records import export_drop
+
+    got = export_drop(serve.store, pii_policy, Path(root))
+    if got is None:
+        return
+    paths, counts = got
+    _log(f"feedback: {counts['corrections']} corrections, {counts['preferences']} preferences -> "
+         + (", ".join(str(p.relative_to(Path(root))) for p in paths) or "nothing new"))
 
 
 @io_task("fetch-sql")

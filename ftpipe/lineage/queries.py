@@ -6,6 +6,7 @@ versions trained from their weights.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from ftpipe import names as t
 from ftpipe.data.versions import Store, split_rows
@@ -145,4 +146,56 @@ def versions_with_row(client, root: Path, row_hash: str, remote: str | None = No
                 out.append(hit)
     finally:
         store.close()
+    return out
+
+
+def is_feedback_drop(source: str) -> bool:
+    """A source file `ftpipe feedback export` wrote (data/incoming/feedback-<stamp>-<format>.jsonl)."""
+    name = source.rsplit("/", 1)[-1]
+    return name.startswith("feedback-") and name.endswith(".jsonl")
+
+
+def versions_with_request(client, root: Path, drops: list[str]) -> list[dict]:
+    """Every version that learned from served request R: the versions whose data held a
+    feedback drop R's feedback was exported into (drops: those files' names, from the serving
+    store), then (with_descendants) every version trained from their weights."""
+    hits = []
+    for name in drops:
+        hits += [h for h in versions_with_source(client, root, f"data/incoming/{name}") if h["matched_by"] != "folder"]
+    return hits
+
+
+def requests_of(client, root: Path, ref: str, stored: Callable[[str], list[str]] | None) -> list[dict]:
+    """The served requests whose feedback fed version `ref`: each feedback drop among its sources
+    with the request ids its rows carry (read from the file when it holds the recorded bytes,
+    else from the serving store: stored(drop name)), then the same for the version whose
+    weights it started from, and so on (`via`)."""
+    import re
+
+    from ftpipe.files import sha256_path
+    from ftpipe.lineage.record import resolve
+
+    out, v, via = [], resolve(client, ref), None
+    seen = set()
+    while v is not None and (v.name, v.version) not in seen:
+        seen.add((v.name, v.version))
+        doc, _, _ = recorded_lineage(client, v)
+        for src, val in sorted(t.under(doc, t.SOURCE).items()):
+            if not is_feedback_drop(src):
+                continue
+            digest = val.split()[0].removeprefix("sha256:")
+            path = root / src
+            if path.is_file() and sha256_path(path) == digest:
+                ids, how = sorted({r for row in iter_jsonl(path) for r in row.get("request_ids", [])}), "the drop file"
+            elif stored is not None:
+                ids, how = stored(src.rsplit("/", 1)[-1]), "the serving store (the file is not here as recorded)"
+            else:
+                ids, how = [], "nowhere: neither the file as recorded nor a serving store"
+            out.append({"model": v.name, "version": v.version, "drop": src, "sha256": digest, "request_ids": ids,
+                        "read_from": how, "via": via})
+        m = re.match(r"champion models:/([^/]+)/(\d+)", doc.get(t.START_FROM, ""))
+        if not m:
+            break
+        via = f"models:/{m.group(1)}/{m.group(2)}"
+        v = resolve(client, via)
     return out

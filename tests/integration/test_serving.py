@@ -1,0 +1,186 @@
+"""Serving that remembers, on a real HTTP server (uvicorn), a real tiny model and a real SQLite
+store: each answer recorded with PII scrubbed, feedback validated with a clear 4xx, nothing
+lost under concurrent posts, a full queue answered 503 with Retry-After, concurrent prompts
+generated as one batch, a token required when one is set, and the export that turns feedback
+into a training drop that collection reads."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from ftpipe.serving.app import Loaded, create_app
+from ftpipe.serving.records import Records
+from ftpipe.serving.versions import prompt_text
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_base):
+    from ftpipe.evaluation.generation import generate, load_for_eval
+
+    model, tok = load_for_eval(str(tiny_base))
+    return lambda rows, n: generate(model, tok, [prompt_text(r, tok) for r in rows], n), tok
+
+
+def _serve(tmp_path, tiny_model, versions=("1",), **options):
+    """The app on a uvicorn server in this process; returns (url, records, app, stop)."""
+    import uvicorn
+
+    predict, tok = tiny_model
+    loaded = {v: Loaded(f"models:/m/{v}", v, predict, lambda row: prompt_text(row, tok)) for v in versions}
+
+    def resolve(model: str) -> Loaded:
+        version = {"champion": "1", "challenger": versions[-1]}.get(model, model)
+        if version not in loaded:
+            raise LookupError(f"{model!r} is not a version or alias of m in the registry")
+        return loaded[version]
+
+    records = Records.open(f"sqlite:///{tmp_path / 'requests.db'}")
+    app = create_app(resolve, records, version_exists=lambda v: v in loaded, **options)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{port}", records, app, stop
+
+
+def post(url: str, body, headers: dict | None = None) -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} | (headers or {}))
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read()), {k.lower(): v for k, v in r.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}"), {k.lower(): v for k, v in e.headers.items()}
+
+
+def test_requests_are_recorded_scrubbed_and_feedback_is_validated(tmp_path, tiny_model):
+    url, records, _, stop = _serve(tmp_path, tiny_model, versions=("1", "2"))
+    try:
+        code, got, _ = post(f"{url}/v1/generate", {"instruction": "Convert 1948-03-21 to words. Reply to ann@example.com",
+                                                   "max_new_tokens": 8})
+        assert code == 200 and got["version"] == "1" and got["request_id"], got
+        saved = records.request(got["request_id"])
+        assert "ann@example.com" not in json.dumps(saved) and "<EMAIL>" in saved["row"], saved
+        assert saved["answer"] == records.scrub(got["answer"]) and saved["latency_ms"] > 0
+        ours = got["request_id"]
+        # another version's answer to the same prompt, by alias; a chat; the MLflow protocol
+        code, other, _ = post(f"{url}/v1/generate", {"instruction": "Convert 1948-03-21 to words. Reply to ann@example.com",
+                                                     "model": "challenger", "max_new_tokens": 4})
+        assert code == 200 and other["version"] == "2"
+        code, inv, _ = post(f"{url}/invocations", {"dataframe_records": [{"instruction": "Hi"}, {"prompt": "P:"}]})
+        assert code == 200 and len(inv["predictions"]) == 2 and all(inv["request_ids"])
+
+        # bad requests, each with a clear 4xx naming the field
+        assert post(f"{url}/v1/generate", {"model": "7", "instruction": "x"})[:2] == \
+            (404, {"error": "model: '7' is not a version or alias of m in the registry"})
+        assert post(f"{url}/v1/generate", {"messages": [{"role": "assistant", "content": "x"}]})[1]["error"] == \
+            "messages: the conversation must end with a user turn"
+        assert post(f"{url}/v1/generate", b"not json")[0] == 400
+        assert post(f"{url}/v1/generate", {"instruction": "x", "max_new_tokens": 0})[0] == 422
+
+        fb = f"{url}/v1/feedback"
+        assert post(fb, {"request_id": ours, "kind": "rating", "rating": "up"})[0] == 200
+        assert post(fb, {"request_id": "nope", "kind": "rating", "rating": "up"})[:2] == \
+            (404, {"error": "request_id: no recorded request 'nope'"})
+        assert post(fb, {"request_id": ours, "kind": "correction", "correction": "  "})[:2] == \
+            (422, {"error": "correction: empty; write the answer the model should have given"})
+        assert post(fb, {"request_id": ours, "kind": "rating", "rating": "sideways"})[0] == 422
+        assert post(fb, {"request_id": ours, "kind": "preference", "rejected_id": inv["request_ids"][0]})[1] == \
+            {"error": f"rejected_id: {inv['request_ids'][0]} answered another prompt than {ours}"}
+        if got["answer"] != other["answer"]:
+            assert post(fb, {"request_id": other["request_id"], "kind": "preference", "rejected_id": ours})[0] == 200
+        # a request answered by a version the registry no longer holds
+        with records.engine.begin() as db:
+            db.exec_driver_sql("UPDATE requests SET version = '9' WHERE id = ?", (inv["request_ids"][1],))
+        assert post(fb, {"request_id": inv["request_ids"][1], "kind": "rating", "rating": "down"})[:2] == \
+            (409, {"error": f"request_id: {inv['request_ids'][1]} was answered by version 9, which the registry "
+                            "no longer holds"})
+
+        # concurrent posts: none lost
+        before = records.counts().get("correction", 0)
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda i: post(fb, {"request_id": ours, "kind": "correction",
+                                                      "correction": f"March 21, 1948 ({i})"})[0], range(80)))
+        assert codes == [200] * 80 and records.counts()["correction"] == before + 80
+    finally:
+        stop()
+
+    # the export: corrections as SFT rows, preferences as pairs, each with its request ids, one
+    # file per format as collection reads them; exported once
+    paths, counts = records.export(tmp_path / "incoming")
+    rows = {p.name.rsplit("-", 1)[1]: [json.loads(x) for x in p.read_text().splitlines()] for p in paths}
+    assert counts["corrections"] == 80 and len(rows["alpaca.jsonl"]) == 80
+    assert len(rows.get("preference.jsonl", [])) == counts["preferences"]
+    assert {r["output"] for r in rows["alpaca.jsonl"]} == {f"March 21, 1948 ({i})" for i in range(80)}
+    fix = rows["alpaca.jsonl"][0]
+    assert fix["request_ids"] == [ours]
+    assert "<EMAIL>" in fix["instruction"] and not any("ann@example.com" in p.read_text() for p in paths)
+    assert records.export(tmp_path / "incoming") == ([], {"corrections": 0, "preferences": 0})
+    assert ours in records.requests_in(paths[0].name)
+    from ftpipe.data.collection import _rows_of_file
+    from ftpipe.data.params import SourceConfig
+
+    for p in paths:   # the drop is data like any other: each file one format, no row in error
+        fmt, read = _rows_of_file(p, p.name, SourceConfig(name="incoming", path="data/incoming"), "jsonl")
+        read = list(read)
+        assert fmt == p.name.rsplit("-", 1)[1].removesuffix(".jsonl") and not any("_error" in r for r in read)
+
+
+def test_a_full_queue_answers_503_and_waiting_prompts_share_a_batch(tmp_path, tiny_model):
+    url, _, app, stop = _serve(tmp_path, tiny_model, queue_size=2, max_batch=8, batch_wait_ms=400)
+    try:
+        body = {"instruction": "Convert 2001-01-01 to words.", "max_new_tokens": 4}
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda _: post(f"{url}/v1/generate", body), range(8)))
+        codes = sorted(code for code, _, _ in got)
+        assert 503 in codes and 200 in codes, codes
+        busy = next(h for code, _, h in got if code == 503)
+        assert busy.get("retry-after") == "1"
+        health = json.loads(urllib.request.urlopen(f"{url}/health").read())
+        assert health["largest_batch"] >= 2, health                 # the first job waited and took company
+        assert sum(app.state.batcher.batches) == codes.count(200)   # every accepted prompt generated once
+    finally:
+        stop()
+
+
+def test_a_token_is_required_when_set(tmp_path, tiny_model):
+    url, _, _, stop = _serve(tmp_path, tiny_model, token="s3cret")
+    try:
+        assert post(f"{url}/v1/generate", {"instruction": "x"})[0] == 401
+        assert post(f"{url}/v1/generate", {"instruction": "x"}, {"Authorization": "Bearer wrong"})[0] == 401
+        assert post(f"{url}/v1/generate", {"instruction": "x", "max_new_tokens": 2},
+                    {"Authorization": "Bearer s3cret"})[0] == 200
+        assert post(f"{url}/v1/generate", {"instruction": "x", "max_new_tokens": 2},
+                    {"Cookie": "ftpipe_token=s3cret"})[0] == 200
+    finally:
+        stop()
+
+
+def test_serve_refuses_another_interface_without_a_token(tmp_path):
+    from tests.helpers import make_project, run_cli
+
+    project = make_project(tmp_path / "p")
+    out = run_cli(["serve", "--host", "0.0.0.0"], project)
+    assert out.returncode == 2
+    assert "--host 0.0.0.0 lets other machines in: set serve.token to ${VAR}" in out.stderr.replace("\n", " ")
+    with socket.socket() as s:      # nothing was bound
+        assert s.connect_ex(("127.0.0.1", 5001)) != 0
