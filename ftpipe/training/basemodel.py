@@ -124,8 +124,12 @@ def build_base_model(corpus_path: Path, out_dir: Path, cfg: BuildConfig,
     loss_value = None
     if cfg.pretrain_steps:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+        # warm-up over 10% of the steps, at least 2 (OneCycleLR divides by zero below that);
+        # under 4 steps: a constant rate
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.pretrain_lr, total_steps=cfg.pretrain_steps, pct_start=0.1)
+            opt, max_lr=cfg.pretrain_lr, total_steps=cfg.pretrain_steps,
+            pct_start=max(0.1, 2 / cfg.pretrain_steps)) if cfg.pretrain_steps >= 4 else \
+            torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         model.train()
         for step in range(1, cfg.pretrain_steps + 1):
             batch = blocks[torch.randint(0, n_blocks, (cfg.pretrain_batch_size,), generator=gen)]

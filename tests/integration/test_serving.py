@@ -6,6 +6,7 @@ into a training drop that collection reads."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -171,6 +172,39 @@ def test_a_token_is_required_when_set(tmp_path, tiny_model):
                     {"Authorization": "Bearer s3cret"})[0] == 200
         assert post(f"{url}/v1/generate", {"instruction": "x", "max_new_tokens": 2},
                     {"Cookie": "ftpipe_token=s3cret"})[0] == 200
+        assert post(f"{url}/v1/feedback", {"request_id": "x", "kind": "rating", "rating": "up"})[0] == 401
+        # the page too; its link with ?token= sets the cookie and leaves the address bar
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(f"{url}/")
+        assert denied.value.code == 401
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args):
+                return None
+
+        with pytest.raises(urllib.error.HTTPError) as moved:
+            urllib.request.build_opener(NoRedirect).open(f"{url}/?token=s3cret")
+        assert moved.value.code == 303 and moved.value.headers["location"] == "/"
+        assert "ftpipe_token=s3cret" in moved.value.headers["set-cookie"]
+        assert "httponly" in moved.value.headers["set-cookie"].lower()
+        page = urllib.request.urlopen(urllib.request.Request(f"{url}/", headers={"Cookie": "ftpipe_token=s3cret"}))
+        assert page.status == 200 and "Compare champion and challenger" in page.read().decode()
+        # an oversized body: 413, whether it says its length or streams it
+        auth = {"Authorization": "Bearer s3cret"}
+        big = {"instruction": "x" * 70000}
+        assert post(f"{url}/v1/generate", big, auth)[:2] == \
+            (413, {"error": "the body is over 65536 bytes (serve.max_body_bytes)"})
+
+        def chunks():
+            data = json.dumps(big).encode()
+            for i in range(0, len(data), 8192):
+                yield data[i:i + 8192]
+
+        streamed = urllib.request.Request(f"{url}/v1/feedback", data=chunks(), method="POST",
+                                          headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"} | auth)
+        with pytest.raises(urllib.error.HTTPError) as too_big:
+            urllib.request.urlopen(streamed)
+        assert too_big.value.code == 413
     finally:
         stop()
 
@@ -184,3 +218,105 @@ def test_serve_refuses_another_interface_without_a_token(tmp_path):
     assert "--host 0.0.0.0 lets other machines in: set serve.token to ${VAR}" in out.stderr.replace("\n", " ")
     with socket.socket() as s:      # nothing was bound
         assert s.connect_ex(("127.0.0.1", 5001)) != 0
+
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """A second real tiny model (another seed, 60 pretraining steps): its answers differ from tiny_model's."""
+    from ftpipe.config import BuildConfig
+    from ftpipe.evaluation.generation import generate, load_for_eval
+    from ftpipe.training.basemodel import build_base_model
+    from tests.helpers import REPO
+
+    dest = tmp_path_factory.mktemp("other") / "base"
+    build_base_model(REPO / "data/corpus/corpus.jsonl", dest, BuildConfig(
+        seed=1, vocab_size=320, hidden_size=64, layers=2, heads=2, intermediate_size=128, pretrain_steps=60,
+        block_size=64, pretrain_batch_size=16, pretrain_lr=0.003),
+        log=lambda m: None)
+    model, tok = load_for_eval(str(dest))
+    return lambda rows, n: generate(model, tok, [prompt_text(r, tok) for r in rows], n), tok
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser on PATH (apt-get install chromium)")
+def test_the_page_chats_compares_and_its_feedback_lands_in_the_store(tmp_path, tiny_model, other_model):
+    """Headless Chromium with no network: chat by keyboard, rate and correct; compare champion
+    and challenger (two different models) and pick one; the rows are in the store. A prompt
+    holding markup is shown as text and runs nothing; so is a gate reason holding markup."""
+    import uvicorn
+
+    script = "<script>window.pwned = 1</script><img src=x onerror='window.pwned = 2'>"
+    loaded = {"1": Loaded("models:/m/1", "1", tiny_model[0], lambda row: prompt_text(row, tiny_model[1])),
+              "2": Loaded("models:/m/2", "2", other_model[0], lambda row: prompt_text(row, other_model[1]))}
+    records = Records.open(f"sqlite:///{tmp_path / 'requests.db'}")
+    status = {"model": "m", "aliases": {"champion": "1", "challenger": "2"}, "link": "http://127.0.0.1:5000/#/models/m/versions/2",
+              "decision": {"version": "2", "verdict": "refuse",
+                           "reasons": [{"rule": "beats_champion", "passed": False, "detail": script}]}}
+    app = create_app(lambda m: loaded[{"champion": "1", "challenger": "2"}.get(m, m)], records,
+                     max_new_tokens=8, status=lambda: status)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/"
+    refused, errors = [], []
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url)
+                       else (refused.append(route.request.url), route.abort()))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url, wait_until="load")
+            expect = sync_api.expect
+            expect(page.locator("#versions")).to_contain_text("champion: v1 · challenger: v2")
+            expect(page.locator("td", has_text="window.pwned")).to_have_count(1)    # the reason, as text
+
+            # chat, by keyboard only: type, Tab to Send, Enter
+            page.locator("#prompt").fill(f"{script} Convert 1948-03-21 to words.")
+            page.locator("#prompt").focus()
+            page.keyboard.press("Tab")
+            page.keyboard.press("Enter")
+            expect(page.locator("#status")).to_contain_text("answered by v1")
+            expect(page.locator("#chat-question")).to_have_text(f"{script} Convert 1948-03-21 to words.")
+            page.get_by_role("button", name="Good answer").click()
+            expect(page.locator("#status")).to_have_text("Thank you: feedback recorded.")
+            page.locator("#chat-fix").fill("March 21, 1948")
+            page.locator("#status").evaluate("e => e.textContent = ''")
+            page.get_by_role("button", name="Send correction").first.click()
+            expect(page.locator("#status")).to_have_text("Thank you: feedback recorded.")
+
+            # compare: both versions answer the same prompt, in random order; pick A, then correct
+            page.locator("#compare-prompt").fill("How is 2077-10-16 written in words?")
+            page.get_by_role("button", name="Compare (Alt+C)").click()
+            expect(page.locator("#pick-left")).to_be_enabled()
+            answers = {page.locator("#left").text_content(), page.locator("#right").text_content()}
+            page.locator("#status").evaluate("e => e.textContent = ''")
+            page.locator("#pick-left").click()
+            expect(page.locator("#revealed")).to_contain_text("v1")
+            expect(page.locator("#revealed")).to_contain_text("v2")
+            expect(page.locator("#status")).to_have_text("Thank you: feedback recorded.")
+            page.locator("#compare-fix").fill("October 16, 2077")
+            page.locator("#status").evaluate("e => e.textContent = ''")
+            page.locator("#compare-fix-send").click()
+            expect(page.locator("#status")).to_have_text("Thank you: feedback recorded.")
+            assert page.evaluate("window.pwned") is None
+            assert page.locator("#chat-question img, #chat-question script").count() == 0
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert refused == [] and errors == []
+    assert len(answers) == 2                                # two versions, two different answers
+    assert records.counts() == {"requests": 3, "rating": 1, "correction": 2, "preference": 1}
+    with records.engine.connect() as db:
+        kept = db.exec_driver_sql("SELECT row FROM requests").scalars().all()
+        prefs = db.exec_driver_sql("SELECT request_id, rejected_id FROM feedback WHERE kind = 'preference'").all()
+    assert any("<script>window.pwned = 1</script>" in row for row in kept)   # stored as the user typed it
+    winner, loser = (records.request(i) for i in prefs[0])
+    assert winner["prompt"] == loser["prompt"] and {winner["version"], loser["version"]} == {"1", "2"}
