@@ -8,7 +8,7 @@ from tests.helpers import prefect_server, tiny, tiny_base  # noqa: F401  (sessio
 # (pytest-xdist --dist loadfile --no-loadscope-reorder hands modules out in this order, two
 # to each worker at the start: the third is short, so the default pipeline's worker takes
 # little else while it trains).
-FIRST = ("test_default_pipeline", "test_incremental", "test_real_architectures", "test_config", "test_sweep", "test_dpo", "test_mlflow_and_disk", "test_prefect_store",
+FIRST = ("test_default_pipeline", "test_incremental", "test_real_architectures", "test_config", "test_sweep", "test_feedback_loop", "test_dpo", "test_mlflow_and_disk", "test_prefect_store",
          "test_crash_and_concurrency", "test_lineage", "test_registry_server", "test_data_pipeline",
          "test_security", "test_retrain_flow", "test_trial_defects", "test_data_docs")
 
