@@ -5,6 +5,7 @@ assembled as every loader does (adapter on its stored base, or the full weights)
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 from ftpipe.serving.app import Loaded
@@ -22,26 +23,33 @@ def prompt_text(row: dict, tokenizer) -> str:
     return prompt_of(row)
 
 
-def resolver(model_name: str, load_limit: int = 3) -> Callable[[str], Loaded]:
+def resolver(model_name: str, load_limit: int = 3, alias_ttl_s: float = 2.0) -> Callable[[str], Loaded]:
     """resolve(model) for the app: 'champion' / 'challenger' / any alias, '3', or models:/NAME/...;
     a LookupError names what is not in the registry. Loaded versions are kept (the last
-    load_limit), so an alias that moves is followed on the next request."""
+    load_limit); an alias is looked up again after alias_ttl_s, so one that moves is followed
+    within that time without a registry query per request."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from ftpipe.evaluation.generation import generate
 
-    lock, cache = threading.Lock(), {}
+    lock, cache, looked_up = threading.Lock(), {}, {}
     client = mlflow.MlflowClient()
 
     def version_of(model: str) -> str:
         spec = model.removeprefix(f"models:/{model_name}").lstrip("/@") if model.startswith("models:/") else model
+        seen = looked_up.get(spec)
+        if seen and time.monotonic() - seen[0] < alias_ttl_s:
+            return seen[1]
         try:
             if spec.isdigit():
-                return str(client.get_model_version(model_name, spec).version)
-            return str(client.get_model_version_by_alias(model_name, spec).version)
+                version = str(client.get_model_version(model_name, spec).version)
+            else:
+                version = str(client.get_model_version_by_alias(model_name, spec).version)
         except MlflowException as exc:
             raise LookupError(f"{model!r} is not a version or alias of {model_name} in the registry") from exc
+        looked_up[spec] = (time.monotonic(), version)
+        return version
 
     def resolve(model: str) -> Loaded:
         version = version_of(model)

@@ -85,6 +85,7 @@ def test_served_feedback_trains_the_next_scheduled_version_with_lineage_to_each_
         assert f"#/models/{MODEL}/versions/2" in page
         code, got, _ = post(f"{url}/v1/generate", {"instruction": "Convert 2101-01-10 to words.", "model": "2"})
         assert code == 200 and got["version"] == "2"
+        answered_by_v2 = got["request_id"]
     finally:
         stop(served)
 
@@ -100,3 +101,16 @@ def test_served_feedback_trains_the_next_scheduled_version_with_lineage_to_each_
     unknown = run_cli(["lineage", "--request", "0" * 32], project)
     assert unknown.returncode == 2 and "no such request in the serving store" in unknown.stderr
     ok(run_cli(["lineage", f"models:/{MODEL}/2"], project, prefect_server))   # the audit holds with the drops
+
+    # feedback on an answer of a version deleted since: refused, naming it (the registry asked)
+    c.delete_model_version(MODEL, "2")
+    served = subprocess.Popen([str(BIN / "ftpipe"), "serve", "--port", str(port), "--model", "1", "--project",
+                               str(project)], cwd=project, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_http(f"{url}/health", 180, served)
+        assert post(f"{url}/v1/feedback", {"request_id": answered_by_v2, "kind": "rating", "rating": "down"})[:2] == \
+            (409, {"error": f"request_id: {answered_by_v2} was answered by version 2, which the registry no longer holds"})
+        assert post(f"{url}/v1/feedback", {"request_id": corrected[1], "kind": "rating", "rating": "up"})[0] == 200
+    finally:
+        stop(served)

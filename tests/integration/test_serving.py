@@ -6,6 +6,7 @@ into a training drop that collection reads."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import threading
@@ -19,7 +20,7 @@ import pytest
 from ftpipe.serving.app import Loaded, create_app
 from ftpipe.serving.records import Records
 from ftpipe.serving.versions import prompt_text
-from tests.helpers import free_port
+from tests.helpers import PG, free_port, needs_postgres
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +33,7 @@ def tiny_model(tiny_base):
     return lambda rows, n: generate(model, tok, [prompt_text(r, tok) for r in rows], n), tok
 
 
-def _serve(tmp_path, tiny_model, versions=("1",), **options):
+def _serve(tmp_path, tiny_model, versions=("1",), store: str | None = None, **options):
     """The app on a uvicorn server in this process; returns (url, records, app, stop)."""
     import uvicorn
 
@@ -45,7 +46,7 @@ def _serve(tmp_path, tiny_model, versions=("1",), **options):
             raise LookupError(f"{model!r} is not a version or alias of m in the registry")
         return loaded[version]
 
-    records = Records.open(f"sqlite:///{tmp_path / 'requests.db'}")
+    records = Records.open(store or f"sqlite:///{tmp_path / 'requests.db'}")
     app = create_app(resolve, records, version_exists=lambda v: v in loaded, **options)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -144,6 +145,41 @@ def test_requests_are_recorded_scrubbed_and_feedback_is_validated(tmp_path, tiny
         fmt, read = _rows_of_file(p, p.name, SourceConfig(name="incoming", path="data/incoming"), "jsonl")
         read = list(read)
         assert fmt == p.name.rsplit("-", 1)[1].removesuffix(".jsonl") and not any("_error" in r for r in read)
+
+
+@needs_postgres
+def test_a_team_store_on_postgresql_keeps_every_concurrent_post(tmp_path, tiny_model):
+    import psycopg
+
+    db = f"ftpipe_serve_{os.getpid()}"
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as con:
+        con.execute(f"DROP DATABASE IF EXISTS {db}")
+        con.execute(f"CREATE DATABASE {db}")
+    try:
+        url, records, _, stop = _serve(tmp_path, tiny_model, store=f"{PG}/{db}")
+        try:
+            body = {"instruction": "Convert 2001-01-01 to words. Call 555-867-5309", "max_new_tokens": 4}
+            with ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(lambda _: post(f"{url}/v1/generate", body), range(16)))
+            assert [c for c, _, _ in got] == [200] * 16
+            ids = [g["request_id"] for _, g, _ in got]
+            with ThreadPoolExecutor(8) as pool:
+                codes = list(pool.map(lambda i: post(f"{url}/v1/feedback", {
+                    "request_id": ids[i % 16], "kind": "correction", "correction": f"January 1, 2001 ({i})"})[0],
+                    range(48)))
+            assert codes == [200] * 48
+        finally:
+            stop()
+        with psycopg.connect(f"{PG}/{db}") as con:            # in PostgreSQL, scrubbed
+            assert con.execute("SELECT count(*) FROM feedback").fetchone()[0] == 48
+            rows = [r[0] for r in con.execute("SELECT row FROM requests").fetchall()]
+        assert len(rows) == 16 and not any("867-5309" in r for r in rows)
+        paths, counts = records.export(tmp_path / "incoming")
+        assert counts["corrections"] == 48 and sum(len(p.read_text().splitlines()) for p in paths) == 48
+        records.engine.dispose()
+    finally:
+        with psycopg.connect(f"{PG}/postgres", autocommit=True) as con:
+            con.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
 
 def test_a_full_queue_answers_503_and_waiting_prompts_share_a_batch(tmp_path, tiny_model):
