@@ -94,3 +94,16 @@ def test_list_items_can_be_overridden_by_index():
     assert cfg.data.sources[0].encoding == "cp1252"
     with pytest.raises(ConfigError, match="no item 3"):
         apply_overrides(MIN, ["data.sources.3.encoding=cp1252"])
+
+
+def test_serve_settings_keep_secrets_out_of_the_config_and_do_not_change_what_trains():
+    with pytest.raises(ConfigError) as exc:
+        parse_config(apply_overrides(MIN, ["serve.token=hunter2",
+                                           "serve.store=postgresql://u:pw@db/feedback"]))
+    msg = str(exc.value)
+    assert "serve.token must be an environment variable reference, e.g. ${FTPIPE_SERVE_TOKEN}" in msg
+    assert "serve.store: holds a literal password: write it as ${SERVE_DB_PASSWORD}" in msg
+    ok = parse_config(apply_overrides(MIN, ["serve.token=${FTPIPE_SERVE_TOKEN}",
+                                            "serve.store=postgresql://u:${SERVE_DB_PASSWORD}@db/feedback",
+                                            "serve.max_batch=4"]))
+    assert ok.hash() == parse_config(MIN).hash()        # how it serves is not what it trains
