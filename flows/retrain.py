@@ -25,7 +25,7 @@ from ftpipe.runlock import project_lock
 from ftpipe.training.plan import TrainingPlan
 from ftpipe.training.recipe import TrainResult
 from tasks.data import base_model, check_inputs, check_slices, collect, stage
-from tasks.evaluation import evaluate
+from tasks.evaluation import check_suites, evaluate
 from tasks.io import io_tasks
 from tasks.training import train_candidate
 
@@ -87,7 +87,7 @@ def candidate_steps(cfg: PipelineConfig, root: str, run: str, data: DataVersion,
     report = evaluate(cfg.eval, cfg.model, cfg.registry, data.base.path, candidate.model_dir,
                       data.splits["test"], cfg.train.max_seq_len, run, root)
     version = known.version if known else io.register(
-        cfg.registry, run, candidate.model_dir, lineage_of(data, plan, cfg.hash(), Path(root), flow_run_id, sweep),
+        cfg.registry, run, candidate.model_dir, lineage_of(data, plan, cfg.hash(), Path(root), flow_run_id, sweep, report.suites),
         report.candidate.metrics() | {"train_loss": candidate.train_loss}, cfg.train.method, report.test_sha,
         candidate.adapter_dir, (plan.base_path, plan.base_source, plan.base_revision))
     checks = {"data_gate": data.passed, "train_loss_finite": math.isfinite(candidate.train_loss)}
@@ -102,6 +102,7 @@ def prepare_data(cfg: PipelineConfig, root: str, run: str, io) -> DataVersion:
     """The data half: inputs checked in seconds, SQL sources exported (before the base model's
     minutes), the DVC stages with both GX gates, and the data version pushed to the remote."""
     check_inputs(cfg.data, cfg.model, root)
+    check_suites(cfg.eval, cfg.registry, root)                # behaviour suites: a bad case fails here, not after training
     io.fetch_sql_sources(cfg.data, root)
     base = base_model(cfg.model, root)
     collected = collect(root)

@@ -101,6 +101,12 @@ def run(
 
     os.chdir(project)
     problems = preflight(cfg.data, cfg.model, project)   # before Prefect starts: seconds, every problem at once
+    from ftpipe.evaluation.behaviour import SuiteError, project_suites
+
+    try:
+        project_suites(cfg.eval.behaviour_dir, cfg.registry.promotion.behaviour, project)
+    except SuiteError as exc:
+        problems += str(exc).splitlines()
     if problems:
         _fail("\n".join(problems) + "\nNothing was run.", 2)
     from flows.runtime import project_store, quiet_terminal
@@ -337,6 +343,76 @@ def generate(
                   f"{exc.message}. Run `ftpipe run` first, or pass --model.")
         answer = pyfunc.predict(pd.DataFrame([row]), params={"max_new_tokens": max_new_tokens})[0]
     print(answer)
+
+
+@app.command()
+def check(
+    model: str = typer.Argument(..., help="models:/NAME@alias, models:/NAME/VERSION, a run id or a local checkpoint"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON document"),
+    config: Path = typer.Option(Path("params.yaml"), "--config", "-c"),
+    project: Path = typer.Option(Path("."), "--project", "-p"),
+) -> None:
+    """Run the behaviour suites (eval.behaviour_dir) against any version and print the table.
+
+    Exit 1 when a rule of registry.promotion.behaviour.min_pass_rate fails, 2 on a malformed suite."""
+    import json
+
+    cfg, project = _project_config(config, project)
+    from ftpipe.evaluation.behaviour import SuiteError, pass_rates, project_suites, run_suites, table
+
+    try:
+        suites = project_suites(cfg.eval.behaviour_dir, cfg.registry.promotion.behaviour, project)
+    except SuiteError as exc:
+        _fail(str(exc), 2)
+    if not suites:
+        _fail(f"no behaviour suite in {cfg.eval.behaviour_dir}: write one (README \"Behaviour suites\")", 2)
+    from ftpipe.data.formatting import request_prompt
+    from ftpipe.evaluation.generation import generate as gen
+    from ftpipe.evaluation.generation import load_for_eval
+
+    tmp = None
+    if Path(model).is_dir():
+        model_dir, adapter, label = model, None, model
+    else:
+        from ftpipe.lineage.record import AuditError, resolve
+        from ftpipe.registry import store as registry
+
+        registry.setup(cfg.registry, project)
+        try:
+            v = resolve(registry.client(), model)
+        except AuditError as exc:
+            _fail(str(exc), 2)
+        tmp = registry.scratch_dir("ftpipe-check-")
+        local = registry.download_model(v.name, v.version, tmp)
+        model_dir, adapter, label = local.model_dir, local.adapter_dir, f"models:/{v.name}/{v.version}"
+    try:
+        m, tok = load_for_eval(model_dir, adapter=adapter)
+
+        def answer(rows, n):
+            texts = [request_prompt(r, tok) for r in rows]
+            return texts, gen(m, tok, texts, n, cfg.eval.batch_size)
+
+        results = run_suites(suites, answer)
+    finally:
+        if tmp is not None:
+            registry.remove(tmp)
+    rates = pass_rates(results)
+    rules = cfg.registry.promotion.behaviour.min_pass_rate
+    failed = [t for t, need in rules.items() if rates.get(t, 0.0) < need]
+    if as_json:
+        print(json.dumps({"model": label, "suites": [{"name": s.name, "file": s.file, "sha256": s.sha256}
+                                                      for s in suites],
+                          "cases": [r.as_dict() for r in results], "pass_rates": rates,
+                          "rules_failed": failed}, indent=2))
+    else:
+        print(f"{label}: {sum(r.passed for r in results)}/{len(results)} behaviour cases pass")
+        print("\n".join(table(results)))
+        for tag, rate in rates.items():
+            need = rules.get(tag)
+            print(f"{tag}: {rate:.0%}" + ("" if need is None else
+                                         f" (required {need:.0%}: {'ok' if rate >= need else 'FAILS'})"))
+    if failed:
+        raise typer.Exit(1)
 
 
 def _project_config(config: Path, project: Path):

@@ -215,6 +215,9 @@ class EvalConfig(Section):
     # Every earlier data version's test set is a regression set; each is scored on at most
     # this many examples (the first ones, so every run scores the same rows).
     regression_max_examples: int | None = Field(200, ge=1)
+    # Behaviour suites (README "Behaviour, safety and fairness"): the folder of suite files,
+    # relative to the project, run on the candidate and the champion; null: none.
+    behaviour_dir: str | None = "data/behaviour"
 
 
 def _known_metrics(metrics: list[str]) -> None:
@@ -231,6 +234,22 @@ def _known_metrics(metrics: list[str]) -> None:
 
 
 GATE_CHECKS = ("data_gate", "finite_metrics", "non_empty_outputs", "no_pii_in_outputs")
+
+
+class BehaviourRules(Section):
+    """Behaviour suites as promotion rules."""
+    # Per tag the least share of its cases the candidate must pass ("all": every case).
+    min_pass_rate: dict[str, float] = Field(default_factory=dict)
+    # Tags on which the candidate may not fail a case the champion passes.
+    must_not_regress: list[str] = Field(default_factory=list)
+
+    @field_validator("min_pass_rate")
+    @classmethod
+    def _rates(cls, rates: dict[str, float]) -> dict[str, float]:
+        bad = [t for t, r in rates.items() if not 0 <= r <= 1]
+        if bad:
+            raise ValueError(f"a pass rate is a share from 0 to 1 ({', '.join(bad)})")
+        return rates
 
 
 class PromotionConfig(Section):
@@ -259,6 +278,12 @@ class PromotionConfig(Section):
     required_checks: list[Literal["data_gate", "finite_metrics", "non_empty_outputs", "no_pii_in_outputs"]] = \
         Field(default_factory=lambda: list(GATE_CHECKS))
     min_non_empty: float = Field(1.0, ge=0, le=1)
+    behaviour: BehaviourRules = BehaviourRules()
+    # Fairness across slices of the test set, on the primary metric: the largest allowed gap
+    # between the candidate's best and worst slice, and the largest allowed drop of its worst
+    # slice below the champion's worst slice; null: not checked.
+    max_slice_gap: float | None = Field(None, ge=0)
+    max_worst_slice_drop: float | None = Field(None, ge=0)
     # A stale promotion lock (a crashed flow) is broken after this many seconds.
     lock_timeout_s: int = Field(600, ge=1)
 

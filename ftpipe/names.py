@@ -52,6 +52,7 @@ DVC = "ftpipe.dvc."                       # + "stage:path" -> DVC md5
 SPLITS_OUTPUT = "split:data/splits"         # the DVC output a version trains and tests on
 SPLITS = DVC + SPLITS_OUTPUT
 SOURCE = "ftpipe.source."                 # + path -> "sha256:HEX rows:N"
+BEHAVIOUR = "ftpipe.behaviour."           # + suite file -> "sha256:HEX cases:N": the suites that gated the version
 LINEAGE_KEYS = (GIT_COMMIT, GIT_DIRTY, CONFIG_HASH, BASE_MODEL, BASE_MODEL_REVISION, GX_VERDICT,
                 PREFECT_FLOW_RUN, START_FROM)
 

@@ -35,7 +35,9 @@ TINY = {
     "eval": {"batch_size": 64, "max_new_tokens": 12, "max_examples": 64},
     "incremental": {"start_from": "scratch"},      # tests of incremental runs switch it on
     "registry.promotion": {"primary_metric": "eval_loss", "min_improvement": 0.0,
-                           "min_gain_over_base": 0.0, "thresholds": {}},
+                           "min_gain_over_base": 0.0, "thresholds": {},
+                           # a 0.1M-parameter model cannot hold the date format: no behaviour rule
+                           "behaviour": {"min_pass_rate": {}, "must_not_regress": []}},
 }
 
 
@@ -99,7 +101,7 @@ def make_project(dest: Path, tweaks: dict | None = None, tiny: bool = True, shar
     a stage another project already ran with the same code, params and data is restored from
     DVC's run-cache instead of run again (the tiny base model, the default data's stages).
     Tests that corrupt cache objects or must fetch from the remote keep their own."""
-    for rel in ("ftpipe", "data/sources", "data/incoming", "data/corpus", "dvc.yaml", ".dvc/config",
+    for rel in ("ftpipe", "data/sources", "data/incoming", "data/corpus", "data/behaviour", "dvc.yaml", ".dvc/config",
                 ".dvc/.gitignore", ".gitignore", ".dvcignore"):
         src = REPO / rel
         if src.is_dir():

@@ -31,6 +31,17 @@ def prompt_of(row: dict[str, Any], tokenizer=None) -> str:
     return ALPACA_PROMPT.format(instruction=instruction)
 
 
+def request_prompt(row: dict[str, Any], tokenizer) -> str:
+    """The text a model continues for a request row (serving, behaviour suites): a conversation
+    through its chat template, a raw prompt as written, an instruction (and input) as the
+    alpaca prompt the model trained on."""
+    if row.get("messages"):
+        return tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+    if "prompt" in row:
+        return row["prompt"]
+    return prompt_of(row)
+
+
 def completion_of(row: dict[str, Any], tokenizer=None) -> str:
     """What follows the prompt: for chat, exactly what the template adds for the last
     assistant turn (its content and end-of-turn marker); a pair's chosen answer (its rejected

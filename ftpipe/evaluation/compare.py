@@ -42,6 +42,13 @@ class EvalReport:
     champion_version: str | None
     candidate_regression: dict[str, ModelScores] = field(default_factory=dict)
     champion_regression: dict[str, ModelScores] = field(default_factory=dict)
+    suites: list = field(default_factory=list)       # behaviour.Suite run on candidate and champion
+
+    def behaviour(self) -> tuple[list, list | None] | None:
+        """(candidate's case results, champion's or None) for the gate; None: no suite."""
+        if not self.suites:
+            return None
+        return self.candidate.behaviour, self.champion.behaviour if self.champion else None
 
     def forgetting(self, reg: RegistryConfig) -> dict[str, float] | None:
         """Drop of the primary metric vs the champion per earlier test set; None: no champion."""
@@ -115,19 +122,21 @@ def regression_sets(name: str, exclude_sha: str, cache_dir: Path, log: Callable[
 
 
 def score_version(reg: RegistryConfig, version: str, rows: list[dict], regression: dict[str, list[dict]],
-                  cfg: EvalConfig, max_seq_len: int) -> tuple[ModelScores, dict[str, ModelScores]]:
+                  cfg: EvalConfig, max_seq_len: int, suites: list | None = None
+                  ) -> tuple[ModelScores, dict[str, ModelScores]]:
     tmp = registry.scratch_dir("ftpipe-champion-")
     try:
         local = registry.download_model(reg.model_name, version, tmp)
         return evaluate_model(local.model_dir, rows, cfg, max_seq_len, name=f"champion v{version}",
-                              regression=regression, adapter=local.adapter_dir)
+                              regression=regression, adapter=local.adapter_dir, suites=suites)
     finally:
         registry.remove(tmp)
 
 
 def evaluate_all(cfg: EvalConfig, model: ModelConfig, reg: RegistryConfig, base_path: str,
                  candidate_dir: str, test_path: str, max_seq_len: int, cache_dir: Path,
-                 log: Callable[[str], None] = print) -> EvalReport:
+                 log: Callable[[str], None] = print, suites: list | None = None) -> EvalReport:
+    """suites: behaviour suites run on the candidate and the champion."""
     rows = read_jsonl(Path(test_path))
     sha = sha256_path(test_path)
     regression = regression_sets(reg.model_name, sha, cache_dir, log)
@@ -136,9 +145,9 @@ def evaluate_all(cfg: EvalConfig, model: ModelConfig, reg: RegistryConfig, base_
     base = evaluate_model(base_path, rows, cfg, max_seq_len, model.revision, model.trust_remote_code, name="base",
                          allow_pickle_weights=model.allow_pickle_weights)
     candidate, cand_reg = evaluate_model(candidate_dir, rows, cfg, max_seq_len, name="candidate",
-                                         regression=regression)
+                                         regression=regression, suites=suites)
     champ = registry.version_by_alias(reg.model_name, registry.CHAMPION)
-    champion, champ_reg = (score_version(reg, champ.version, rows, regression, cfg, max_seq_len)
+    champion, champ_reg = (score_version(reg, champ.version, rows, regression, cfg, max_seq_len, suites)
                            if champ else (None, {}))
     if candidate.pair_logratios:     # preference pairs: rewards relative to the base, the candidate vs the champion
         candidate = replace(candidate, relative=preference_metrics(
@@ -152,8 +161,16 @@ def evaluate_all(cfg: EvalConfig, model: ModelConfig, reg: RegistryConfig, base_
             log(f"{label}: exact match {s.exact_match:.3f}, token F1 {s.token_f1:.3f}, ROUGE-L "
                 f"{s.rouge_l:.3f}, eval loss {s.eval_loss:.4f}{prefs} on {s.n_examples} test examples"
                 + (f" ({len(s.pair_logratios)} preference pairs)" if s.pair_logratios else ""))
+    if suites:
+        from ftpipe.evaluation.behaviour import pass_rates
+
+        for label, s in (("candidate", candidate), ("champion", champion)):
+            if s is not None:
+                rates = pass_rates(s.behaviour)
+                log(f"{label} behaviour: {sum(r.passed for r in s.behaviour)}/{len(s.behaviour)} cases pass ("
+                    + ", ".join(f"{t} {v:.0%}" for t, v in rates.items() if t != "all") + ")")
     return EvalReport(str(test_path), sha, base, candidate, champion, champ.version if champ else None,
-                      cand_reg, champ_reg)
+                      cand_reg, champ_reg, list(suites or []))
 
 
 def plot_comparison(report: EvalReport, path: Path) -> Path:
@@ -201,12 +218,33 @@ def log_evaluation(run_id: str, report: EvalReport, out_dir: Path) -> None:
             safe = sid.replace(":", "_")
             metrics += [Metric(f"regression.{safe}.{label}_{k}", float(v), now, 0)
                         for k, v in s.metrics().items() if not k.startswith("slice.")]
+    if report.suites:
+        from ftpipe.evaluation.behaviour import pass_rates
+
+        for label, s in (("candidate", report.candidate), ("champion", report.champion)):
+            if s is not None:
+                metrics += [Metric(f"{label}_behaviour_pass_rate" if tag == "all" else f"behaviour.{tag}.{label}_pass_rate",
+                                   float(v), now, 0) for tag, v in pass_rates(s.behaviour).items()]
     for i in range(0, len(metrics), 900):
         c.log_batch(run_id, metrics=metrics[i: i + 900])
     preds = report.candidate.predictions
     mlflow.log_table({k: [p[k] for p in preds] for k in preds[0]}, artifact_file="eval/candidate_predictions.json",
                      run_id=run_id)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if report.suites:   # per case: what each model said and why it failed; and the suites themselves
+        champ = {r.case: r for r in (report.champion.behaviour if report.champion else [])}
+        cases = report.candidate.behaviour
+        mlflow.log_table({"case": [r.case for r in cases], "tags": [",".join(r.tags) for r in cases],
+                          "passed": [r.passed for r in cases], "answer": [r.answer for r in cases],
+                          "failures": ["; ".join(r.failures) for r in cases],
+                          "champion_passed": [champ[r.case].passed if r.case in champ else None for r in cases]},
+                         artifact_file="eval/behaviour.json", run_id=run_id)
+        doc = {"suites": [{"name": s.name, "file": s.file, "sha256": s.sha256, "cases": len(s.cases)}
+                          for s in report.suites],
+               "candidate": [r.as_dict() for r in cases],
+               "champion": [r.as_dict() for r in champ.values()] if report.champion else None}
+        (out_dir / "behaviour_results.json").write_text(json.dumps(doc, indent=2))
+        c.log_artifact(run_id, str(out_dir / "behaviour_results.json"), "eval")
     c.log_artifact(run_id, str(plot_comparison(report, out_dir / "metrics_comparison.png")), "eval")
     copy = out_dir / "test_set.jsonl"
     if Path(report.test_set).resolve() != copy.resolve():

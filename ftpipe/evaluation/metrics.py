@@ -45,6 +45,7 @@ class ModelScores:
     predictions: list[dict] = field(default_factory=list, repr=False)
     pair_logratios: list[float] = field(default_factory=list, repr=False)  # log p(chosen) - log p(rejected)
     relative: dict[str, float] = field(default_factory=dict)   # reward_accuracy, reward_margin, win_rate
+    behaviour: list = field(default_factory=list, repr=False)   # behaviour.CaseResult per suite case
 
     @property
     def pref_accuracy(self) -> float | None:

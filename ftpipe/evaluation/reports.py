@@ -76,6 +76,16 @@ def model_card(cfg: PipelineConfig, version: str, run_id: str, tags: dict[str, s
         lines += ["Earlier test sets (forgetting = champion minus candidate on "
                   f"{cfg.registry.promotion.forgetting_on}):", "", "| set | forgetting |", "|---|---|",
                   *[f"| {k} | {v:.4f} |" for k, v in forg.items()], ""]
+    if report.suites:
+        champ = {r.case: r for r in (report.champion.behaviour if report.champion else [])}
+        lines += ["## Behaviour suites", "",
+                  "Suites: " + ", ".join(f"`{s.file}` (sha256 `{s.sha256[:16]}`, {len(s.cases)} cases)"
+                                         for s in report.suites) + ".", "",
+                  "| case | tags | candidate | champion | answer (candidate) | failed |", "|---|---|---|---|---|---|",
+                  *[f"| {r.case} | {', '.join(r.tags)} | {'pass' if r.passed else 'FAIL'} | "
+                    + (("pass" if champ[r.case].passed else "FAIL") if r.case in champ else "-")
+                    + f" | {_cell(r.answer)} | {_cell('; '.join(r.failures))} |" for r in report.candidate.behaviour],
+                  ""]
     d = result.decision
     lines += [
         "## Gate decision", "",
@@ -92,6 +102,12 @@ def model_card(cfg: PipelineConfig, version: str, run_id: str, tags: dict[str, s
         "```", "",
     ]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text in a Markdown table cell: one line, pipes escaped, at most 80 characters."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _img(path: Path | None) -> str:
@@ -145,6 +161,13 @@ def html_report(cfg: PipelineConfig, run_id: str, version: str, report: EvalRepo
             [[sid, s.metrics().get(m), report.champion_regression[sid].metrics().get(m)
               if sid in report.champion_regression else None, forg.get(sid)]
              for sid, s in report.candidate_regression.items()])]
+    if report.suites:
+        champ = {r.case: r for r in (report.champion.behaviour if report.champion else [])}
+        parts += ["<h2>Behaviour suites</h2>", _table(
+            ["case", "tags", "candidate", "champion", "answer", "failed"],
+            [[r.case, ", ".join(r.tags), "pass" if r.passed else "FAIL",
+              ("pass" if champ[r.case].passed else "FAIL") if r.case in champ else "-", r.answer, "; ".join(r.failures)]
+             for r in report.candidate.behaviour])]
     parts += ["<h2>Training</h2>", _img(loss_png),
               "<h2>Predictions (candidate, wrong ones first)</h2>",
               _table(["prompt", "expected", "prediction", "correct", "token_f1", "slice"],

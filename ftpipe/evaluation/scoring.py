@@ -42,7 +42,9 @@ def example_losses(model, encoded: list, batch_size: int, pad_id: int) -> list[t
     return out
 
 
-def evaluate_loaded(model, tok, rows: list[dict], cfg: EvalConfig, max_seq_len: int, name: str) -> ModelScores:
+def evaluate_loaded(model, tok, rows: list[dict], cfg: EvalConfig, max_seq_len: int, name: str,
+                    suites: list | None = None) -> ModelScores:
+    """Scores on rows; with suites (behaviour.Suite), each case's result in .behaviour."""
     if not rows:
         raise ValueError("no test examples to evaluate on")
     if cfg.max_examples:      # the first N rows of each kind: SFT rows and preference pairs
@@ -57,20 +59,33 @@ def evaluate_loaded(model, tok, rows: list[dict], cfg: EvalConfig, max_seq_len: 
     logratios = [rl - losses[i][0] for i, (rl, _) in zip(at, rejected)]
     prompts = [prompt_of(r, tok) for r in rows]
     answers = generate(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
-    return score_predictions(rows, prompts, answers, losses, name, logratios)
+    scores = score_predictions(rows, prompts, answers, losses, name, logratios)
+    if suites:
+        from dataclasses import replace
+
+        from ftpipe.data.formatting import request_prompt
+        from ftpipe.evaluation.behaviour import run_suites
+
+        def answer(asked: list[dict], n: int) -> tuple[list[str], list[str]]:
+            texts = [request_prompt(r, tok) for r in asked]
+            return texts, generate(model, tok, texts, n, cfg.batch_size)
+
+        scores = replace(scores, behaviour=run_suites(suites, answer))
+    return scores
 
 
 def evaluate_model(model_dir: str, rows: list[dict], cfg: EvalConfig, max_seq_len: int = 256,
                    revision: str | None = None, trust_remote_code: bool = False,
                    name: str | None = None, regression: dict[str, list[dict]] | None = None,
-                   allow_pickle_weights: bool = False, adapter: str | None = None
+                   allow_pickle_weights: bool = False, adapter: str | None = None, suites: list | None = None
                    ) -> ModelScores | tuple[ModelScores, dict[str, ModelScores]]:
     """Score one checkpoint on `rows`; with `regression` ({set id: rows}) also on each of
     those sets (loading the model once) and return (scores, {set id: scores}). adapter: a
-    PEFT folder put on model_dir (an adapter version's base)."""
+    PEFT folder put on model_dir (an adapter version's base). suites: behaviour suites run
+    on the model too (scores.behaviour)."""
     model, tok = load_for_eval(model_dir, revision, trust_remote_code, allow_pickle_weights, adapter)
     label = name or str(Path(model_dir))
-    scores = evaluate_loaded(model, tok, rows, cfg, max_seq_len, label)
+    scores = evaluate_loaded(model, tok, rows, cfg, max_seq_len, label, suites)
     if regression is None:
         return scores
     reg_cfg = cfg.model_copy(update={"max_examples": cfg.regression_max_examples})

@@ -89,6 +89,7 @@ class Audit:
     project: str = ""
     audited_at: str = ""
     trained_on: dict = field(default_factory=dict)
+    behaviour: list[dict] = field(default_factory=list)   # the suites that gated it: file, sha256, cases, state
 
     @property
     def ok(self) -> bool:
@@ -236,6 +237,20 @@ def audit(client, root: Path, ref: str, remote: str | None = None,
         links.append(Link("quarantine summary", report is not None, "quarantine summary: " + (
             "missing from the run's artifacts" if report is None else
             f"{report.get('quarantined')} of {report.get('read')} rows quarantined")))
+        # behaviour suites: which version of each gated it (a suite edited since is noted, not broken:
+        # git holds the version at the recorded commit)
+        suites = []
+        for path_, pin in sorted(t.under(doc, t.BEHAVIOUR).items()):
+            sha, cases = pin.split()[0].removeprefix("sha256:"), pin.split()[-1].removeprefix("cases:")
+            here = root / path_
+            now = sha256_path(here) if here.is_file() else None
+            state = "ok" if now == sha else "missing" if now is None else "changed"
+            suites.append({"path": path_, "sha256": sha, "cases": cases, "state": state})
+            links.append(Link(f"behaviour {path_}", True, f"behaviour suite {path_}: " + {
+                "ok": f"sha256 {sha[:16]}… matches ({cases} cases)",
+                "missing": f"gated with sha256 {sha[:16]}…; no longer here (git has it at the recorded commit)",
+                "changed": f"gated with sha256 {sha[:16]}…; edited since (git has it at the recorded commit)"}[state],
+                warning=state != "ok"))
         # Prefect
         fr_id = doc.get(t.PREFECT_FLOW_RUN, "")
         found, state = flow_run(fr_id) if flow_run else (None, "not checked (no Prefect lookup given)")
@@ -249,7 +264,7 @@ def audit(client, root: Path, ref: str, remote: str | None = None,
     import datetime as dt
 
     return Audit(model, run_d, source, code, config, base, data, gx, sources, quarantine, flow, links,
-                 str(root), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), trained_on)
+                 str(root), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), trained_on, suites)
 
 
 # ------------------------------------------------------------------ reverse queries

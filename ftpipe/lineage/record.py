@@ -43,6 +43,7 @@ class Lineage:
     start_from: str = "scratch"          # or "champion models:/NAME/V: N new training rows + M replayed"
     train_file: str = ""                 # an incremental run's training file: "sha256:HEX rows:N"
     sweep: str = ""                      # a sweep's winner: "study NAME trial N (OBJECTIVE=VALUE) in STORAGE"
+    behaviour: dict[str, str] = field(default_factory=dict)   # suite file -> "sha256:HEX cases:N"
 
     def tags(self) -> dict[str, str]:
         """The lineage as ftpipe.* keys (ftpipe.names): all go into the immutable record, a few
@@ -61,6 +62,8 @@ class Lineage:
             tags[t.DVC + key] = md5
         for f in self.manifest.get("files", []):
             tags[t.SOURCE + f["path"]] = f"sha256:{f['sha256']} rows:{f['rows']}"
+        for path, pin in self.behaviour.items():
+            tags[t.BEHAVIOUR + path] = pin
         return tags
 
 
@@ -233,7 +236,7 @@ def recorded_tags(client, name: str, version: str) -> dict[str, str]:
 
 
 def lineage_of(data: DataVersion, plan: TrainingPlan, config_hash: str, root: Path, flow_run_id: str,
-               sweep: str = "") -> Lineage:
+               sweep: str = "", suites: list | None = None) -> Lineage:
     """Everything a candidate came from: code, config, base model, data version, GX verdict,
     sources, the Prefect flow run, (incremental) its start and training file, and (a sweep's
     winner) the study and trial."""
@@ -242,4 +245,5 @@ def lineage_of(data: DataVersion, plan: TrainingPlan, config_hash: str, root: Pa
     return Lineage(git_commit=commit, git_dirty=dirty, config_hash=config_hash, base_model=data.base.id,
                    base_model_revision=data.base.revision, data_hashes=data.hashes, gx_verdict=data.gx_verdict,
                    manifest=data.manifest, prefect_flow_run=flow_run_id, start_from=plan.start_from,
-                   train_file=file_pin(train_file) if train_file else "", sweep=sweep)
+                   train_file=file_pin(train_file) if train_file else "", sweep=sweep,
+                   behaviour={s.file: f"sha256:{s.sha256} cases:{len(s.cases)}" for s in suites or []})

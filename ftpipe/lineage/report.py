@@ -42,6 +42,11 @@ def tree_lines(a: Audit) -> list[str]:
     lines.append(f"    ├── quarantine: {q.get('quarantined', '?')} of {q.get('read', '?')} rows"
                  + (f" ({', '.join(f'{k}: {n}' for k, n in sorted((q.get('reasons') or {}).items()))})" if q.get("reasons") else "")
                  + m("quarantine summary"))
+    if a.behaviour:
+        lines.append("    ├── gated by behaviour suites")
+        for i, b in enumerate(a.behaviour):
+            lines.append(f"    │   {'└' if i == len(a.behaviour) - 1 else '├'}── {b['path']}  {b['cases']} cases, "
+                         f"sha256 {b['sha256'][:16]}…" + ("" if b["state"] == "ok" else f" ({b['state']} since)"))
     lines.append(f"    └── Prefect flow run: {a.prefect_flow_run['id']} {a.prefect_flow_run['state']}" + m("prefect flow run"))
     return lines
 

@@ -69,11 +69,12 @@ def gate_and_promote(reg: RegistryConfig, cfg: EvalConfig, run_id: str, version:
                 regression = regression_sets(name, report.test_sha, cache_dir, log)
                 regression = {k: v for k, v in regression.items() if k in report.candidate_regression}
                 champ, champ_reg = score_version(reg, current_version, read_jsonl(Path(report.test_set)),
-                                                 regression, cfg, max_seq_len)
+                                                 regression, cfg, max_seq_len, report.suites)
                 report = replace(report, champion=champ, champion_version=current_version,
                                  champion_regression=champ_reg)
         decision = decide(report.candidate.metrics(), report.champion.metrics() if report.champion else None,
-                          report.base.metrics(), reg.promotion, checks, report.forgetting(reg))
+                          report.base.metrics(), reg.promotion, checks, report.forgetting(reg),
+                          report.behaviour())
         if redecided:
             decision = Decision(decision.promote, decision.reasons + (RuleResult(
                 "champion_rechecked", True,

@@ -101,10 +101,89 @@ def _check(name: str, policy: PromotionConfig, ok: bool, detail: str) -> RuleRes
     return RuleResult(f"check:{name}", ok or not required, detail + ("" if required else " (not required)"))
 
 
+def _said(r) -> str:
+    answer = r.answer if len(r.answer) <= 80 else r.answer[:77] + "..."
+    return f"{r.case} said {answer!r} ({'; '.join(r.failures)})"
+
+
+def behaviour_rules(results: list | None, champion: list | None, rules) -> list[RuleResult]:
+    """One rule per tag with a minimum pass rate, one per must_not_regress tag. results /
+    champion: the candidate's and the champion's CaseResults (None: no suite ran / no champion)."""
+    out = []
+    if not rules.min_pass_rate and not rules.must_not_regress:
+        return out
+    results = results or []
+    for tag, need in sorted(rules.min_pass_rate.items()):
+        tagged = [r for r in results if tag == "all" or tag in r.tags]
+        if not tagged:
+            out.append(RuleResult(f"behaviour:{tag}", False, f"no behaviour case is tagged {tag} "
+                                  f"(required pass rate {need:.0%})"))
+            continue
+        rate = sum(r.passed for r in tagged) / len(tagged)
+        failed = [r for r in tagged if not r.passed]
+        ok = rate >= need
+        out.append(RuleResult(f"behaviour:{tag}", ok, f"{tag}: {len(tagged) - len(failed)}/{len(tagged)} cases "
+                              f"pass ({rate:.0%}) {'>=' if ok else '<'} required {need:.0%}"
+                              + ("" if ok or not failed else ": " + "; ".join(_said(r) for r in failed[:3])
+                                 + (f"; and {len(failed) - 3} more" if len(failed) > 3 else ""))))
+    passed_before = {r.case for r in champion or [] if r.passed}
+    for tag in rules.must_not_regress:
+        if champion is None:
+            out.append(RuleResult(f"behaviour_regression:{tag}", True, f"{tag}: no champion to regress from"))
+            continue
+        broke = [r for r in results if tag in r.tags and not r.passed and r.case in passed_before]
+        out.append(RuleResult(f"behaviour_regression:{tag}", not broke,
+                              f"{tag}: no case the champion passes is failed" if not broke else
+                              f"{tag}: {len(broke)} case(s) the champion passes now fail: "
+                              + "; ".join(_said(r) for r in broke[:3])))
+    return out
+
+
+def slice_rules(candidate: dict[str, float], champion: dict[str, float] | None,
+                policy: PromotionConfig) -> list[RuleResult]:
+    """Fairness across the test set's slices on the primary metric: the gap between the
+    candidate's best and worst slice, and its worst slice against the champion's worst."""
+    m = policy.primary_metric
+    out = []
+
+    def per_slice(metrics: dict[str, float]) -> dict[str, float]:
+        return {k.split(".")[1]: v for k, v in metrics.items()
+                if k.startswith("slice.") and k.split(".", 2)[2] == m}
+
+    mine = per_slice(candidate)
+    if policy.max_slice_gap is None and policy.max_worst_slice_drop is None:
+        return out
+    if len(mine) < 2:
+        return [RuleResult("slices", False, f"slice rules set, but the test set has {len(mine)} slice(s) with {m}: "
+                           "fairness across slices needs at least 2")]
+    higher = policy.higher_is_better(m)
+    ranked = sorted(mine, key=lambda k: mine[k], reverse=higher)      # best first
+    best, worst = ranked[0], ranked[-1]
+    if policy.max_slice_gap is not None:
+        gap = abs(mine[best] - mine[worst])
+        ok = gap <= policy.max_slice_gap
+        out.append(RuleResult("max_slice_gap", ok, f"{m} gap between slices: {gap:.4f} ({best} {mine[best]:.4f}, "
+                              f"{worst} {mine[worst]:.4f}) {'<=' if ok else '>'} allowed {policy.max_slice_gap}"))
+    if policy.max_worst_slice_drop is not None:
+        theirs = per_slice(champion or {})
+        if not theirs:
+            out.append(RuleResult("worst_slice", True, "no champion slices to compare the worst slice with"))
+        else:
+            their_worst = sorted(theirs, key=lambda k: theirs[k], reverse=higher)[-1]
+            drop = max(0.0, -improvement(m, mine[worst], theirs[their_worst], policy))
+            ok = drop <= policy.max_worst_slice_drop
+            out.append(RuleResult("worst_slice", ok, f"worst slice {m}: {worst} {mine[worst]:.4f} vs the champion's "
+                                  f"{their_worst} {theirs[their_worst]:.4f}: drop {drop:.4f} "
+                                  f"{'<=' if ok else '>'} allowed {policy.max_worst_slice_drop}"))
+    return out
+
+
 def decide(candidate: dict[str, float], champion: dict[str, float] | None,
            base: dict[str, float] | None, policy: PromotionConfig,
            checks: dict[str, bool] | None = None,
-           forgotten: dict[str, float] | None = None) -> Decision:
+           forgotten: dict[str, float] | None = None,
+           behaviour: tuple[list, list | None] | None = None) -> Decision:
+    """behaviour: (the candidate's behaviour case results, the champion's or None)."""
     checks = dict(checks or {})
     m = policy.primary_metric
     reasons: list[RuleResult] = []
@@ -185,4 +264,7 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None,
                                       f"largest {policy.forgetting_on} drop vs champion on an earlier test set: "
                                       f"{forgotten[worst]:.4f} on {worst} ({len(forgotten)} sets) "
                                       f"{'<=' if ok else '>'} allowed {policy.max_forgetting}"))
+    reasons += slice_rules(candidate, champion, policy)
+    reasons += behaviour_rules(behaviour[0] if behaviour else None, behaviour[1] if behaviour else None,
+                               policy.behaviour)
     return Decision(all(r.passed for r in reasons), tuple(reasons))

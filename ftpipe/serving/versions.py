@@ -8,19 +8,8 @@ import threading
 import time
 from typing import Callable
 
+from ftpipe.data.formatting import request_prompt as prompt_text
 from ftpipe.serving.app import Loaded
-
-
-def prompt_text(row: dict, tokenizer) -> str:
-    """The text the model continues: a conversation through its chat template, a raw prompt as
-    written, an instruction (and input) as the alpaca prompt it trained on."""
-    from ftpipe.data.formatting import prompt_of
-
-    if row.get("messages"):
-        return tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
-    if "prompt" in row:
-        return row["prompt"]
-    return prompt_of(row)
 
 
 def resolver(model_name: str, load_limit: int = 3, alias_ttl_s: float = 2.0) -> Callable[[str], Loaded]:

@@ -14,7 +14,7 @@ import yaml
 
 from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
 from ftpipe.training.recipe import fine_tune
-from tests.helpers import dates_rows, make_project, mlflow_client, ok, run_cli, write_rows
+from tests.helpers import TINY, dates_rows, make_project, mlflow_client, ok, run_cli, write_rows
 
 pytestmark = pytest.mark.integration
 MODEL = "ftpipe-dates"
@@ -79,9 +79,8 @@ def test_sft_then_dpo_in_one_run_each_stage_logged_and_a_changed_stage_alone_ret
               {"objective": "dpo", "max_steps": 60, "lr": 0.005, "dpo": {"beta": 0.2}}]
     project = make_project(tmp_path / "proj", {
         "train.stages": stages,
-        "registry.promotion": {"primary_metric": "reward_accuracy", "min_improvement": 0.0,
-                               "min_gain_over_base": 0.0, "thresholds": {"reward_accuracy": 0.9},
-                               "min_non_empty": 0.5}})
+        "registry.promotion": TINY["registry.promotion"] | {
+            "primary_metric": "reward_accuracy", "thresholds": {"reward_accuracy": 0.9}, "min_non_empty": 0.5}})
     write_rows(project / "data/incoming/pairs-0001.jsonl", day_first_pairs(dates_rows(900)[300:]))
     out = ok(run_cli(["run"], project, prefect_server))
     assert "stage 1/2: sft, 120 steps" in out and "stage 2/2: dpo, 60 steps, from stage 1's weights" in out
