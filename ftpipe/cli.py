@@ -373,6 +373,10 @@ def check(
     tmp = None
     if Path(model).is_dir():
         model_dir, adapter, label = model, None, model
+        if (Path(model) / "adapter_config.json").is_file():   # an exported adapter: on the base it names
+            adapter, model_dir = model, json.loads((Path(model) / "adapter_config.json").read_text())[
+                "base_model_name_or_path"]
+            model_dir = str(project / model_dir) if (project / model_dir).is_dir() else model_dir
     else:
         from ftpipe.lineage.record import AuditError, resolve
         from ftpipe.registry import store as registry
