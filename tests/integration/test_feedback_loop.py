@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import urllib.error
 import urllib.request
 
 import pytest
+import yaml
 
 from tests.helpers import BIN, free_port, make_project, mlflow_client, ok, ok_json, run_cli, stop, wait_http
 from tests.integration.test_incremental import serving
@@ -102,15 +104,25 @@ def test_served_feedback_trains_the_next_scheduled_version_with_lineage_to_each_
     assert unknown.returncode == 2 and "no such request in the serving store" in unknown.stderr
     ok(run_cli(["lineage", f"models:/{MODEL}/2"], project, prefect_server))   # the audit holds with the drops
 
-    # feedback on an answer of a version deleted since: refused, naming it (the registry asked)
+    # bound beyond localhost, with a token from the environment: nothing answers without it; and
+    # feedback on an answer of a version deleted since is refused, naming it (the registry asked)
     c.delete_model_version(MODEL, "2")
-    served = subprocess.Popen([str(BIN / "ftpipe"), "serve", "--port", str(port), "--model", "1", "--project",
-                               str(project)], cwd=project, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["serve"]["token"] = "${FTPIPE_SERVE_TOKEN}"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    served = subprocess.Popen([str(BIN / "ftpipe"), "serve", "--host", "0.0.0.0", "--port", str(port), "--model", "1",
+                               "--project", str(project)], cwd=project, env=env | {"FTPIPE_SERVE_TOKEN": "s3cret-loop"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_http(f"{url}/health", 180, served)
-        assert post(f"{url}/v1/feedback", {"request_id": answered_by_v2, "kind": "rating", "rating": "down"})[:2] == \
-            (409, {"error": f"request_id: {answered_by_v2} was answered by version 2, which the registry no longer holds"})
-        assert post(f"{url}/v1/feedback", {"request_id": corrected[1], "kind": "rating", "rating": "up"})[0] == 200
+        auth = {"Authorization": "Bearer s3cret-loop"}
+        assert post(f"{url}/v1/generate", {"instruction": "Convert 2101-01-10 to words."})[0] == 401
+        assert post(f"{url}/v1/feedback", {"request_id": corrected[1], "kind": "rating", "rating": "up"})[0] == 401
+        with pytest.raises(urllib.error.HTTPError) as page:
+            urllib.request.urlopen(f"{url}/")
+        assert page.value.code == 401
+        assert post(f"{url}/v1/feedback", {"request_id": answered_by_v2, "kind": "rating", "rating": "down"}, auth)[:2] \
+            == (409, {"error": f"request_id: {answered_by_v2} was answered by version 2, which the registry no longer holds"})
+        assert post(f"{url}/v1/feedback", {"request_id": corrected[1], "kind": "rating", "rating": "up"}, auth)[0] == 200
     finally:
         stop(served)

@@ -33,7 +33,7 @@ def tiny_model(tiny_base):
     return lambda rows, n: generate(model, tok, [prompt_text(r, tok) for r in rows], n), tok
 
 
-def _serve(tmp_path, tiny_model, versions=("1",), store: str | None = None, **options):
+def _serve(tmp_path, tiny_model, versions=("1",), store: str | None = None, capture: bool = True, **options):
     """The app on a uvicorn server in this process; returns (url, records, app, stop)."""
     import uvicorn
 
@@ -46,7 +46,7 @@ def _serve(tmp_path, tiny_model, versions=("1",), store: str | None = None, **op
             raise LookupError(f"{model!r} is not a version or alias of m in the registry")
         return loaded[version]
 
-    records = Records.open(store or f"sqlite:///{tmp_path / 'requests.db'}")
+    records = Records.open(store or f"sqlite:///{tmp_path / 'requests.db'}") if capture else None
     app = create_app(resolve, records, version_exists=lambda v: v in loaded, **options)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -180,6 +180,19 @@ def test_a_team_store_on_postgresql_keeps_every_concurrent_post(tmp_path, tiny_m
     finally:
         with psycopg.connect(f"{PG}/postgres", autocommit=True) as con:
             con.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+def test_with_capture_off_nothing_is_recorded_and_feedback_says_why(tmp_path, tiny_model):
+    url, _, _, stop = _serve(tmp_path, tiny_model, capture=False)
+    try:
+        code, got, _ = post(f"{url}/v1/generate", {"instruction": "Convert 2001-01-01 to words.", "max_new_tokens": 4})
+        assert code == 200 and got["request_id"] is None and got["version"] == "1"
+        assert post(f"{url}/v1/feedback", {"request_id": "x", "kind": "rating", "rating": "up"})[:2] == \
+            (409, {"error": "serve.capture is off: no request is recorded to take feedback on"})
+        assert "capture is off" in urllib.request.urlopen(f"{url}/").read().decode()
+    finally:
+        stop()
+    assert not (tmp_path / "requests.db").exists()
 
 
 def test_a_full_queue_answers_503_and_waiting_prompts_share_a_batch(tmp_path, tiny_model):
