@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 def test_default_pipeline_learns_the_task_and_promotes(tmp_path, prefect_server):
     project = make_project(tmp_path / "proj", tiny=False)
-    proc = run_cli(["run"], project, prefect_server, timeout=900)
+    proc = run_cli(["run"], project, prefect_server, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     c = mlflow_client(project)
     champ = c.get_model_version_by_alias("ftpipe-dates", "champion")
