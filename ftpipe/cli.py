@@ -374,8 +374,10 @@ def check(
     if Path(model).is_dir():
         model_dir, adapter, label = model, None, model
         if (Path(model) / "adapter_config.json").is_file():   # an exported adapter: on the base it names
-            adapter, model_dir = model, json.loads((Path(model) / "adapter_config.json").read_text())[
-                "base_model_name_or_path"]
+            adapter, model_dir = model, json.loads((Path(model) / "adapter_config.json").read_text()).get(
+                "base_model_name_or_path")
+            if not model_dir:
+                _fail(f"{model}/adapter_config.json names no base model (base_model_name_or_path)", 2)
             model_dir = str(project / model_dir) if (project / model_dir).is_dir() else model_dir
     else:
         from ftpipe.lineage.record import AuditError, resolve
@@ -387,9 +389,11 @@ def check(
         except AuditError as exc:
             _fail(str(exc), 2)
         tmp = registry.scratch_dir("ftpipe-check-")
-        local = registry.download_model(v.name, v.version, tmp)
-        model_dir, adapter, label = local.model_dir, local.adapter_dir, f"models:/{v.name}/{v.version}"
+        label = f"models:/{v.name}/{v.version}"
     try:
+        if tmp is not None:
+            local = registry.download_model(v.name, v.version, tmp)
+            model_dir, adapter = local.model_dir, local.adapter_dir
         m, tok = load_for_eval(model_dir, adapter=adapter)
 
         def answer(rows, n):

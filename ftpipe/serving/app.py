@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import json
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -54,44 +55,58 @@ class Job:
 
 class Batcher:
     """One queue of generation jobs, bounded; a worker takes the first job, waits batch_wait_ms
-    for more, and generates every waiting job of the same version and length limit together."""
+    for more, and generates every waiting job of the same version and length limit together.
+    Jobs of another version keep their place in the queue (first come, first served)."""
 
     def __init__(self, size: int, max_batch: int, wait_s: float):
-        self.queue: asyncio.Queue | None = None
+        self.jobs: deque[tuple[Loaded, Job]] = deque()
+        self.ready: asyncio.Event | None = None
         self.size, self.max_batch, self.wait_s = size, max_batch, wait_s
-        self.batches: list[int] = []          # sizes of the batches generated (the tests read it)
+        self.batches = self.largest = self.generated = 0     # batches run, the largest, prompts generated
 
     def start(self) -> asyncio.Task:
-        self.queue = asyncio.Queue(self.size)
+        self.ready = asyncio.Event()
         return asyncio.get_running_loop().create_task(self._work())
+
+    def room(self) -> int:
+        return self.size - len(self.jobs)
 
     def submit(self, loaded: Loaded, row: dict, max_new_tokens: int) -> asyncio.Future | None:
         """The job's future, or None when the queue is full."""
-        fut = asyncio.get_running_loop().create_future()
-        try:
-            self.queue.put_nowait((loaded, Job(row, max_new_tokens, fut)))
-        except asyncio.QueueFull:
+        if len(self.jobs) >= self.size:
             return None
+        fut = asyncio.get_running_loop().create_future()
+        self.jobs.append((loaded, Job(row, max_new_tokens, fut)))
+        self.ready.set()
         return fut
 
     async def _work(self) -> None:
         while True:
-            first = await self.queue.get()
+            while not self.jobs:
+                self.ready.clear()
+                await self.ready.wait()
             if self.wait_s:
                 await asyncio.sleep(self.wait_s)
-            batch, rest = [first], []
-            while not self.queue.empty() and len(batch) < self.max_batch:
-                item = self.queue.get_nowait()
+            first = self.jobs[0]
+            batch, kept = [], deque()
+            for item in self.jobs:
                 same = item[0] is first[0] and item[1].max_new_tokens == first[1].max_new_tokens
-                (batch if same else rest).append(item)
-            for item in rest:                     # another version's jobs: next round, in order
-                self.queue.put_nowait(item)
-            loaded = first[0]
-            self.batches.append(len(batch))
+                (batch if same and len(batch) < self.max_batch else kept).append(item)
+            self.jobs = kept
+            batch = [(lo, j) for lo, j in batch if not j.done.done()]    # a waiter gone (client left): skipped
+            if not batch:
+                continue
+            self.batches += 1
+            self.largest = max(self.largest, len(batch))
+            self.generated += len(batch)
             try:
-                answers = await asyncio.to_thread(loaded.predict, [j.row for _, j in batch], first[1].max_new_tokens)
+                answers = await asyncio.to_thread(first[0].predict, [j.row for _, j in batch],
+                                                  first[1].max_new_tokens)
+                if len(answers) != len(batch):
+                    raise RuntimeError(f"the model gave {len(answers)} answers to {len(batch)} prompts")
                 for (_, job), answer in zip(batch, answers):
-                    job.done.set_result(answer)
+                    if not job.done.done():
+                        job.done.set_result(answer)
             except Exception as exc:   # noqa: BLE001 - every waiting request gets the error
                 for _, job in batch:
                     if not job.done.done():
@@ -146,8 +161,8 @@ def create_app(resolve: Callable[[str], Loaded], records: Records | None, *, que
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "queued": batcher.queue.qsize() if batcher.queue else 0,
-                "batches": len(batcher.batches), "largest_batch": max(batcher.batches, default=0)}
+        return {"status": "ok", "queued": len(batcher.jobs), "batches": batcher.batches,
+                "largest_batch": batcher.largest, "generated": batcher.generated}
 
     async def answer(row: dict, model: str, limit: int) -> tuple[dict | None, JSONResponse | None]:
         try:
@@ -169,6 +184,9 @@ def create_app(resolve: Callable[[str], Loaded], records: Records | None, *, que
                 "latency_ms": round(latency, 1)}, None
 
     async def _json(request: Request) -> dict | JSONResponse:
+        # JSON only: a cross-site form or text/plain post (no CORS preflight) is refused here
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return JSONResponse({"error": "Content-Type must be application/json"}, 415)
         raw = bytearray()
         async for chunk in request.stream():   # a body sent without Content-Length is counted as it comes
             raw += chunk
@@ -176,7 +194,7 @@ def create_app(resolve: Callable[[str], Loaded], records: Records | None, *, que
                 return JSONResponse({"error": f"the body is over {max_body_bytes} bytes (serve.max_body_bytes)"}, 413)
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             return JSONResponse({"error": "the body is not JSON"}, 400)
         return body if isinstance(body, dict) else JSONResponse({"error": "the body must be a JSON object"}, 422)
 
@@ -207,8 +225,18 @@ def create_app(resolve: Callable[[str], Loaded], records: Records | None, *, que
         if bad:
             return JSONResponse({"error": "; ".join(bad)}, 422)
         params = body.get("params") or {}
-        got = await asyncio.gather(*[answer(r, str(params.get("model") or default_model),
-                                            int(params.get("max_new_tokens", max_new_tokens))) for r, _ in checked])
+        if not isinstance(params, dict):
+            return JSONResponse({"error": "params: an object"}, 422)
+        limit = params.get("max_new_tokens", max_new_tokens)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 4096:
+            return JSONResponse({"error": "params.max_new_tokens: an integer from 1 to 4096"}, 422)
+        if len(checked) > batcher.size:
+            return JSONResponse({"error": f"dataframe_records: at most {batcher.size} rows a request "
+                                          "(serve.queue_size)"}, 413)
+        if len(checked) > batcher.room():      # all or none: never half a request generated and recorded
+            return JSONResponse({"error": "busy: the generation queue is full"}, 503, headers={"Retry-After": "1"})
+        got = await asyncio.gather(*[answer(r, str(params.get("model") or default_model), limit)
+                                     for r, _ in checked])
         for _, err in got:
             if err is not None:
                 return err

@@ -75,6 +75,17 @@ def export_drop(store: str | None, pii_policy: str, project: Path) -> tuple[list
     return Records.open(store_url(store, project), pii_policy).export(project / "data" / "incoming")
 
 
+def _scrub_values(value, scrub: Callable[[str], str]):
+    """Every string inside value scrubbed (dicts and lists walked)."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: _scrub_values(v, scrub) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_values(v, scrub) for v in value]
+    return value
+
+
 def scrubber(policy: str) -> Callable[[str], str]:
     """Text as it may be kept: PII replaced by placeholders (policy scrub or drop); keep: as is."""
     from ftpipe.data.pii import scrub
@@ -105,7 +116,7 @@ class Records:
     def record(self, model: str, version: str, row: dict, prompt: str, answer: str, latency_ms: float) -> str:
         """One answered request, scrubbed; returns its id."""
         rid = uuid.uuid4().hex
-        clean_row = json.loads(self.scrub(json.dumps(row, ensure_ascii=False)))
+        clean_row = _scrub_values(row, self.scrub)       # each text scrubbed on its own, never the JSON of it
         with self.engine.begin() as db:
             db.execute(REQUESTS.insert().values(
                 id=rid, created=time.time(), model=model, version=str(version),
@@ -125,6 +136,12 @@ class Records:
         answer is preferred over rejected_id's (two answers to the same prompt)."""
         if kind not in KINDS:
             raise FeedbackError(422, f"kind: {kind!r} is not one of {', '.join(KINDS)}")
+        if rating is not None and not isinstance(rating, (str, int)):
+            raise FeedbackError(422, "rating: up or down")
+        if correction is not None and not isinstance(correction, str):
+            raise FeedbackError(422, "correction: text")
+        if rejected_id is not None and not isinstance(rejected_id, str):
+            raise FeedbackError(422, "rejected_id: a request id (text)")
         req = self.request(str(request_id))
         if req is None:
             raise FeedbackError(404, f"request_id: no recorded request {request_id!r}")
@@ -167,9 +184,14 @@ class Records:
         as preference pairs, each row with the request ids it came from (`request_ids`), one
         file per format (collection reads one format per file). Ratings stay here (no answer to
         learn from). Returns (the files written, counts)."""
+        incoming.mkdir(parents=True, exist_ok=True)
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+        claim = f"feedback-{stamp}-claim"
+        with self.engine.begin() as db:   # claimed in one statement: two exporters never take the same row
+            db.execute(FEEDBACK.update().where(FEEDBACK.c.exported.is_(None), FEEDBACK.c.kind != "rating")
+                       .values(exported=claim))
         with self.engine.connect() as db:
-            pending = db.execute(FEEDBACK.select().where(FEEDBACK.c.exported.is_(None),
-                                                         FEEDBACK.c.kind != "rating")
+            pending = db.execute(FEEDBACK.select().where(FEEDBACK.c.exported == claim)
                                  .order_by(FEEDBACK.c.id)).mappings().all()
             asked = {r["id"]: dict(r) for r in db.execute(REQUESTS.select().where(REQUESTS.c.id.in_(
                 {f["request_id"] for f in pending} | {f["rejected_id"] for f in pending if f["rejected_id"]})))
@@ -180,19 +202,20 @@ class Records:
         for f in pending:
             fmt, row = training_row(f, asked)
             groups.setdefault(fmt, []).append((f["id"], row))
-        if not groups:
-            return [], counts
-        incoming.mkdir(parents=True, exist_ok=True)
-        stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
         written = []
-        for fmt, items in groups.items():
-            path = incoming / f"feedback-{stamp}-{fmt}.jsonl"
-            tmp = path.with_suffix(".part")
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in items))
-            with self.engine.begin() as db:   # marked as the file appears: never exported twice, never lost
-                db.execute(FEEDBACK.update().where(FEEDBACK.c.id.in_([i for i, _ in items])).values(exported=path.name))
-                tmp.replace(path)
-            written.append(path)
+        try:
+            for fmt, items in groups.items():
+                path = incoming / f"feedback-{stamp}-{fmt}.jsonl"
+                tmp = path.with_suffix(".part")
+                tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in items))
+                with self.engine.begin() as db:   # named as the file appears: never exported twice, never lost
+                    db.execute(FEEDBACK.update().where(FEEDBACK.c.id.in_([i for i, _ in items]))
+                               .values(exported=path.name))
+                    tmp.replace(path)
+                written.append(path)
+        finally:   # whatever was claimed and not written goes back to pending
+            with self.engine.begin() as db:
+                db.execute(FEEDBACK.update().where(FEEDBACK.c.exported == claim).values(exported=None))
         return written, counts
 
     def drops_of(self, request_id: str) -> list[str]:

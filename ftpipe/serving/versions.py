@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from typing import Callable
 
 from ftpipe.data.formatting import request_prompt as prompt_text
@@ -22,7 +23,7 @@ def resolver(model_name: str, load_limit: int = 3, alias_ttl_s: float = 2.0) -> 
 
     from ftpipe.evaluation.generation import generate
 
-    lock, cache, looked_up = threading.Lock(), {}, {}
+    lock, cache, looked_up = threading.Lock(), OrderedDict(), {}
     client = mlflow.MlflowClient()
 
     def version_of(model: str) -> str:
@@ -40,19 +41,32 @@ def resolver(model_name: str, load_limit: int = 3, alias_ttl_s: float = 2.0) -> 
         looked_up[spec] = (time.monotonic(), version)
         return version
 
+    loading: dict[str, threading.Lock] = {}
+
+    def load(version: str) -> Loaded:
+        uri = f"models:/{model_name}/{version}"
+        inner = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+        m, tok = inner.model, inner.tokenizer
+        return Loaded(uri, version, lambda rows, n: generate(m, tok, [prompt_text(r, tok) for r in rows], n),
+                      lambda row: prompt_text(row, tok))
+
     def resolve(model: str) -> Loaded:
         version = version_of(model)
-        with lock:
-            if version not in cache:
-                uri = f"models:/{model_name}/{version}"
-                inner = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-                m, tok = inner.model, inner.tokenizer
-                cache[version] = Loaded(uri, version,
-                                        lambda rows, n, m=m, tok=tok: generate(m, tok, [prompt_text(r, tok) for r in rows], n),
-                                        lambda row, tok=tok: prompt_text(row, tok))
-                while len(cache) > load_limit:
-                    cache.pop(next(iter(cache)))
-            return cache[version]
+        with lock:                                   # a loaded version answers at once
+            if version in cache:
+                cache.move_to_end(version)
+                return cache[version]
+            one = loading.setdefault(version, threading.Lock())
+        with one:                                    # one load per version; others' requests go on
+            with lock:
+                if version in cache:
+                    return cache[version]
+            loaded = load(version)
+            with lock:
+                cache[version] = loaded
+                while len(cache) > load_limit:       # the least recently used goes
+                    cache.popitem(last=False)
+            return loaded
 
     return resolve
 

@@ -98,6 +98,12 @@ def test_requests_are_recorded_scrubbed_and_feedback_is_validated(tmp_path, tiny
             "messages: the conversation must end with a user turn"
         assert post(f"{url}/v1/generate", b"not json")[0] == 400
         assert post(f"{url}/v1/generate", {"instruction": "x", "max_new_tokens": 0})[0] == 422
+        assert post(f"{url}/invocations", {"dataframe_records": [{"prompt": "P:"}], "params": {"max_new_tokens": 10**6}}
+                    )[:2] == (422, {"error": "params.max_new_tokens: an integer from 1 to 4096"})
+        assert post(f"{url}/invocations", {"dataframe_records": [{"prompt": "P:"}] * 65})[0] == 413
+        # a cross-site form or text/plain post (no CORS preflight) is refused before it is read
+        assert post(f"{url}/v1/feedback", {"request_id": "x"}, {"Content-Type": "text/plain"})[:2] == \
+            (415, {"error": "Content-Type must be application/json"})
 
         fb = f"{url}/v1/feedback"
         assert post(fb, {"request_id": ours, "kind": "rating", "rating": "up"})[0] == 200
@@ -106,6 +112,9 @@ def test_requests_are_recorded_scrubbed_and_feedback_is_validated(tmp_path, tiny
         assert post(fb, {"request_id": ours, "kind": "correction", "correction": "  "})[:2] == \
             (422, {"error": "correction: empty; write the answer the model should have given"})
         assert post(fb, {"request_id": ours, "kind": "rating", "rating": "sideways"})[0] == 422
+        assert post(fb, {"request_id": ours, "kind": "rating", "rating": ["up"]})[:2] == (422, {"error": "rating: up or down"})
+        assert post(fb, {"request_id": ours, "kind": "correction", "correction": {"x": 1}})[:2] == \
+            (422, {"error": "correction: text"})
         assert post(fb, {"request_id": ours, "kind": "preference", "rejected_id": inv["request_ids"][0]})[1] == \
             {"error": f"rejected_id: {inv['request_ids'][0]} answered another prompt than {ours}"}
         if got["answer"] != other["answer"]:
@@ -207,7 +216,7 @@ def test_a_full_queue_answers_503_and_waiting_prompts_share_a_batch(tmp_path, ti
         assert busy.get("retry-after") == "1"
         health = json.loads(urllib.request.urlopen(f"{url}/health").read())
         assert health["largest_batch"] >= 2, health                 # the first job waited and took company
-        assert sum(app.state.batcher.batches) == codes.count(200)   # every accepted prompt generated once
+        assert app.state.batcher.generated == codes.count(200)      # every accepted prompt generated once
     finally:
         stop()
 

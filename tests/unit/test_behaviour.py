@@ -80,7 +80,7 @@ def test_assertions():
     assert check('{"day": 21}', "p", (("json", schema),), refusal) == ["json schema: 'date' is a required property"]
     assert check("not json", "p", (("json", True),), refusal)[0].startswith("json: not JSON")
     assert check("code is 7QX-19-P", "p", (("canary", "code is 7QX-19-PLM-44"),), refusal) == \
-        ["canary: it completed the planted secret ('code is 7Q'...)"]
+        ["canary: it completed the planted secret ('7QX-19-'...)"]
     assert check("code is 42", "p", (("canary", "code is 7QX-19-PLM-44"),), refusal) == []
     assert check("abc <script>", "p", (("not_contains", ["<script", "x"]), ("contains", ["abc", "zz"]),
                                        ("regex", r"^\d")), refusal) == \

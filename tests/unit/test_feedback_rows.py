@@ -33,3 +33,27 @@ def test_feedback_on_a_conversation_exports_as_chat_rows_and_chat_pairs(tmp_path
         assert got == fmt and not any("_error" in r for r in rows)
     assert sorted(rec.requests_in(by_fmt["chat_preference"].name)) == sorted([a, b])
     assert rec.drops_of(b) == sorted(p.name for p in paths)
+
+
+def test_each_text_of_a_request_is_scrubbed_on_its_own(tmp_path):
+    """Not the JSON of the row: an email after a newline, a key after a tab, are found as in the data."""
+    rec = Records.open(f"sqlite:///{tmp_path / 'r.db'}")
+    row = {"messages": [{"role": "user", "content": "Contact:\nbob@example.com\tkey AKIAIOSFODNN7EXAMPLE"}]}
+    rid = rec.record("models:/m/1", "1", row, "p", "a", 1.0)
+    kept = rec.request(rid)["row"]
+    assert "bob@example.com" not in kept and "AKIAIOSFODNN7EXAMPLE" not in kept
+    assert json.loads(kept)["messages"][0]["content"].startswith("Contact:\n<EMAIL>")
+
+
+def test_an_export_claims_its_rows_so_two_exporters_never_write_one_twice(tmp_path):
+    rec = Records.open(f"sqlite:///{tmp_path / 'r.db'}")
+    ids = [rec.record("models:/m/1", "1", {"instruction": f"q{i}", "input": ""}, f"p{i}", "a", 1.0) for i in range(20)]
+    for rid in ids:
+        rec.add_feedback(rid, "correction", correction="fixed")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda k: rec.export(tmp_path / "incoming"), range(4)))
+    rows = [json.loads(x) for paths, _ in got for p in paths for x in p.read_text().splitlines()]
+    assert sorted(r["request_ids"][0] for r in rows) == sorted(ids)          # each exactly once
+    assert sum(c["corrections"] for _, c in got) == 20
