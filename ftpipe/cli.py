@@ -319,13 +319,7 @@ def generate(
         from ftpipe.evaluation.generation import generate as gen
         from ftpipe.evaluation.generation import load_for_eval
 
-        adapter = None
-        if (Path(model) / "adapter_config.json").is_file():   # an exported adapter: on the base it names
-            import json
-
-            adapter, model = model, json.loads((Path(model) / "adapter_config.json").read_text())[
-                "base_model_name_or_path"]
-            model = str(project / model) if (project / model).is_dir() else model
+        model, adapter = _checkpoint(model, project)
         m, tok = load_for_eval(model, adapter=adapter)
         answer = gen(m, tok, [prompt_of(row)], max_new_tokens)[0]
     else:
@@ -372,13 +366,7 @@ def check(
 
     tmp = None
     if Path(model).is_dir():
-        model_dir, adapter, label = model, None, model
-        if (Path(model) / "adapter_config.json").is_file():   # an exported adapter: on the base it names
-            adapter, model_dir = model, json.loads((Path(model) / "adapter_config.json").read_text()).get(
-                "base_model_name_or_path")
-            if not model_dir:
-                _fail(f"{model}/adapter_config.json names no base model (base_model_name_or_path)", 2)
-            model_dir = str(project / model_dir) if (project / model_dir).is_dir() else model_dir
+        (model_dir, adapter), label = _checkpoint(model, project), model
     else:
         from ftpipe.lineage.record import AuditError, resolve
         from ftpipe.registry import store as registry
@@ -421,6 +409,19 @@ def check(
                                          f" (required {need:.0%}: {'ok' if rate >= need else 'FAILS'})"))
     if failed:
         raise typer.Exit(1)
+
+
+def _checkpoint(folder: str, project: Path) -> tuple[str, str | None]:
+    """(model folder, adapter folder or None) of a local checkpoint: an exported adapter runs on
+    the base its adapter_config.json names (a project folder, else a hub id)."""
+    import json
+
+    if not (Path(folder) / "adapter_config.json").is_file():
+        return folder, None
+    base = json.loads((Path(folder) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        _fail(f"{folder}/adapter_config.json names no base model (base_model_name_or_path)", 2)
+    return (str(project / base) if (project / base).is_dir() else base), folder
 
 
 def _project_config(config: Path, project: Path):
@@ -764,11 +765,9 @@ def lineage(
 
 
 def _feedback_store(cfg, project: Path):
-    from ftpipe.serving.records import Records, store_url
+    from ftpipe.serving.records import open_store
 
-    if not cfg.serve.store and not (project / "serving" / "requests.db").is_file():
-        return None
-    return Records.open(store_url(cfg.serve.store, project), cfg.data.clean.pii)
+    return open_store(cfg.serve.store, cfg.data.clean.pii, project)
 
 
 def _lineage_request(request: str, as_json: bool, model: Optional[str], config: Path, project: Path) -> None:

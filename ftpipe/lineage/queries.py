@@ -57,20 +57,28 @@ def versions_with_source(client, root: Path, path: str) -> list[dict]:
     return out
 
 
+def started_from(doc: dict) -> str | None:
+    """models:/NAME/V of the champion an incremental version trained from (its recorded
+    `ftpipe.start_from: champion models:/NAME/V: ...`); None: from scratch."""
+    import re
+
+    m = re.match(r"champion (models:/[^/]+/\d+)", doc.get(t.START_FROM, ""))
+    return m.group(1) if m else None
+
+
 def with_descendants(client, hits: list[dict]) -> list[dict]:
     """Add every version trained from the weights of a version that learned it (incremental
     runs record `ftpipe.start_from: champion models:/NAME/V: ...`), transitively: it carries
     what they learned. A hit that did not train on the row itself (`trained` false: held out,
     or left out of an incremental run's training file) passes nothing on; it gets `via` when
     the weights it started from learned the row."""
-    import re
-
     versions = all_versions(client)
     parent = {}
     for v in versions:
-        m = re.match(r"champion models:/([^/]+)/(\d+)", recorded_lineage(client, v)[0].get(t.START_FROM, ""))
-        if m:
-            parent[(v.name, v.version)] = (m.group(1), m.group(2))
+        src = started_from(recorded_lineage(client, v)[0])
+        if src:
+            name, _, version = src.removeprefix("models:/").rpartition("/")
+            parent[(v.name, v.version)] = (name, version)
     out = [dict(h) for h in hits]
     by_key = {(h["model"], h["version"]): h for h in out}
     learned = {k for k, h in by_key.items() if h.get("trained") is not False}
@@ -170,8 +178,6 @@ def requests_of(client, root: Path, ref: str, stored: Callable[[str], list[str]]
     with the request ids its rows carry (read from the file when it holds the recorded bytes,
     else from the serving store: stored(drop name)), then the same for the version whose
     weights it started from, and so on (`via`)."""
-    import re
-
     from ftpipe.files import sha256_path
     from ftpipe.lineage.record import resolve
 
@@ -193,9 +199,8 @@ def requests_of(client, root: Path, ref: str, stored: Callable[[str], list[str]]
                 ids, how = [], "nowhere: neither the file as recorded nor a serving store"
             out.append({"model": v.name, "version": v.version, "drop": src, "sha256": digest, "request_ids": ids,
                         "read_from": how, "via": via})
-        m = re.match(r"champion models:/([^/]+)/(\d+)", doc.get(t.START_FROM, ""))
-        if not m:
+        via = started_from(doc)
+        if via is None:
             break
-        via = f"models:/{m.group(1)}/{m.group(2)}"
         v = resolve(client, via)
     return out

@@ -24,6 +24,8 @@ from typing import Callable
 
 import sqlalchemy as sa
 
+from ftpipe.data.pii import scrub_all
+
 META = sa.MetaData()
 REQUESTS = sa.Table(
     "requests", META,
@@ -66,24 +68,19 @@ def store_url(url: str | None, project: Path) -> str:
     return f"sqlite:///{(project / 'serving' / 'requests.db').resolve()}"
 
 
-def export_drop(store: str | None, pii_policy: str, project: Path) -> tuple[list[Path], dict] | None:
-    """`ftpipe feedback export` and the scheduled retrain before collect: the feedback since the
-    last export as a drop in PROJECT/data/incoming; None when nothing was ever recorded (no
-    store configured and no serving/requests.db in the project)."""
+def open_store(store: str | None, pii_policy: str, project: Path) -> Records | None:
+    """The project's serving store, or None when nothing was ever recorded (no store configured
+    and no serving/requests.db in the project)."""
     if not store and not (project / "serving" / "requests.db").is_file():
         return None
-    return Records.open(store_url(store, project), pii_policy).export(project / "data" / "incoming")
+    return Records.open(store_url(store, project), pii_policy)
 
 
-def _scrub_values(value, scrub: Callable[[str], str]):
-    """Every string inside value scrubbed (dicts and lists walked)."""
-    if isinstance(value, str):
-        return scrub(value)
-    if isinstance(value, dict):
-        return {k: _scrub_values(v, scrub) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub_values(v, scrub) for v in value]
-    return value
+def export_drop(store: str | None, pii_policy: str, project: Path) -> tuple[list[Path], dict] | None:
+    """`ftpipe feedback export` and the scheduled retrain before collect: the feedback since the
+    last export as a drop in PROJECT/data/incoming; None when nothing was ever recorded."""
+    records = open_store(store, pii_policy, project)
+    return None if records is None else records.export(project / "data" / "incoming")
 
 
 def scrubber(policy: str) -> Callable[[str], str]:
@@ -99,6 +96,7 @@ def scrubber(policy: str) -> Callable[[str], str]:
 class Records:
     engine: sa.Engine
     scrub: Callable[[str], str]
+    keep_pii: bool = False                   # data.clean.pii: keep
 
     @classmethod
     def open(cls, url: str, pii_policy: str = "scrub") -> Records:
@@ -111,12 +109,12 @@ class Records:
                 conn.execute("PRAGMA busy_timeout=30000")
                 conn.execute("PRAGMA foreign_keys=ON")
         META.create_all(engine)
-        return cls(engine, scrubber(pii_policy))
+        return cls(engine, scrubber(pii_policy), pii_policy == "keep")
 
     def record(self, model: str, version: str, row: dict, prompt: str, answer: str, latency_ms: float) -> str:
         """One answered request, scrubbed; returns its id."""
         rid = uuid.uuid4().hex
-        clean_row = _scrub_values(row, self.scrub)       # each text scrubbed on its own, never the JSON of it
+        clean_row = row if self.keep_pii else scrub_all(row)[0]   # each text on its own, never the JSON of it
         with self.engine.begin() as db:
             db.execute(REQUESTS.insert().values(
                 id=rid, created=time.time(), model=model, version=str(version),
