@@ -2,7 +2,7 @@
 and the order modules start in."""
 import os
 
-from tests.helpers import prefect_server, tiny, tiny_base  # noqa: F401  (session fixtures)
+from tests.helpers import prefect_server, tiny, tiny_base, trained  # noqa: F401  (session fixtures)
 
 # The modules that take longest start first, so the last one to finish is a short one
 # (pytest-xdist --dist loadfile --no-loadscope-reorder hands modules out in this order, two

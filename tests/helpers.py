@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -94,13 +95,16 @@ def set_dotted(doc: dict, dotted: str, value) -> None:
     node[last] = value
 
 
-def make_project(dest: Path, tweaks: dict | None = None, tiny: bool = True, shared_cache: bool = True) -> Path:
+def make_project(dest: Path, tweaks: dict | None = None, tiny: bool = True, shared_cache: bool = True,
+                 relative_remote: bool = False) -> Path:
     """A fresh ftpipe project (a git + DVC repo); tiny-model params unless tiny=False.
 
     shared_cache: the project's DVC cache is the test session's (FTPIPE_TEST_DVC_CACHE), so
     a stage another project already ran with the same code, params and data is restored from
     DVC's run-cache instead of run again (the tiny base model, the default data's stages).
-    Tests that corrupt cache objects or must fetch from the remote keep their own."""
+    Tests that corrupt cache objects or must fetch from the remote keep their own.
+    relative_remote: the remote as ../dvc-remote (no absolute path in a committed file: the
+    project can be copied, see copy_project)."""
     for rel in ("ftpipe", "data/sources", "data/incoming", "data/corpus", "data/behaviour", "dvc.yaml", ".dvc/config",
                 ".dvc/.gitignore", ".gitignore", ".dvcignore"):
         src = REPO / rel
@@ -112,22 +116,75 @@ def make_project(dest: Path, tweaks: dict | None = None, tiny: bool = True, shar
     # the project's own DVC remote (tests delete and corrupt remote objects), by absolute path as
     # a team's shared remote would be: clones of the project reach the same one
     cache = os.environ.get("FTPIPE_TEST_DVC_CACHE") if shared_cache else None
-    (dest / ".dvc/config").write_text(f"[core]\n    remote = local\n['remote \"local\"']\n"
-                                      f"    url = {dest.resolve() / 'dvc-remote'}\n"
+    remote = "../dvc-remote" if relative_remote else dest.resolve() / "dvc-remote"
+    (dest / ".dvc/config").write_text(f"[core]\n    remote = local\n['remote \"local\"']\n    url = {remote}\n"
                                       + (f"[cache]\n    dir = {cache}\n" if cache else ""))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for key, value in ((TINY if tiny else {}) | (tweaks or {})).items():
+    _write_params(dest, yaml.safe_load((REPO / "params.yaml").read_text()), (TINY if tiny else {}) | (tweaks or {}))
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(GIT + ["add", "-A"], cwd=dest, check=True)
+    subprocess.run(GIT + ["commit", "-qm", "project"], cwd=dest, check=True)
+    return dest
+
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+
+
+def _write_params(dest: Path, params: dict, tweaks: dict) -> None:
+    """params.yaml in dest: params with tweaks ({"section": {key: value}} or {"dotted.key": value})."""
+    for key, value in tweaks.items():
         if isinstance(value, dict):
             for k, v in value.items():
                 set_dotted(params, f"{key}.{k}", v)
         else:
             set_dotted(params, key, value)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
-    subprocess.run(git + ["commit", "-qm", "project"], cwd=dest, check=True)
+
+
+def copy_project(src: Path, dest: Path, tweaks: dict | None = None) -> Path:
+    """A project that has run (made with relative_remote=True), copied to dest as if it had run
+    there: every absolute path of src in its files and SQLite stores (MLflow's runs, artifacts
+    and versions; results; adapter configs) now names dest, and it has its own DVC remote. Its
+    git history is src's (no committed file holds a path), so its versions' lineage verifies.
+    tweaks change params.yaml in a commit of their own, as a user's edit after those runs would.
+    Faster than running the project again: most tests are about a later run."""
+    import sqlite3
+
+    skip = {src / ".dvc" / "tmp", src / "runs" / ".ftpipe-run.holder"}
+    shutil.copytree(src, dest, symlinks=True, ignore=lambda d, names: [n for n in names if Path(d) / n in skip])
+    old, new = str(src.resolve()), str(dest.resolve())
+    for path in dest.rglob("*"):
+        if ".git" in path.relative_to(dest).parts or not path.is_file() or path.is_symlink():
+            continue
+        data = path.read_bytes()
+        if data.startswith(b"SQLite format 3\0"):
+            con = sqlite3.connect(path)
+            for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                for col in [c[1] for c in con.execute(f'PRAGMA table_info("{table}")')]:
+                    con.execute(f'UPDATE "{table}" SET "{col}" = replace("{col}", ?, ?) '
+                                f'WHERE typeof("{col}") = \'text\' AND instr("{col}", ?) > 0', (old, new, old))
+            con.commit()
+            con.close()
+        elif old.encode() in data:
+            path.write_bytes(data.replace(old.encode(), new.encode()))
+    if tweaks:
+        _write_params(dest, yaml.safe_load((dest / "params.yaml").read_text()), tweaks)
+        subprocess.run(GIT + ["commit", "-qm", "tweaks", "params.yaml"], cwd=dest, check=True)
     return dest
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A tiny project after its first `ftpipe run` (version 1, the champion) and what it printed."""
+    project: Path
+    output: str
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, prefect_server) -> Trained:
+    """One tiny project after its first run, per test worker: read-only, tests whose subject is
+    a later run take copy_project(trained.project, ...) instead of paying a first run."""
+    project = make_project(tmp_path_factory.mktemp("trained") / "proj", relative_remote=True)
+    return Trained(project, ok(run_cli(["run"], project, prefect_server)))
 
 
 def run_cli(args: list[str], project: Path, env_extra: dict | None = None,

@@ -14,7 +14,7 @@ import yaml
 
 from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
 from ftpipe.training.recipe import fine_tune
-from tests.helpers import TINY, dates_rows, make_project, mlflow_client, ok, run_cli, write_rows
+from tests.helpers import TINY, copy_project, dates_rows, make_project, mlflow_client, ok, run_cli, write_rows
 
 pytestmark = pytest.mark.integration
 MODEL = "ftpipe-dates"
@@ -31,9 +31,8 @@ def day_first_pairs(rows: list[dict]) -> list[dict]:
     return out
 
 
-def test_dpo_from_the_champion_learns_the_preference_and_is_promoted(tmp_path, prefect_server):
-    project = make_project(tmp_path / "proj")
-    ok(run_cli(["run"], project, prefect_server))                          # v1: the SFT champion
+def test_dpo_from_the_champion_learns_the_preference_and_is_promoted(tmp_path, prefect_server, trained):
+    project = copy_project(trained.project, tmp_path / "proj")               # v1: the SFT champion
     write_rows(project / "data/incoming/pairs-0001.jsonl", day_first_pairs(dates_rows(900)[300:]))
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"] |= {"objective": "dpo", "lr": 0.005}

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.helpers import BIN, free_port, make_project, mlflow_client, ok, ok_json, run_cli, stop, wait_http
+from tests.helpers import BIN, copy_project, free_port, mlflow_client, ok, ok_json, run_cli, stop, wait_http
 from tests.integration.test_incremental import serving
 from tests.integration.test_serving import post
 
@@ -24,14 +24,14 @@ MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augus
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    return make_project(tmp_path_factory.mktemp("loop"), {
+def project(tmp_path_factory, trained):
+    """The session's trained project (v1, the champion), copied, with this loop's settings."""
+    return copy_project(trained.project, tmp_path_factory.mktemp("loop") / "p", {
         "incremental": {"start_from": "champion", "replay_ratio": 0.5, "max_steps": 40},
         "schedule": {"min_new_rows": 10}, "serve": {"max_new_tokens": 12}})
 
 
 def test_served_feedback_trains_the_next_scheduled_version_with_lineage_to_each_request(project, prefect_server):
-    ok(run_cli(["run"], project, prefect_server))                       # v1, the champion
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     served = subprocess.Popen([str(BIN / "ftpipe"), "serve", "--port", str(port), "--project", str(project)],

@@ -11,20 +11,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ok, ok_json, make_project, mlflow_client, run_cli
+from tests.helpers import ok, ok_json, copy_project, mlflow_client, run_cli
 
 pytestmark = pytest.mark.integration
 NAME = "ftpipe-dates"
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    return make_project(tmp_path_factory.mktemp("proj"))
+def project(tmp_path_factory, trained):
+    """The session's trained tiny project (its first run), copied: the module's later runs."""
+    return copy_project(trained.project, tmp_path_factory.mktemp("proj") / "p")
 
 
-
-def test_first_run_registers_and_promotes_with_lineage(project, prefect_server):
-    out = ok(run_cli(["run"], project, prefect_server))
+def test_first_run_registers_and_promotes_with_lineage(project, trained):
+    out = trained.output                                  # the first `ftpipe run` of a fresh project
     assert "Promotion gate: PROMOTE" in out
     c = mlflow_client(project)
     champ = c.get_model_version_by_alias(NAME, "champion")

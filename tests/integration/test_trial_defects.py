@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import PG as PG_SERVER, needs_postgres, BIN, make_project, mlflow_client, run_cli
+from tests.helpers import PG as PG_SERVER, needs_postgres, BIN, copy_project, make_project, mlflow_client, run_cli
 
 pytestmark = pytest.mark.integration
 PG = f"{PG_SERVER}/test"
@@ -116,11 +116,8 @@ def test_a_rule_on_a_slice_the_data_lacks_stops_the_run_before_training(tmp_path
 # ------------------------------------------------------------------ on a project that has run
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory, prefect_server):
-    project = make_project(tmp_path_factory.mktemp("ran"), {"train": {"max_steps": 40}})
-    proc = run_cli(["run"], project, prefect_server)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return project
+def ran(tmp_path_factory, trained):
+    return copy_project(trained.project, tmp_path_factory.mktemp("ran") / "p")
 
 
 def test_a_run_that_skips_records_only_what_it_did(ran, prefect_server):
