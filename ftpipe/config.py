@@ -88,8 +88,8 @@ class TrainConfig(Section):
     # answer over its rejected one, relative to the start weights (train.dpo)
     objective: Literal["sft", "dpo"] = "sft"
     dpo: DpoConfig = DpoConfig()
-    max_steps: int = Field(1200, ge=1)
-    batch_size: int = Field(32, ge=1, description="examples per optimizer step (x grad_accum)")
+    max_steps: int = Field(800, ge=1)
+    batch_size: int = Field(16, ge=1, description="examples per optimizer step (x grad_accum)")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-3, gt=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"

@@ -167,6 +167,6 @@ class BuildConfig(Section):
     heads: int = 4
     intermediate_size: int = 512
     block_size: int = 128
-    pretrain_steps: int = Field(120, ge=0)
+    pretrain_steps: int = Field(60, ge=0)
     pretrain_batch_size: int = 32
     pretrain_lr: float = 3e-3

@@ -52,7 +52,7 @@ class Server:
 
 
 def _project(tmp, uri):
-    return make_project(tmp, {"registry": {"tracking_uri": uri, "io_retries": 3, "io_retry_delay_s": 2},
+    return make_project(tmp, {"registry": {"tracking_uri": uri, "io_retries": 3, "io_retry_delay_s": 0.5},
                               "train": {"max_steps": 300, "log_every": 20}})
 
 
@@ -98,15 +98,15 @@ def test_mlflow_outages_are_retried_then_fail_clearly_and_the_next_run_succeeds(
         assert proc.returncode == 1, out[-3000:]
         assert "training goes on, the history is logged after training" in out   # training survived it
         assert "step 300/300" in out
-        assert "Retry 3/3 will start 8.0 second(s) from now" in out                  # back-off: 2, 4, 8 s
+        assert "Retry 3/3 will start 2.0 second(s) from now" in out                  # back-off: 0.5, 1, 2 s
         assert "did not answer after 3 retries" in out and "No alias moved" in out
 
         # 2. the next run starts while it is still down: its first call to MLflow is retried
         #    with back-off, succeeds once the server is back, and the run completes. Six
-        #    retries (2 + 4 + ... + 64 s) outlast the server's restart on a loaded machine;
-        #    three (14 s) did not always (seen in a CI-like run on 2 cores).
+        #    retries (0.5 + 1 + ... + 16 s) outlast the server's restart on a loaded machine
+        #    (it took over 14 s once in a CI-like run on 2 cores).
         proc, lines = _start(project, prefect_server, "registry.io_retries=6")
-        _wait_for(lines, proc, "Retry 1/6 will start 2.0 second(s) from now")
+        _wait_for(lines, proc, "Retry 1/6 will start 0.5 second(s) from now")
         server.start()
         out = _finish(proc, lines)
         assert proc.returncode == 0, out[-3000:]
