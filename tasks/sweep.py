@@ -33,6 +33,7 @@ def open_sweep(cfg: PipelineConfig, plan: TrainingPlan, run_id: str, root: str) 
                 "val_path": plan.splits["validation"], "data_key": plan.data_key,
                 "eval": cfg.eval.model_dump(mode="json"), "max_seq_len": cfg.train.max_seq_len,
                 "start_adapter": plan.start_adapter, "base_source": plan.base_source,
+                "base_revision": plan.base_revision,
                 "champion": None if plan.increment.start_from != "champion" else {
                     "name": cfg.registry.model_name, "version": plan.increment.champion_version,
                     "start": "adapter" if plan.start_adapter else "merged" if Path(plan.base_path).name == "merged"

@@ -49,7 +49,8 @@ class TrainingCache(CachePolicy):
 
 def _training_dir(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, root: str) -> Path:
     """runs/train-KEY of this plan: the recipe (from the plan's start weights) and the data."""
-    return training_dir(root, model.model_copy(update={"base": plan.base_path}), lora, plan.train, plan.data_key)
+    return training_dir(root, model.model_copy(update={"base": plan.base_path}), lora, plan.train, plan.data_key,
+                        plan.base_source, plan.base_revision)
 
 
 def result_store(root: str) -> Path:

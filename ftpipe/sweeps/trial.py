@@ -81,7 +81,8 @@ def run_trial(spec: dict) -> dict:
         out["params"] = params
         lora, train = apply(params, lora0, train0)
         train = with_eval_points(train, cfg)
-        where = training_dir(spec["root"], model, lora, train, spec["data_key"])
+        where = training_dir(spec["root"], model, lora, train, spec["data_key"], spec.get("base_source", ""),
+                             spec.get("base_revision"))
         out["training_dir"] = str(where)
         trial.set_user_attr("training_dir", where.name)
         print(f"trial {trial.number}: " + ", ".join(f"{k}={v}" for k, v in params.items()), flush=True)

@@ -61,7 +61,7 @@ def test_stages_chain_weights_keys_and_one_step_axis(tmp_path):
     train = TrainConfig(lr=0.01, stages=[{"max_steps": 30}, {"objective": "dpo", "lr": 0.001, "dpo": {"beta": 0.3}}])
     sft, dpo = train.stage_configs()
     assert (sft.objective, sft.max_steps, sft.lr, sft.stages) == ("sft", 30, 0.01, [])
-    assert (dpo.objective, dpo.max_steps, dpo.lr, dpo.dpo.beta, dpo.dpo.loss) == ("dpo", 1200, 0.001, 0.3, "sigmoid")
+    assert (dpo.objective, dpo.max_steps, dpo.lr, dpo.dpo.beta, dpo.dpo.loss) == ("dpo", 800, 0.001, 0.3, "sigmoid")
     with pytest.raises(ValueError) as bad:
         TrainConfig(stages=[{"method": "full"}, {"objective": "dpo", "neftune_alpha": 5}, {"dpo": {"beta": -1}}])
     text = str(bad.value)
