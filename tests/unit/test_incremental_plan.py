@@ -92,3 +92,16 @@ def test_stages_chain_weights_keys_and_one_step_axis(tmp_path):
     assert joined.val_history == [(30, 0.4), (50, 0.2)] and joined.best_step == 40
     assert [(s["stage"], s["objective"], s["first_step"], s["steps"]) for s in joined.stages] == \
         [(1, "sft", 1, 30), (2, "dpo", 31, 20)]
+
+
+def test_a_training_is_keyed_by_what_its_start_weights_are_not_where_they_lie(tmp_path):
+    """The same recipe, data and start weights in a moved or cloned project (another base
+    path) is the same training; a base rebuilt in place with other weights is another."""
+    from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
+    from ftpipe.training.recipe import training_dir
+
+    args = LoraConfig(), TrainConfig(), "md5.dir:scratch"
+    here = training_dir(tmp_path, ModelConfig(base="/home/a/proj/models/base"), *args, "models/base", "sha256:aa")
+    moved = training_dir(tmp_path, ModelConfig(base="/srv/ci/proj/models/base"), *args, "models/base", "sha256:aa")
+    rebuilt = training_dir(tmp_path, ModelConfig(base="/home/a/proj/models/base"), *args, "models/base", "sha256:bb")
+    assert here == moved and here != rebuilt and here.parent == tmp_path / "runs"
