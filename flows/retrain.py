@@ -85,7 +85,7 @@ def candidate_steps(cfg: PipelineConfig, root: str, run: str, data: DataVersion,
         return skipped(run, decided, plan, cfg, root, io)
     io.log_training(run, candidate)
     report = evaluate(cfg.eval, cfg.model, cfg.registry, data.base.path, candidate.model_dir,
-                      data.splits["test"], cfg.train.max_seq_len, run, root)
+                      data.splits["test"], cfg.train.max_seq_len, run, root, plan.splits["train"])
     version = known.version if known else io.register(
         cfg.registry, run, candidate.model_dir, lineage_of(data, plan, cfg.hash(), Path(root), flow_run_id, sweep, report.suites),
         report.candidate.metrics() | {"train_loss": candidate.train_loss}, cfg.train.method, report.test_sha,

@@ -218,6 +218,9 @@ class EvalConfig(Section):
     # Behaviour suites (README "Behaviour, safety and fairness"): the folder of suite files,
     # relative to the project, run on the candidate and the champion; null: none.
     behaviour_dir: str | None = "data/behaviour"
+    # Memorisation probes (a privacy suite built each run): at most this many of the rows the
+    # candidate trained on that held personal data, each cut before it; 0: none.
+    memorisation_probes: int = Field(32, ge=0)
 
 
 def _known_metrics(metrics: list[str]) -> None:

@@ -23,10 +23,14 @@ def check_suites(cfg: EvalConfig, reg: RegistryConfig, root: str) -> int:
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(cfg: EvalConfig, model: ModelConfig, reg: RegistryConfig, base_path: str, candidate_dir: str,
-             test_path: str, max_seq_len: int, run_id: str, root: str) -> EvalReport:
-    from ftpipe.evaluation.behaviour import project_suites
+             test_path: str, max_seq_len: int, run_id: str, root: str, train_path: str | None = None) -> EvalReport:
+    """train_path: the rows the candidate trained on, the source of the memorisation probes."""
+    from ftpipe.evaluation.behaviour import memorisation_suite, project_suites
 
     suites = project_suites(cfg.behaviour_dir, reg.promotion.behaviour, Path(root))
+    probes = memorisation_suite(Path(train_path), Path(root), cfg.memorisation_probes) \
+        if train_path and cfg.memorisation_probes else None
+    suites += [probes] if probes else []
     report = evaluate_all(cfg, model, reg, base_path, candidate_dir, test_path, max_seq_len,
                           Path(root) / "runs" / "regression", log=get_run_logger().info, suites=suites)
     log_evaluation(run_id, report, Path(root) / "runs" / f"eval-{run_id[:12]}")

@@ -61,11 +61,21 @@ def _kind(m: re.Match) -> str | None:
     return kind
 
 
+_PLACEHOLDERS = re.compile("|".join(re.escape(p) for p in PLACEHOLDER.values()))
+
+
+def spans(text: str, placeholders: bool = False) -> list[tuple[int, int, str]]:
+    """(start, end, kind) of each PII span in text, in order; with placeholders, also each
+    placeholder a scrub left (its kind: the placeholder itself, e.g. "<EMAIL>")."""
+    found = [(m.start(), m.end(), k) for m in _COMBINED.finditer(text) if (k := _kind(m))] if _maybe(text) else []
+    if placeholders and "<" in text:
+        found += [(m.start(), m.end(), m.group()) for m in _PLACEHOLDERS.finditer(text)]
+    return sorted(found)
+
+
 def find(text: str) -> list[str]:
     """Kinds of PII in text, in order of appearance (repeats kept)."""
-    if not _maybe(text):
-        return []
-    return [k for m in _COMBINED.finditer(text) if (k := _kind(m))]
+    return [k for _, _, k in spans(text)]
 
 
 def scrub(text: str) -> tuple[str, list[str]]:

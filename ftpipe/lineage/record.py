@@ -246,4 +246,5 @@ def lineage_of(data: DataVersion, plan: TrainingPlan, config_hash: str, root: Pa
                    base_model_revision=data.base.revision, data_hashes=data.hashes, gx_verdict=data.gx_verdict,
                    manifest=data.manifest, prefect_flow_run=flow_run_id, start_from=plan.start_from,
                    train_file=file_pin(train_file) if train_file else "", sweep=sweep,
-                   behaviour={s.file: f"sha256:{s.sha256} cases:{len(s.cases)}" for s in suites or []})
+                   behaviour={s.file: f"sha256:{s.sha256} cases:{len(s.cases)}" for s in suites or []
+                              if not s.generated})
