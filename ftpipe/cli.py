@@ -352,7 +352,7 @@ def check(
     import json
 
     cfg, project = _project_config(config, project)
-    from ftpipe.evaluation.behaviour import SuiteError, pass_rates, project_suites, run_suites, table
+    from ftpipe.evaluation.behaviour import SuiteError, answerer, pass_rates, project_suites, run_suites, table
 
     try:
         suites = project_suites(cfg.eval.behaviour_dir, cfg.registry.promotion.behaviour, project)
@@ -360,8 +360,6 @@ def check(
         _fail(str(exc), 2)
     if not suites:
         _fail(f"no behaviour suite in {cfg.eval.behaviour_dir}: write one (README \"Behaviour suites\")", 2)
-    from ftpipe.data.formatting import request_prompt
-    from ftpipe.evaluation.generation import generate as gen
     from ftpipe.evaluation.generation import load_for_eval
 
     tmp = None
@@ -384,11 +382,7 @@ def check(
             model_dir, adapter = local.model_dir, local.adapter_dir
         m, tok = load_for_eval(model_dir, adapter=adapter)
 
-        def answer(rows, n):
-            texts = [request_prompt(r, tok) for r in rows]
-            return texts, gen(m, tok, texts, n, cfg.eval.batch_size)
-
-        results = run_suites(suites, answer)
+        results = run_suites(suites, answerer(m, tok, cfg.eval.batch_size))
     finally:
         if tmp is not None:
             registry.remove(tmp)

@@ -5,7 +5,9 @@ A suite is a file under data/behaviour/ (YAML or JSON Lines, in git and recorded
 each version's lineage):
 
     suite: date-format                 # YAML: the suite's name (default: the file's stem)
-    max_new_tokens: 24                 # greedy decoding, this many new tokens at most
+    max_new_tokens: 24                 # this many new tokens at most
+    sampling: {temperature: 0.8, top_p: 0.95, samples: 4, seed: 0}   # optional (greedy otherwise):
+                                       # a case passes when every one of its samples passes
     refusal: ["(?i)\\bI can(?:'|no)t\\b"]   # what counts as a refusal (default: REFUSAL)
     cases:
       - id: iso-1948
@@ -46,7 +48,8 @@ ASSERTIONS = ("equals", "contains", "not_contains", "regex", "json", "max_length
               "no_new_pii")
 PROMPT_KEYS = ("instruction", "prompt", "messages", "canary")
 CASE_KEYS = set(PROMPT_KEYS) | {"id", "input", "tags", "assert"}
-SUITE_KEYS = {"suite", "max_new_tokens", "refusal", "cases"}
+SUITE_KEYS = {"suite", "max_new_tokens", "refusal", "sampling", "cases"}
+SAMPLING = {"temperature": 1.0, "top_p": 1.0, "samples": 1, "seed": 0}   # a suite's sampling: these keys
 NAME = re.compile(r"[A-Za-z0-9_-]+")      # suite names and tags: they become MLflow metric and tag keys
 # The default refusal detector: an answer that declines.
 REFUSAL = (r"(?i)\b(?:I|we)\s+(?:can(?:no|')t|cannot|won't|will not|am not able to|am unable to|'m unable to|"
@@ -81,6 +84,7 @@ class Suite:
     refusal: tuple[str, ...]
     cases: tuple[Case, ...]
     generated: bool = False                # built from the training data (memorisation_suite), not a file
+    sampling: dict | None = None           # {temperature, top_p, samples, seed}; None: greedy
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,8 @@ def load_suites(folder: Path, root: Path) -> list[Suite]:
                 re.compile(r)
             except re.error as exc:
                 problems.append(f"{where}: refusal: {r!r} is not a regular expression ({exc})")
+        sampling, bad = _sampling(head.get("sampling"), where)
+        problems += bad
         cases, seen = [], set()
         for line, item in items:
             case, bad = _case(item, name, rel, line)
@@ -156,7 +162,7 @@ def load_suites(folder: Path, root: Path) -> list[Suite]:
                 cases.append(case)
         if not items:
             problems.append(f"{where}: no cases")
-        suites.append(Suite(name, rel, sha256_path(path), tokens, tuple(refusal), tuple(cases)))
+        suites.append(Suite(name, rel, sha256_path(path), tokens, tuple(refusal), tuple(cases), sampling=sampling))
     names = [s.name for s in suites]
     problems += [f"{s.file}: suite name {s.name!r} is used by another file too" for s in suites if names.count(s.name) > 1]
     if problems:
@@ -196,6 +202,25 @@ def _read(path: Path, rel: str) -> tuple[dict, list[tuple[int, Any]]]:
         raise SuiteError(f"{rel}:{line}: cases: a list of cases")
     head = {k: v for k, v in doc.items() if k != "cases"} | {"_line": 1}
     return head, [(n.start_mark.line + 1, c) for n, c in zip(cases_node.value, cases)]
+
+
+def _sampling(value: Any, where: str) -> tuple[dict | None, list[str]]:
+    """A suite's sampling settings (None: greedy), and what is wrong with them."""
+    if value is None:
+        return None, []
+    if not isinstance(value, dict) or set(value) - set(SAMPLING):
+        return None, [f"{where}: sampling: a mapping of {', '.join(SAMPLING)} (none: greedy decoding)"]
+    got, problems = SAMPLING | value, []
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)   # noqa: E731
+    if not (number(got["temperature"]) and 0 < got["temperature"] <= 5):
+        problems.append(f"{where}: sampling.temperature: a number above 0, at most 5")
+    if not (number(got["top_p"]) and 0 < got["top_p"] <= 1):
+        problems.append(f"{where}: sampling.top_p: a number above 0, at most 1")
+    for key, top in (("samples", 64), ("seed", 2**32 - 1)):
+        if not (isinstance(got[key], int) and not isinstance(got[key], bool) and (key == "seed") <= got[key] <= top) \
+                or (key == "samples" and got[key] < 1):
+            problems.append(f"{where}: sampling.{key}: a whole number from {1 if key == 'samples' else 0} to {top}")
+    return (None if problems else got), problems
 
 
 def _case(item: Any, suite: str, rel: str, line: int) -> tuple[Case | None, list[str]]:
@@ -360,10 +385,12 @@ def check(answer: str, prompt: str, checks: tuple[tuple[str, Any], ...], refusal
     return failed
 
 
-def run_suites(suites: list[Suite], answer: Callable[[list[dict], int], tuple[list[str], list[str]]]
+def run_suites(suites: list[Suite], answer: Callable[[list[dict], int, dict | None], tuple[list[str], list[str]]]
                ) -> list[CaseResult]:
-    """Every case of every suite; answer(rows, max_new_tokens) -> (prompts, answers), greedy.
-    Answers are kept with PII their prompt did not hold scrubbed."""
+    """Every case of every suite; answer(rows, max_new_tokens, sampling) -> (prompts, answers),
+    greedy when sampling is None. A sampled suite asks each case `samples` times: the case
+    passes when every sample does (its answer: the first failing one). Answers are kept with
+    PII their prompt did not hold scrubbed."""
     from ftpipe.data.pii import scrub
     from ftpipe.evaluation.metrics import leaked_pii
 
@@ -371,12 +398,31 @@ def run_suites(suites: list[Suite], answer: Callable[[list[dict], int], tuple[li
     for s in suites:
         if not s.cases:
             continue
-        prompts, answers = answer([c.row for c in s.cases], s.max_new_tokens)
-        for c, p, a in zip(s.cases, prompts, answers):
-            failures = check(a, p, c.checks, s.refusal)
-            kept = scrub(a)[0] if leaked_pii(a, p) else a
+        k = s.sampling["samples"] if s.sampling else 1
+        prompts, answers = answer([c.row for c in s.cases] * k, s.max_new_tokens, s.sampling)
+        n = len(s.cases)
+        for i, c in enumerate(s.cases):
+            p, failures, said = prompts[i], [], answers[i]
+            for j in range(k):
+                a = answers[j * n + i]
+                bad = check(a, p, c.checks, s.refusal)
+                if bad and not failures:
+                    said = a
+                failures += [f"sample {j + 1}/{k}: {f}" for f in bad] if k > 1 else bad
+            kept = scrub(said)[0] if leaked_pii(said, p) else said
             out.append(CaseResult(c.name, c.tags, not failures, kept, tuple(failures)))
     return out
+
+
+def answerer(model, tokenizer, batch_size: int):
+    """run_suites' answer for a loaded model: each row as the model is asked it (request_prompt)."""
+    from ftpipe.data.formatting import request_prompt
+    from ftpipe.evaluation.generation import generate
+
+    def answer(rows: list[dict], max_new_tokens: int, sampling: dict | None) -> tuple[list[str], list[str]]:
+        texts = [request_prompt(r, tokenizer) for r in rows]
+        return texts, generate(model, tokenizer, texts, max_new_tokens, batch_size, sampling)
+    return answer
 
 
 def pass_rates(results: list[CaseResult]) -> dict[str, float]:

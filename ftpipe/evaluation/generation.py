@@ -6,19 +6,28 @@ from __future__ import annotations
 
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
+             sampling: dict | None = None) -> list[str]:
     """Greedy completions of raw prompt strings, in order. On a GPU: length-sorted batches
     filled to a token budget, one decode loop without generate()'s per-step machinery, and
     rows that finished leave the batch (`generate_fast`). On CPU: `model.generate` in
-    batches of batch_size (`generate_reference`)."""
-    if next(model.parameters()).device.type == "cuda":
+    batches of batch_size (`generate_reference`). sampling ({temperature, top_p, seed}): sampled
+    instead, through `model.generate` on any device, the generator seeded so a run repeats."""
+    if sampling is None and next(model.parameters()).device.type == "cuda":
         return generate_fast(model, tokenizer, prompts, max_new_tokens)
-    return generate_reference(model, tokenizer, prompts, max_new_tokens, batch_size)
+    return generate_reference(model, tokenizer, prompts, max_new_tokens, batch_size, sampling)
 
 
-def generate_reference(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """`model.generate` (greedy, KV-cached) on left-padded batches, longest prompts first."""
+def generate_reference(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
+                       sampling: dict | None = None) -> list[str]:
+    """`model.generate` (greedy, KV-cached; sampled with sampling) on left-padded batches,
+    longest prompts first."""
     import torch
+
+    how = {"do_sample": False} if sampling is None else {
+        "do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": 0}
+    if sampling is not None:
+        torch.manual_seed(sampling["seed"])
 
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
@@ -31,7 +40,7 @@ def generate_reference(model, tokenizer, prompts: list[str], max_new_tokens: int
             idx = order[i: i + batch_size]
             enc = tokenizer([prompts[j] for j in idx], return_tensors="pt", padding=True,
                             add_special_tokens=True).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, **how, use_cache=True,
                                  pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
             new = gen[:, enc["input_ids"].shape[1]:]

@@ -63,14 +63,9 @@ def evaluate_loaded(model, tok, rows: list[dict], cfg: EvalConfig, max_seq_len: 
     if suites:
         from dataclasses import replace
 
-        from ftpipe.data.formatting import request_prompt
-        from ftpipe.evaluation.behaviour import run_suites
+        from ftpipe.evaluation.behaviour import answerer, run_suites
 
-        def answer(asked: list[dict], n: int) -> tuple[list[str], list[str]]:
-            texts = [request_prompt(r, tok) for r in asked]
-            return texts, generate(model, tok, texts, n, cfg.batch_size)
-
-        scores = replace(scores, behaviour=run_suites(suites, answer))
+        scores = replace(scores, behaviour=run_suites(suites, answerer(model, tok, cfg.batch_size)))
     return scores
 
 

@@ -35,3 +35,18 @@ def test_generate_fast_gives_model_generate_tokens(tiny_base):
     prompts = [f"### Instruction:\nConvert 19{n:02d}-0{n % 9 + 1}-1{n % 10} to words.\n\n### Response:" * (1 + n % 3)
                for n in range(20)]
     assert generate_fast(model, tok, prompts, 10, max_rows=6) == generate_reference(model, tok, prompts, 10, 8)
+
+
+def test_sampled_generation_repeats_with_its_seed_and_greedy_stays_greedy(tiny_base):
+    """A behaviour suite's sampling: the same seed gives the same samples, another seed others;
+    no sampling is the greedy path."""
+    from ftpipe.evaluation.generation import generate, generate_reference, load_for_eval
+
+    model, tok = load_for_eval(str(tiny_base))
+    prompts = ["### Instruction:\nConvert 1948-03-21 to words.\n\n### Response:", "Ada's locker code is"] * 4
+    hot = {"temperature": 1.5, "top_p": 1.0, "samples": 1, "seed": 3}
+    one, again = generate(model, tok, prompts, 8, 4, hot), generate(model, tok, prompts, 8, 4, hot)
+    assert one == again
+    assert generate(model, tok, prompts, 8, 4, hot | {"seed": 4}) != one
+    assert len(set(one)) > 2                                  # the same prompt sampled four times differs
+    assert generate(model, tok, prompts, 8, 4) == generate_reference(model, tok, prompts, 8, 4)
