@@ -165,6 +165,7 @@ def copy_project(src: Path, dest: Path, tweaks: dict | None = None) -> Path:
             con.commit()
             con.close()
         elif old.encode() in data:
+            assert b"\0" not in data, f"{path}: a binary file names the project's path; copy_project rewrites text"
             path.write_bytes(data.replace(old.encode(), new.encode()))
     if tweaks:
         _write_params(dest, yaml.safe_load((dest / "params.yaml").read_text()), tweaks)

@@ -34,7 +34,8 @@ _TRIGGERS = ("api", "secret", "token", "password", "akia", "ghp_", "gho_", "ghu_
              "sk-", "-----begin")
 
 
-def _maybe(text: str) -> bool:
+def maybe_pii(text: str) -> bool:
+    """False when no pattern can match text (a cheap test before the full patterns)."""
     if "@" in text:
         return True
     low = text.lower()
@@ -67,7 +68,7 @@ _PLACEHOLDERS = re.compile("|".join(re.escape(p) for p in PLACEHOLDER.values()))
 def spans(text: str, placeholders: bool = False) -> list[tuple[int, int, str]]:
     """(start, end, kind) of each PII span in text, in order; with placeholders, also each
     placeholder a scrub left (its kind: the placeholder itself, e.g. "<EMAIL>")."""
-    found = [(m.start(), m.end(), k) for m in _COMBINED.finditer(text) if (k := _kind(m))] if _maybe(text) else []
+    found = [(m.start(), m.end(), k) for m in _COMBINED.finditer(text) if (k := _kind(m))] if maybe_pii(text) else []
     if placeholders and "<" in text:
         found += [(m.start(), m.end(), m.group()) for m in _PLACEHOLDERS.finditer(text)]
     return sorted(found)
@@ -89,7 +90,7 @@ def scrub(text: str) -> tuple[str, list[str]]:
         found.append(kind)
         return PLACEHOLDER[kind]
 
-    if not _maybe(text):
+    if not maybe_pii(text):
         return text, found
     return _COMBINED.sub(repl, text), found
 

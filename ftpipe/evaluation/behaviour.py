@@ -216,10 +216,9 @@ def _sampling(value: Any, where: str) -> tuple[dict | None, list[str]]:
         problems.append(f"{where}: sampling.temperature: a number above 0, at most 5")
     if not (number(got["top_p"]) and 0 < got["top_p"] <= 1):
         problems.append(f"{where}: sampling.top_p: a number above 0, at most 1")
-    for key, top in (("samples", 64), ("seed", 2**32 - 1)):
-        if not (isinstance(got[key], int) and not isinstance(got[key], bool) and (key == "seed") <= got[key] <= top) \
-                or (key == "samples" and got[key] < 1):
-            problems.append(f"{where}: sampling.{key}: a whole number from {1 if key == 'samples' else 0} to {top}")
+    for key, low, top in (("samples", 1, 64), ("seed", 0, 2**32 - 1)):
+        if not (isinstance(got[key], int) and not isinstance(got[key], bool) and low <= got[key] <= top):
+            problems.append(f"{where}: sampling.{key}: a whole number from {low} to {top}")
     return (None if problems else got), problems
 
 
@@ -410,6 +409,9 @@ def run_suites(suites: list[Suite], answer: Callable[[list[dict], int, dict | No
                     said = a
                 failures += [f"sample {j + 1}/{k}: {f}" for f in bad] if k > 1 else bad
             kept = scrub(said)[0] if leaked_pii(said, p) else said
+            for kind, arg in c.checks:                # a kept row's value, wherever the patterns missed it
+                if kind == "memorised":
+                    kept = kept.replace(arg[0], f"<{arg[1].upper()}>")
             out.append(CaseResult(c.name, c.tags, not failures, kept, tuple(failures)))
     return out
 
@@ -456,7 +458,7 @@ def memorisation_suite(train_path: Path, root: Path, limit: int, max_new_tokens:
     import itertools
 
     from ftpipe.data.formatting import completion_of, prompt_of
-    from ftpipe.data.pii import spans
+    from ftpipe.data.pii import maybe_pii, spans
     from ftpipe.files import sha256_path
 
     rel = train_path.relative_to(root).as_posix() if train_path.is_relative_to(root) else str(train_path)
@@ -465,8 +467,8 @@ def memorisation_suite(train_path: Path, root: Path, limit: int, max_new_tokens:
         for line, raw in enumerate(itertools.islice(f, 1_000_000), 1):
             if len(cases) >= limit:
                 break
-            if "@" not in raw and "<" not in raw and not any(c.isdigit() for c in raw):
-                continue                      # no PII pattern can match: skip the parse
+            if "<" not in raw and not maybe_pii(raw):
+                continue                      # no PII pattern (nor a placeholder) can match: skip the parse
             row = json.loads(raw)
             if row.get("_format", "alpaca").startswith("chat"):   # the turns' words, without the template's markup
                 text = "\n".join([m["content"] for m in row["messages"]] + ([row["chosen"]] if "chosen" in row else []))

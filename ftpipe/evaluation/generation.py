@@ -26,10 +26,16 @@ def generate_reference(model, tokenizer, prompts: list[str], max_new_tokens: int
 
     how = {"do_sample": False} if sampling is None else {
         "do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": 0}
-    if sampling is not None:
-        torch.manual_seed(sampling["seed"])
-
     device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):   # the caller's RNG untouched
+        if sampling is not None:
+            torch.manual_seed(sampling["seed"])
+        return _reference(model, tokenizer, prompts, max_new_tokens, batch_size, how, device)
+
+
+def _reference(model, tokenizer, prompts, max_new_tokens, batch_size, how, device) -> list[str]:
+    import torch
+
     tokenizer.padding_side = "left"
     model.eval()
     # Longest prompts first: batches of similar length waste less padding.

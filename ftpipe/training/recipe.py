@@ -102,10 +102,11 @@ def training_dir(root: str | Path, model: ModelConfig, lora: LoraConfig, train: 
     """Where a training keeps its checkpoints and exports, keyed by the recipe and the data
     (runs/train-KEY): a crashed `ftpipe run` started again finds and resumes its own.
 
-    source, revision: what the start weights are (model.base as configured and the sha256 of
-    its weights, or models:/NAME/V), keyed in place of where this machine keeps them
-    (model.base): a moved or cloned project finds its trainings, and a base rebuilt in place
-    with other weights does not reuse a training of the old one."""
+    source, revision: what the start weights are (model.base as configured and its revision:
+    model.revision, else the sha256 of a local folder's safetensors weights; or models:/NAME/V),
+    keyed in place of where this machine keeps them (model.base): a moved or cloned project
+    finds its trainings, and a local base rebuilt in place with other safetensors weights does
+    not reuse a training of the old one."""
     if source:
         model = model.model_copy(update={"base": source, "revision": revision})
     recipe = [model.model_dump(mode="json"), lora.model_dump(mode="json"), train.model_dump(mode="json"), data_key]
