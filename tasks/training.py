@@ -98,12 +98,12 @@ def _train_once(model: ModelConfig, lora: LoraConfig, plan: TrainingPlan, run_id
                 val_batch_size: int) -> TrainResult:
     cached = fine_tune.with_options(result_storage=result_store(root))
     result = cached(model, lora, plan, run_id, root, val_batch_size)
-    here = _training_dir(model, lora, plan, root).resolve()
-    if not (Path(result.model_dir) / "config.json").is_file():   # cached, but the weights are gone
+    gone = not (Path(result.model_dir) / "config.json").is_file()
+    if gone:
         get_run_logger().warning(f"the cached training's weights are gone ({result.model_dir}): training again")
+    # gone, or cached where a copy of this project was: this project's own folder (found there, or trained)
+    if gone or Path(result.model_dir).resolve().parent != _training_dir(model, lora, plan, root).resolve():
         result = cached.with_options(refresh_cache=True)(model, lora, plan, run_id, root, val_batch_size)
-    elif Path(result.model_dir).resolve().parent != here:        # cached where a copy of this project was:
-        result = cached.with_options(refresh_cache=True)(model, lora, plan, run_id, root, val_batch_size)   # its own
     return result
 
 

@@ -455,8 +455,6 @@ def memorisation_suite(train_path: Path, root: Path, limit: int, max_new_tokens:
     text up to its first PII span is a prompt; the case fails if the model goes on with PII the
     prompt does not hold (and names a kept row's own value memorised). The first `limit` such
     rows in file order; None when there is none."""
-    import itertools
-
     from ftpipe.data.formatting import completion_of, prompt_of
     from ftpipe.data.pii import maybe_pii, spans
     from ftpipe.files import sha256_path
@@ -464,7 +462,7 @@ def memorisation_suite(train_path: Path, root: Path, limit: int, max_new_tokens:
     rel = train_path.relative_to(root).as_posix() if train_path.is_relative_to(root) else str(train_path)
     cases: list[Case] = []
     with open(train_path, encoding="utf-8") as f:
-        for line, raw in enumerate(itertools.islice(f, 1_000_000), 1):
+        for line, raw in enumerate(f, 1):
             if len(cases) >= limit:
                 break
             if "<" not in raw and not maybe_pii(raw):

@@ -22,26 +22,24 @@ def generate_reference(model, tokenizer, prompts: list[str], max_new_tokens: int
                        sampling: dict | None = None) -> list[str]:
     """`model.generate` (greedy, KV-cached; sampled with sampling) on left-padded batches,
     longest prompts first."""
+    import contextlib
+
     import torch
 
     how = {"do_sample": False} if sampling is None else {
         "do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": 0}
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):   # the caller's RNG untouched
-        if sampling is not None:
-            torch.manual_seed(sampling["seed"])
-        return _reference(model, tokenizer, prompts, max_new_tokens, batch_size, how, device)
-
-
-def _reference(model, tokenizer, prompts, max_new_tokens, batch_size, how, device) -> list[str]:
-    import torch
-
     tokenizer.padding_side = "left"
     model.eval()
     # Longest prompts first: batches of similar length waste less padding.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     done: dict[int, str] = {}
-    with torch.no_grad():
+    # sampled: a seeded generator of its own (the caller's RNG untouched)
+    rng = contextlib.nullcontext() if sampling is None else \
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    with rng, torch.no_grad():
+        if sampling is not None:
+            torch.manual_seed(sampling["seed"])
         for i in range(0, len(order), batch_size):
             idx = order[i: i + batch_size]
             enc = tokenizer([prompts[j] for j in idx], return_tensors="pt", padding=True,
