@@ -188,14 +188,76 @@ def trained(tmp_path_factory, prefect_server) -> Trained:
     return Trained(project, ok(run_cli(["run"], project, prefect_server)))
 
 
-def run_cli(args: list[str], project: Path, env_extra: dict | None = None,
-            timeout: int = 600) -> subprocess.CompletedProcess:
+def _cli_env() -> dict:
     # mlflow.set_tracking_uri() in an earlier test exports MLFLOW_TRACKING_URI: never let
     # that leak into a project's own run
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    env = env | {"COLUMNS": "200"} | (env_extra or {})
-    return subprocess.run([str(BIN / "ftpipe"), *args, "--project", str(project)], cwd=project,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+
+
+class _Launcher:
+    """This worker's tests/launcher.py: `ftpipe` calls forked from a process that has the heavy
+    third-party imports done (FTPIPE_TEST_COLD=1: a fresh `ftpipe` process for every call)."""
+
+    def __init__(self):
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="ftpipe-test-launcher-"))
+        self.socket = str(self.dir / "s")
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "launcher.py"), self.socket],
+                                     cwd=self.dir, env=_cli_env(), stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"tests/launcher.py did not start (exit {self.proc.wait()}): {line}")
+        self.calls = 0
+
+    def run(self, argv: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        import json
+        import signal
+
+        self.calls += 1
+        out, err = self.dir / f"{self.calls}.out", self.dir / f"{self.calls}.err"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(self.socket)
+            conn.sendall((json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "out": str(out),
+                                      "err": str(err)}) + "\n").encode())
+            answers = conn.makefile("r")
+            pid = json.loads(answers.readline())["pid"]
+            conn.settimeout(timeout)
+            try:
+                code = json.loads(answers.readline())["returncode"]
+            except socket.timeout:
+                os.killpg(pid, signal.SIGKILL)
+                raise subprocess.TimeoutExpired(argv, timeout, out.read_text(errors="replace"),
+                                                err.read_text(errors="replace")) from None
+        try:
+            return subprocess.CompletedProcess(argv, code, out.read_text(), err.read_text())
+        finally:
+            out.unlink()
+            err.unlink()
+
+    def close(self) -> None:
+        stop(self.proc, 10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_launcher: _Launcher | None = None
+
+
+def run_cli(args: list[str], project: Path, env_extra: dict | None = None,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """`ftpipe ARGS --project PROJECT` in a new process, in PROJECT, with the test session's
+    environment plus env_extra; forked from this worker's warm launcher (tests/launcher.py)."""
+    global _launcher
+    argv = [str(BIN / "ftpipe"), *args, "--project", str(project)]
+    env = _cli_env() | {"COLUMNS": "200"} | (env_extra or {})
+    if os.environ.get("FTPIPE_TEST_COLD"):
+        return subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+    if _launcher is None or _launcher.proc.poll() is not None:
+        _launcher = _Launcher()
+        import atexit
+
+        atexit.register(_launcher.close)
+    return _launcher.run(argv, project, env, timeout)
 
 
 def mlflow_client(project: Path):
