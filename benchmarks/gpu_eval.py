@@ -6,7 +6,8 @@ life at real size: a random-initialised Llama-3.2-1B-shaped model (ftpipe.traini
     python3 benchmarks/gpu_eval.py --shape llama-tiny --prompts 64  # a CPU smoke run
 
 1. generation: new tokens/s of `generate_reference` (model.generate, batches of 64, as before)
-   and `generate_fast`, in bf16 and fp32; every prompt's greedy tokens compared, and where
+   and `generate_fast` (its static-cache CUDA-graph decode, and the shrinking-batch loop
+   before it), in bf16 and fp32; every prompt's greedy tokens compared, and where
    they differ, the two top logits at the first differing token, against bf16 (or fp32)
    rounding at that magnitude;
 2. phases: LoRA training (the GPU fast path) -> save adapter -> load base + adapter ->
@@ -106,10 +107,18 @@ def bench_generation(base: Path, prompts: list[str], max_new: int, dtype_name: s
                                                  if torch.cuda.is_available() else None)
     model.eval()
     reference_ids(model, tok, prompts[:64], 4)            # warm-up of both paths
-    generate_fast(model, tok, prompts[:64], 4, return_ids=True)
+    for static in (True, False):
+        try:
+            generate_fast(model, tok, prompts[:64], 4, return_ids=True, static=static)
+        except Exception as exc:  # noqa: BLE001 - the timed call reports it
+            print("warm-up failed:", static, exc, flush=True)
     res = {}
     variants = [("reference", lambda: reference_ids(model, tok, prompts, max_new)),
-                ("fast", lambda: generate_fast(model, tok, prompts, max_new, return_ids=True))]
+                # the default on a GPU: a static cache, each batch's decode step one CUDA graph
+                ("fast", lambda: generate_fast(model, tok, prompts, max_new, return_ids=True)),
+                # the path before (2026-11-30): rows leave the batch, a growing cache, eager steps
+                ("fast_shrinking", lambda: generate_fast(model, tok, prompts, max_new, return_ids=True,
+                                                         static=False))]
     if dtype_name == "bf16" and extra == "budget":   # the batch limits of generate_fast
         variants = [("fast_rows512_256k", lambda: generate_fast(model, tok, prompts, max_new, max_rows=512,
                                                                 max_batch_tokens=256 * 1024, return_ids=True)),
@@ -126,7 +135,14 @@ def bench_generation(base: Path, prompts: list[str], max_new: int, dtype_name: s
     for name, fn in variants:
         sync()
         t0 = time.perf_counter()
-        got = fn()
+        try:
+            got = fn()
+        except Exception as exc:  # noqa: BLE001 - reported; the other variants still run
+            import traceback
+
+            res[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2500:]}
+            print(name, dtype_name, res[name], flush=True)
+            continue
         sync()
         sec = time.perf_counter() - t0
         res[name] = {"seconds": round(sec, 2), "new_tokens": new_tokens(tok, got),
@@ -137,6 +153,8 @@ def bench_generation(base: Path, prompts: list[str], max_new: int, dtype_name: s
         from ftpipe.evaluation.generation import token_budget
 
         return res | {"dtype": dtype_name, "token_budget": token_budget(model)}
+    if "fast" not in kept:
+        return res | {"dtype": dtype_name}
     ref, fast = kept["reference"], kept["fast"]
     for name in kept:
         res[name]["identical_to_reference"] = sum(a == b for a, b in zip(ref, kept[name]))

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 PEAK = 989e12
 PER_STEP = 64
+STEPS = 20       # timed optimizer steps per variant, after its warm-up
 
 # name -> settings. recipe: ftpipe | reference | trl. budget: tokens per micro-batch.
 PADDED = dict(recipe="ftpipe", packing=False, chunk=0, budget=2048, kernels="none",
@@ -53,7 +54,7 @@ PADDED = dict(recipe="ftpipe", packing=False, chunk=0, budget=2048, kernels="non
 NO_LIGER = dict(recipe="ftpipe", budget=16384, kernels="none", note="varlen + chunked CE, no Liger")
 L1, Q05, L8 = "llama-3.2-1b", "qwen2.5-0.5b", "llama-3.1-8b"
 VARIANTS: dict[str, dict] = {
-    f"{L1}/reference": dict(model=L1, recipe="reference", method="lora", steps=3, warmup=1),
+    f"{L1}/reference": dict(model=L1, recipe="reference", method="lora", warmup=1),
     f"{L1}/trl": dict(model=L1, recipe="trl", method="lora"),
     f"{L1}/ftpipe-padded": dict(model=L1, method="lora", **PADDED),
     # ftpipe as a GPU run of the pipeline trains: packed varlen rows, fused CE, torch.compile
@@ -87,26 +88,27 @@ VARIANTS: dict[str, dict] = {
                                      warmup=3, chunk=2048, note="as gc-32k, loss chunks of 2,048 tokens"),
     f"{L1}/ftpipe-liger": dict(model=L1, recipe="ftpipe", method="lora", budget=16384, compile=True, warmup=3,
                                liger=True, note="as ftpipe, Liger's fused linear cross-entropy instead of ftpipe's"),
-    f"{L8}/ftpipe": dict(model=L8, recipe="ftpipe", method="lora", budget=6144, steps=4, warmup=3, compile=True),
-    f"{L8}/ftpipe-eager": dict(model=L8, recipe="ftpipe", method="lora", budget=6144, steps=4, warmup=2,
+    f"{L8}/ftpipe": dict(model=L8, recipe="ftpipe", method="lora", budget=6144, warmup=3, compile=True),
+    f"{L8}/ftpipe-padded": dict(model=L8, method="lora", steps=8, **PADDED),
+    f"{L8}/ftpipe-eager": dict(model=L8, recipe="ftpipe", method="lora", budget=6144, warmup=2,
                                note="no torch.compile"),
-    f"{L8}/ftpipe-qlora": dict(model=L8, recipe="ftpipe", method="qlora", budget=2048, gc=True, steps=3, warmup=1,
+    f"{L8}/ftpipe-qlora": dict(model=L8, recipe="ftpipe", method="qlora", budget=2048, gc=True, warmup=1,
                                note="NF4 + double quant, 2,048-token micro-batches, checkpointing"),
-    f"{L8}/ftpipe-qlora-nogc": dict(model=L8, recipe="ftpipe", method="qlora", budget=2048, steps=3, warmup=1,
+    f"{L8}/ftpipe-qlora-nogc": dict(model=L8, recipe="ftpipe", method="qlora", budget=2048, warmup=1,
                                     note="NF4, 2,048-token micro-batches, no checkpointing"),
-    f"{L8}/ftpipe-qlora-8k": dict(model=L8, recipe="ftpipe", method="qlora", budget=8192, gc=True, steps=3,
+    f"{L8}/ftpipe-qlora-8k": dict(model=L8, recipe="ftpipe", method="qlora", budget=8192, gc=True,
                                   warmup=1, note="NF4, sequences up to 2,048 packed 8,192 tokens a micro-batch, "
                                                  "checkpointing"),
     f"{L8}/ftpipe-qlora-8k-compile": dict(model=L8, recipe="ftpipe", method="qlora", budget=8192, gc=True,
-                                          compile=True, steps=3, warmup=2,
+                                          compile=True, warmup=2,
                                           note="NF4, 8,192-token micro-batches, checkpointing, torch.compile"),
     f"{L8}/ftpipe-qlora-7k-compile": dict(model=L8, recipe="ftpipe", method="qlora", budget=7168, gc=True,
-                                          compile=True, steps=3, warmup=2,
+                                          compile=True, warmup=2,
                                           note="NF4, 7,168-token micro-batches, checkpointing, torch.compile"),
     f"{L8}/ftpipe-qlora-6k-compile": dict(model=L8, recipe="ftpipe", method="qlora", budget=6144, gc=True,
-                                          compile=True, steps=3, warmup=2,
+                                          compile=True, warmup=2,
                                           note="NF4, 6,144-token micro-batches, checkpointing, torch.compile"),
-    f"{L8}/ftpipe-qlora-16k": dict(model=L8, recipe="ftpipe", method="qlora", budget=16384, gc=True, steps=3,
+    f"{L8}/ftpipe-qlora-16k": dict(model=L8, recipe="ftpipe", method="qlora", budget=16384, gc=True,
                                    warmup=1, note="NF4, 16,384-token micro-batches, checkpointing"),
 }
 QUICK = {"llama-3.2-1b": "tiny-llama", "qwen2.5-0.5b": "tiny-qwen", "llama-3.1-8b": "tiny-llama"}
@@ -127,17 +129,47 @@ def make_examples(n: int, vocab: int, seed: int = 0, max_len: int = 2048) -> lis
     return out
 
 
-def linear_params(cfg) -> int:
+def linear_params(cfg) -> tuple[int, int]:
+    """(parameters of the decoder layers' linear maps, parameters of the output layer)."""
     h, layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
     heads = cfg.num_attention_heads
     hd = getattr(cfg, "head_dim", None) or h // heads
     kv = getattr(cfg, "num_key_value_heads", heads)
     per_layer = h * heads * hd + 2 * h * kv * hd + heads * hd * h + 3 * h * inter
-    return layers * per_layer + cfg.vocab_size * h
+    return layers * per_layer, cfg.vocab_size * h
 
 
-def step_flops(cfg, lengths: list[int], method: str, n_adapter: int) -> float:
-    n = linear_params(cfg)
+def labelled(labels: list[int]) -> int:
+    """Positions whose next token is a label: the only ones whose logits the loss needs."""
+    return sum(1 for x in labels[1:] if x != -100)
+
+
+def step_flops(cfg, examples, method: str, n_adapter: int, head_all: bool) -> float:
+    """The model FLOPs of one optimizer step over `examples` ((ids, labels) pairs), counting
+    the work the recipe does: the output layer on every token where it computes full logits
+    (head_all), else only on the labelled positions (ftpipe's chunked loss); no recomputation
+    (checkpointing) counted, as MFU is defined. Frozen weights (LoRA, QLoRA) get no weight
+    gradient: 4 FLOPs per parameter and token instead of 6; attention has no weights, so its
+    backward is done in full either way."""
+    body, head = linear_params(cfg)
+    heads = cfg.num_attention_heads
+    d = heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    per_weight = 6 if method == "full" else 4
+    total = 0.0
+    for ids, labels in examples:
+        L = len(ids)
+        total += per_weight * (body * L + head * (L if head_all else labelled(labels)))
+        total += 6 * cfg.num_hidden_layers * d * L * L   # causal: half of L^2 scored, fwd + 2x bwd
+        if method != "full":
+            total += 6 * n_adapter * L
+    return total
+
+
+def step_flops_old(cfg, lengths: list[int], method: str, n_adapter: int) -> float:
+    """The accounting of the figures before 2026-12-01: the output layer on every token, and
+    LoRA's 2/3 applied to attention too. Reported beside the new figure once."""
+    body, head = linear_params(cfg)
+    n = body + head
     heads = cfg.num_attention_heads
     d = heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     full = sum(6 * n * L + 6 * cfg.num_hidden_layers * d * L * L for L in lengths)
@@ -430,7 +462,7 @@ def one(name: str, quick: bool, out_json: str) -> None:
     v = VARIANTS[name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = load_config(v["model"], quick)
-    steps, warmup = (2, 1) if quick else (v.get("steps", 6), v.get("warmup", 2))
+    steps, warmup = (2, 1) if quick else (v.get("steps", STEPS), v.get("warmup", 2))
     examples = make_examples((warmup + steps) * PER_STEP, cfg.vocab_size, max_len=512 if quick else 2048)
     runner = {"ftpipe": run_ftpipe, "reference": run_reference, "trl": run_trl}[v["recipe"]]
     try:
@@ -440,13 +472,25 @@ def one(name: str, quick: bool, out_json: str) -> None:
     if not res:  # a non-zero rank
         return
     if "error" not in res:
+        import statistics
+
         timed = res["step_s"][warmup:]
         toks = res["tokens"][warmup: warmup + len(timed)]
-        flops = sum(step_flops(cfg, [len(e[0]) for e in examples[s * PER_STEP:(s + 1) * PER_STEP]], v["method"],
-                               res["n_adapter"]) for s in range(warmup, warmup + len(timed)))
+        head_all = v["recipe"] != "ftpipe" or not v.get("chunk", 4096)
+        step_examples = [examples[s * PER_STEP:(s + 1) * PER_STEP] for s in range(warmup, warmup + len(timed))]
+        flops = sum(step_flops(cfg, ex, v["method"], res["n_adapter"], head_all) for ex in step_examples)
+        flops_old = sum(step_flops_old(cfg, [len(e[0]) for e in ex], v["method"], res["n_adapter"])
+                        for ex in step_examples)
+        per_step = [t / s for t, s in zip(toks, timed)]
+        mean = statistics.fmean(per_step)
         res |= {"tokens_per_s": sum(toks) / sum(timed), "mfu": flops / sum(timed) / PEAK / res["world"],
+                "mfu_old": flops_old / sum(timed) / PEAK / res["world"],
+                "step_tokens_per_s": per_step,
+                "spread": statistics.pstdev(per_step) / mean if len(per_step) > 1 else 0.0,
+                "step_min_max": [min(per_step), max(per_step)],
                 "warmup_s": sum(res["step_s"][:warmup]), "loss_last": res["losses"][-1] if res["losses"] else None,
-                "steps_timed": len(timed), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+                "steps_timed": len(timed), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                "torch": torch.__version__}
     res |= {"variant": name, **{k: v[k] for k in ("model", "recipe", "method")}, "note": v.get("note", "")}
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -505,7 +549,7 @@ def main() -> None:
             results.append(json.loads(path.read_text()))
         r = results[-1]
         print(f"   {time.perf_counter() - t0:.0f}s  " + (f"ERROR {r['error']}" if "error" in r else
-              f"{r['tokens_per_s']:,.0f} tok/s  MFU {r['mfu']:.1%}  peak {r['peak_gib'] or 0:.1f} GiB  "
+              f"{r['tokens_per_s']:,.0f} tok/s (sd {r['spread']:.1%})  MFU {r['mfu']:.1%} (old count {r['mfu_old']:.1%})  peak {r['peak_gib'] or 0:.1f} GiB  "
               f"loss {r['loss_last']:.4f}"), flush=True)
         if "error" in r:
             print((r.get("traceback") or r.get("log") or "")[-1500:], flush=True)
@@ -516,20 +560,36 @@ def main() -> None:
     print(table(results))
 
 
+def loss_gap(r: dict, ref: dict | None) -> float | None:
+    """The largest relative difference of r's loss from its bf16 reference's, step by step
+    over the steps both ran (the same examples at each step)."""
+    if not ref or "error" in ref or "error" in r or r is ref:
+        return None
+    pairs = list(zip(r.get("losses") or [], ref.get("losses") or []))
+    return max(abs(a - b) / abs(b) for a, b in pairs) if pairs else None
+
+
 def table(results: list[dict]) -> str:
     by = {r["variant"]: r for r in results}
     lines = []
     for model in dict.fromkeys(r["variant"].split("/")[0] for r in results):
-        lines += [f"### {model}", "", "| variant | tokens/s | MFU | peak GiB | loss at last step | warm-up s | note |",
-                  "|---|---|---|---|---|---|---|"]
+        ref = by.get(f"{model}/ftpipe-padded")
+        lines += [f"### {model}", "",
+                  "| variant | tokens/s | spread (sd, min-max) | MFU (work done) | MFU (old count) | peak GiB "
+                  "| loss at last step | loss vs bf16 ref | steps timed | warm-up s | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in by.items():
             if not name.startswith(model + "/"):
                 continue
             if "error" in r:
-                lines.append(f"| {name} | — | — | — | — | — | could not run: {r['error'][:200]} |")
+                lines.append(f"| {name} | — | — | — | — | — | — | — | — | — | could not run: {r['error'][:200]} |")
                 continue
-            lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
-                         f"{(r['peak_gib'] or 0):.1f} | {r['loss_last']:.4f} | {r['warmup_s']:.1f} | {r.get('note', '')} |")
+            gap = loss_gap(r, ref)
+            lo, hi = r.get("step_min_max") or (0, 0)
+            lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r.get('spread', 0):.1%}, {lo:,.0f}-{hi:,.0f} | "
+                         f"{r['mfu']:.1%} | {r.get('mfu_old', 0):.1%} | {(r['peak_gib'] or 0):.1f} | "
+                         f"{r['loss_last']:.4f} | {'—' if gap is None else f'{gap:.2%}'} | {r.get('steps_timed')} | "
+                         f"{r['warmup_s']:.1f} | {r.get('note', '')} |")
         lines.append("")
     ratio = lambda a, b: (f"{by[a]['tokens_per_s'] / by[b]['tokens_per_s']:.2f}x"  # noqa: E731
                           if a in by and b in by and "error" not in by[a] and "error" not in by[b] else "—")

@@ -54,7 +54,7 @@ def generate_reference(model, tokenizer, prompts: list[str], max_new_tokens: int
 
 
 def generate_fast(model, tokenizer, prompts: list[str], max_new_tokens: int, max_rows: int = 512,
-                  max_batch_tokens: int | None = None, return_ids: bool = False):
+                  max_batch_tokens: int | None = None, return_ids: bool = False, static: bool | None = None):
     """Greedy decoding as `model.generate` does it (left padding, positions from the mask, the
     same KV cache), for evaluation at GPU speed: prompts sorted by token length and batched up
     to max_rows rows and max_batch_tokens (prompt + new) tokens (default: what half the free
@@ -62,10 +62,18 @@ def generate_fast(model, tokenizer, prompts: list[str], max_new_tokens: int, max
     new tokens/s, 341k and 1,024 rows 9.3k, `token_budget`); the prefill keeps only the
     last position's logits; each step is one forward of the live rows, and a row that emitted
     an end-of-sequence token leaves the batch (its cache rows dropped). return_ids: the new
-    token ids per prompt instead of text."""
+    token ids per prompt instead of text.
+
+    static (default: on a GPU): after the prefill, the batch decodes into a fixed-size cache
+    with one CUDA graph per batch replayed for every step (`_decode_static`): no per-step
+    launch work or cache growth; finished rows stay in the batch (their extra tokens are cut)
+    and the batch stops when every row has finished."""
     model.eval()
+    if static is None:
+        static = next(model.parameters()).device.type == "cuda"
     with _decode_attention(model):
-        return _generate_fast(model, tokenizer, prompts, max_new_tokens, max_rows, max_batch_tokens, return_ids)
+        return _generate_fast(model, tokenizer, prompts, max_new_tokens, max_rows, max_batch_tokens, return_ids,
+                              static)
 
 
 def token_budget(model, share: float = 0.5, cap: int = 256 * 1024) -> int:
@@ -87,7 +95,8 @@ def token_budget(model, share: float = 0.5, cap: int = 256 * 1024) -> int:
     return int(max(4096, min(cap, share * free // (kv + transient))))
 
 
-def _generate_fast(model, tokenizer, prompts, max_new_tokens, max_rows, max_batch_tokens, return_ids):
+def _generate_fast(model, tokenizer, prompts, max_new_tokens, max_rows, max_batch_tokens, return_ids,
+                   static=False):
     import torch
     from transformers import DynamicCache
 
@@ -107,6 +116,7 @@ def _generate_fast(model, tokenizer, prompts, max_new_tokens, max_rows, max_batc
     if cur:
         batches.append(cur)
     out: dict[int, list[int]] = {}
+    cache_arg = _cache_arg(model)
     with torch.inference_mode():
         for rows in batches:
             width = len(ids[rows[0]])
@@ -118,8 +128,13 @@ def _generate_fast(model, tokenizer, prompts, max_new_tokens, max_rows, max_batc
             x, mask = x.to(device), mask.to(device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = DynamicCache()
-            logits = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            logits = model(input_ids=x, attention_mask=mask, position_ids=pos, **{cache_arg: cache},
                            use_cache=True, logits_to_keep=1).logits[:, -1]
+            if static:
+                tokens = _decode_static(model, cache, logits, mask, pos[:, -1], max_new_tokens, eos_ids)
+                for r, i in enumerate(rows):
+                    out[i] = tokens[r]
+                continue
             live = torch.arange(len(rows), device=device)
             last = pos[:, -1]
             steps: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -138,7 +153,7 @@ def _generate_fast(model, tokenizer, prompts, max_new_tokens, max_rows, max_batc
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
                 last = last + 1
                 logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
-                               past_key_values=cache, use_cache=True).logits[:, -1]
+                               **{cache_arg: cache}, use_cache=True).logits[:, -1]
             tokens = [[] for _ in rows]
             for live_rows, nxt in ((a.tolist(), b.tolist()) for a, b in steps):
                 for r, t in zip(live_rows, nxt):
@@ -148,6 +163,111 @@ def _generate_fast(model, tokenizer, prompts, max_new_tokens, max_rows, max_batc
     if return_ids:
         return [out[i] for i in range(len(prompts))]
     return [tokenizer.decode(out[i], skip_special_tokens=True).strip() for i in range(len(prompts))]
+
+
+class _StaticKV:
+    """A decode's KV cache of fixed size: per layer [B, Hkv, T, D] buffers, each step's keys
+    and values written at `pos` (a one-element tensor on the device, advanced by the step
+    itself), so one captured CUDA graph of the step serves every step. What the decoder
+    layers call on a cache (`update`) and what the model asks of it."""
+
+    is_compileable = False
+
+    def __init__(self, keys: list, values: list, pos):
+        self.keys, self.values, self.pos = keys, values, pos
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.pos, key_states)
+        self.values[layer_idx].index_copy_(2, self.pos, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[0].shape[2]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _cache_arg(model) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.2x on, `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _decode_static(model, cache, logits, mask, last, max_new_tokens: int, eos_ids) -> list[list[int]]:
+    """Greedy decoding of one prefilled batch into a fixed-size cache: the prompt's keys and
+    values (cache, a DynamicCache after the prefill) copied into buffers of prompt + new
+    length, an additive mask that opens each new position as it is written, and every step
+    (forward, argmax, the buffers advanced) one CUDA graph replayed on a GPU (eager on CPU).
+    Each row's tokens up to and including its first end-of-sequence token, as generate()
+    returns them. Checks every 8 steps whether all rows have finished."""
+    import torch
+
+    rows, width = mask.shape
+    total = width + max_new_tokens
+    device, dtype = logits.device, next(model.parameters()).dtype
+    keys, values = [], []
+    for layer in cache.layers:
+        for src, dst in ((layer.keys, keys), (layer.values, values)):
+            buf = src.new_zeros(src.shape[:2] + (total, src.shape[-1]))
+            buf[:, :, :width] = src
+            dst.append(buf)
+    del cache
+    kv = _StaticKV(keys, values, torch.tensor([width], device=device))
+    allowed = torch.full((rows, 1, 1, total), torch.finfo(dtype).min, dtype=dtype, device=device)
+    allowed[:, 0, 0, :width].masked_fill_(mask.bool(), 0.0)
+    first = logits.argmax(-1)
+    tokens = torch.full((rows, max_new_tokens), -1, dtype=torch.long, device=device)
+    tokens[:, 0] = first
+    done = (first[:, None] == eos_ids).any(-1)
+    ids, positions = first[:, None].clone(), (last + 1)[:, None].clone()
+    at = torch.ones(1, dtype=torch.long, device=device)
+    call = {"input_ids": ids, "attention_mask": allowed, "position_ids": positions, _cache_arg(model): kv,
+            "use_cache": True}
+
+    def step():
+        allowed.index_fill_(3, kv.pos, 0.0)
+        nxt = model(**call).logits[:, -1].argmax(-1)
+        tokens.index_copy_(1, at, nxt[:, None])
+        done.logical_or_((nxt[:, None] == eos_ids).any(-1))
+        ids.copy_(nxt[:, None])
+        positions.add_(1)
+        kv.pos.add_(1)
+        at.add_(1)
+
+    remaining = max_new_tokens - 1
+    if remaining > 0 and not bool(done.all()):
+        graph = None
+        if device.type == "cuda":   # one eager step (warms cuBLAS and the allocator), then capture
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            remaining -= 1
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+        else:
+            step()
+            remaining -= 1
+        for n in range(remaining):
+            if n % 8 == 0 and bool(done.all()):
+                break
+            graph.replay() if graph is not None else step()
+    out = []
+    eos = set(eos_ids.tolist())
+    for row in tokens.tolist():
+        cut = []
+        for t in row:
+            if t < 0:
+                break
+            cut.append(t)
+            if t in eos:
+                break
+        out.append(cut)
+    return out
 
 
 GQA_DECODE = "ftpipe_gqa_decode"

@@ -28,25 +28,42 @@ def test_folded_gqa_decode_attention_equals_sdpa_with_repeated_kv(heads, kv_head
     assert torch.allclose(got, want, atol=1e-6)
 
 
-def test_generate_fast_gives_model_generate_tokens(tiny_base):
+PROMPTS = [f"### Instruction:\nConvert 19{n:02d}-0{n % 9 + 1}-1{n % 10} to words.\n\n### Response:" * (1 + n % 3)
+           for n in range(20)]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["shrinking-batch", "static-cache"])
+def test_generate_fast_gives_model_generate_tokens(tiny_base, static):
+    """Both decode loops (rows leave the batch; a fixed cache replayed as one CUDA graph on a GPU,
+    run eagerly here) give model.generate's greedy tokens, on the trained tiny base."""
     from ftpipe.evaluation.generation import generate_fast, generate_reference, load_for_eval
 
     model, tok = load_for_eval(str(tiny_base))
-    prompts = [f"### Instruction:\nConvert 19{n:02d}-0{n % 9 + 1}-1{n % 10} to words.\n\n### Response:" * (1 + n % 3)
-               for n in range(20)]
-    assert generate_fast(model, tok, prompts, 10, max_rows=6) == generate_reference(model, tok, prompts, 10, 8)
+    assert generate_fast(model, tok, PROMPTS, 10, max_rows=6, static=static) == \
+        generate_reference(model, tok, PROMPTS, 10, 8)
 
 
-def test_sampled_generation_repeats_with_its_seed_and_greedy_stays_greedy(tiny_base):
-    """A behaviour suite's sampling: the same seed gives the same samples, another seed others;
-    no sampling is the greedy path."""
-    from ftpipe.evaluation.generation import generate, generate_reference, load_for_eval
+def test_static_decode_on_a_grouped_query_model_with_early_stops(tmp_path):
+    """A random Qwen2-shaped model (grouped-query attention, tied embeddings) whose
+    end-of-sequence token is one it emits mid-answer in some rows, so rows finish at different
+    steps: the static decode cuts each row at its own end and matches model.generate."""
+    from collections import Counter
 
-    model, tok = load_for_eval(str(tiny_base))
-    prompts = ["### Instruction:\nConvert 1948-03-21 to words.\n\n### Response:", "Ada's locker code is"] * 4
-    hot = {"temperature": 1.5, "top_p": 1.0, "samples": 1, "seed": 3}
-    one, again = generate(model, tok, prompts, 8, 4, hot), generate(model, tok, prompts, 8, 4, hot)
-    assert one == again
-    assert generate(model, tok, prompts, 8, 4, hot | {"seed": 4}) != one
-    assert len(set(one)) > 2                                  # the same prompt sampled four times differs
-    assert generate(model, tok, prompts, 8, 4) == generate_reference(model, tok, prompts, 8, 4)
+    from ftpipe.evaluation.generation import generate_fast, generate_reference, load_for_eval
+    from ftpipe.training.families import random_model
+
+    random_model("qwen2", tmp_path / "m", shape="qwen2-tiny")
+    model, tok = load_for_eval(str(tmp_path / "m"))
+    with torch.no_grad():   # at init scale every row repeats one token: make the answers differ
+        for w in model.parameters():
+            if w.dim() == 2:
+                w.mul_(10)
+    free = generate_fast(model, tok, PROMPTS, 12, max_rows=7, return_ids=True)
+    # the token that ends the most rows early without ending all of them at the same step
+    counts = Counter(t for row in free for t in set(row[1:-1]))
+    stop = next(t for t, n in counts.most_common() if n < len(free))
+    tok.eos_token = tok.convert_ids_to_tokens(stop)
+    want = generate_reference(model, tok, PROMPTS, 12, 8)
+    ids = generate_fast(model, tok, PROMPTS, 12, max_rows=7, static=True, return_ids=True)
+    assert generate_fast(model, tok, PROMPTS, 12, max_rows=7, static=True) == want
+    assert len({len(row) for row in ids}) > 2 and all(row[-1] == stop for row in ids if len(row) < 12)
