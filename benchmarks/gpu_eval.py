@@ -119,12 +119,14 @@ def bench_generation(base: Path, prompts: list[str], max_new: int, dtype_name: s
                 # the path before (2026-11-30): rows leave the batch, a growing cache, eager steps
                 ("fast_shrinking", lambda: generate_fast(model, tok, prompts, max_new, return_ids=True,
                                                          static=False))]
-    if dtype_name == "bf16" and extra == "budget":   # the batch limits of generate_fast
-        variants = [("fast_rows512_256k", lambda: generate_fast(model, tok, prompts, max_new, max_rows=512,
-                                                                max_batch_tokens=256 * 1024, return_ids=True)),
-                    ("fast", lambda: generate_fast(model, tok, prompts, max_new, return_ids=True)),
-                    ("fast_rows2048", lambda: generate_fast(model, tok, prompts, max_new, max_rows=2048,
-                                                            return_ids=True))]
+    if dtype_name == "bf16" and extra == "budget":   # the batch limits of generate_fast (static decode)
+        variants = [("fast", lambda: generate_fast(model, tok, prompts, max_new, return_ids=True)),
+                    ("fast_rows256", lambda: generate_fast(model, tok, prompts, max_new, max_rows=256,
+                                                           return_ids=True)),
+                    ("fast_rows1024_512k", lambda: generate_fast(model, tok, prompts, max_new, max_rows=1024,
+                                                                 max_batch_tokens=512 * 1024, return_ids=True)),
+                    ("fast_rows2048_1m", lambda: generate_fast(model, tok, prompts, max_new, max_rows=2048,
+                                                               max_batch_tokens=1024 * 1024, return_ids=True))]
     elif dtype_name == "bf16" and extra:   # what the batch size alone gives, either way
         variants += [("reference_batch256", lambda: reference_ids(model, tok, prompts, max_new, 256)),
                      ("fast_rows128", lambda: generate_fast(model, tok, prompts, max_new, max_rows=128,
