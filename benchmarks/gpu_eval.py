@@ -336,7 +336,7 @@ def main() -> None:
             (args.out / "gpu_eval.json").write_text(json.dumps(doc, indent=2))
 
     doc["generation"] = {}
-    for d in args.dtypes.split(","):
+    for d in [d for d in args.dtypes.split(",") if d]:   # --dtypes "": no generation comparison
         doc["generation"][d] = bench_generation(base, prompts, args.new, d,
                                                 extra="budget" if args.budget else not args.lean)
         if torch.cuda.is_available():
