@@ -27,12 +27,40 @@ class BaseStoreError(RuntimeError):
     """A stored base that cannot be had whole: missing from the store, or its bytes changed."""
 
 
-def base_files(folder: str | Path) -> dict[str, str]:
+def base_files(folder: str | Path, remembered: bool = False) -> dict[str, str]:
     """{file name: sha256} of what a base folder holds for from_pretrained: its top-level files
-    (config, weights and their index, tokenizer, chat template, generation config)."""
+    (config, weights and their index, tokenizer, chat template, generation config).
+
+    remembered: a file whose path, size, modification time and inode are those of its last
+    hashing on this machine takes the hash then taken ($FTPIPE_CACHE/bases/hashes.json), so
+    registering another version on an unchanged 16 GB base reads none of it again. For
+    registration only: checks of what a version pinned (check_files, the audit) always re-read."""
     folder = Path(folder)
-    return {p.name: sha256_path(p) for p in sorted(folder.iterdir())
-            if p.is_file() and not p.name.startswith(".")}
+    names = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    if not remembered:
+        return {p.name: sha256_path(p) for p in names}
+    memo_file = cache_root() / "hashes.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    out, changed = {}, False
+    for p in names:
+        st = p.stat()
+        key, stamp = str(p.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
+        known = memo.get(key)
+        if known and known[:3] == stamp:
+            out[p.name] = known[3]
+        else:
+            out[p.name] = sha256_path(p)
+            memo[key] = stamp + [out[p.name]]
+            changed = True
+    if changed:   # atomically: processes registering at once each leave a whole file
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_name(f".hashes-{os.getpid()}.json")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_file)
+    return out
 
 
 def local_folder(path_or_id: str, revision: str | None = None) -> Path:
@@ -91,7 +119,7 @@ def store_base(folder: str | Path, source: str, revision: str | None,
     from ftpipe.registry.store import client
 
     c = client()
-    files = base_files(folder)
+    files = base_files(folder, remembered=True)
     d = digest(files)
     run_id = stored_run(c, d)
     if run_id is None:
