@@ -140,6 +140,12 @@ def linear_params(cfg) -> tuple[int, int]:
     return layers * per_layer, cfg.vocab_size * h
 
 
+def attention_width(cfg) -> int:
+    """Query heads x head size: the width of the attention scores' products."""
+    heads = cfg.num_attention_heads
+    return heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+
+
 def labelled(labels: list[int]) -> int:
     """Positions whose next token is a label: the only ones whose logits the loss needs."""
     return sum(1 for x in labels[1:] if x != -100)
@@ -153,8 +159,7 @@ def step_flops(cfg, examples, method: str, n_adapter: int, head_all: bool) -> fl
     gradient: 4 FLOPs per parameter and token instead of 6; attention has no weights, so its
     backward is done in full either way."""
     body, head = linear_params(cfg)
-    heads = cfg.num_attention_heads
-    d = heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    d = attention_width(cfg)
     per_weight = 6 if method == "full" else 4
     total = 0.0
     for ids, labels in examples:
@@ -171,8 +176,7 @@ def step_flops_old(cfg, lengths: list[int], method: str, n_adapter: int) -> floa
     LoRA's 2/3 applied to attention too. Reported beside the new figure once."""
     body, head = linear_params(cfg)
     n = body + head
-    heads = cfg.num_attention_heads
-    d = heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    d = attention_width(cfg)
     full = sum(6 * n * L + 6 * cfg.num_hidden_layers * d * L * L for L in lengths)
     if method == "full":
         return full

@@ -69,6 +69,7 @@ def _command(req: dict, default_threads: int) -> None:
     os.environ.update(req["env"])
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
+    os.close(null)
     for fd, path in ((1, req["out"]), (2, req["err"])):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(f, fd)
@@ -98,10 +99,9 @@ def _serve_one(conn: socket.socket, default_threads: int) -> None:
         conn.close()
         _command(req, default_threads)   # never returns: SystemExit ends the interpreter normally
     conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
-    _, status, usage = os.wait4(pid, 0)
-    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])   # -N: killed by signal N, as subprocess says
     try:
-        conn.sendall((json.dumps({"returncode": code, "user_s": usage.ru_utime, "sys_s": usage.ru_stime}) + "\n").encode())
+        conn.sendall((json.dumps({"returncode": code}) + "\n").encode())
     finally:
         os._exit(0)
 

@@ -131,7 +131,7 @@ def _generate_fast(model, tokenizer, prompts, max_new_tokens, max_rows, max_batc
             logits = model(input_ids=x, attention_mask=mask, position_ids=pos, **{cache_arg: cache},
                            use_cache=True, logits_to_keep=1).logits[:, -1]
             if static:
-                tokens = _decode_static(model, cache, logits, mask, pos[:, -1], max_new_tokens, eos_ids)
+                tokens = _decode_static(model, cache_arg, cache, logits, mask, pos[:, -1], max_new_tokens, eos_ids)
                 for r, i in enumerate(rows):
                     out[i] = tokens[r]
                 continue
@@ -195,7 +195,8 @@ def _cache_arg(model) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-def _decode_static(model, cache, logits, mask, last, max_new_tokens: int, eos_ids) -> list[list[int]]:
+def _decode_static(model, cache_arg: str, cache, logits, mask, last, max_new_tokens: int,
+                   eos_ids) -> list[list[int]]:
     """Greedy decoding of one prefilled batch into a fixed-size cache: the prompt's keys and
     values (cache, a DynamicCache after the prefill) copied into buffers of prompt + new
     length, an additive mask that opens each new position as it is written, and every step
@@ -223,8 +224,7 @@ def _decode_static(model, cache, logits, mask, last, max_new_tokens: int, eos_id
     done = (first[:, None] == eos_ids).any(-1)
     ids, positions = first[:, None].clone(), (last + 1)[:, None].clone()
     at = torch.ones(1, dtype=torch.long, device=device)
-    call = {"input_ids": ids, "attention_mask": allowed, "position_ids": positions, _cache_arg(model): kv,
-            "use_cache": True}
+    call = {"input_ids": ids, "attention_mask": allowed, "position_ids": positions, cache_arg: kv, "use_cache": True}
 
     def step():
         allowed.index_fill_(3, kv.pos, 0.0)
@@ -245,13 +245,12 @@ def _decode_static(model, cache, logits, mask, last, max_new_tokens: int, eos_id
             with torch.cuda.stream(side):
                 step()
             torch.cuda.current_stream(device).wait_stream(side)
-            remaining -= 1
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph):   # recorded, not run: the step count is unchanged
                 step()
         else:
             step()
-            remaining -= 1
+        remaining -= 1
         for n in range(remaining):
             if n % 8 == 0 and bool(done.all()):
                 break
