@@ -25,13 +25,20 @@ import sys
 import threading
 
 # What the commands import (measured: with these done, what `ftpipe run`, `data status`, `models`,
-# `lineage`, `export` and `generate` import besides took 0.8 s). Not prefect: it reads its
-# settings from the environment at import, and every call brings its own PREFECT_* variables.
+# `lineage`, `export` and `generate` import besides took 0.8 s).
 PRELOAD = ("torch", "torch.distributed.tensor", "torch._dynamo", "transformers",
            "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2", "peft",
            "mlflow", "mlflow.pyfunc", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
            "great_expectations", "sqlalchemy.orm", "alembic", "scipy.optimize", "sklearn", "dvc.repo", "dvc_data",
            "accelerate", "pandas", "matplotlib.pyplot", "nltk", "networkx", "pydantic", "rich", "typer", "yaml")
+# Prefect's modules, but not `prefect.main` (what `from prefect import flow` runs: it sets up
+# logging from the settings). Prefect reads its settings (PREFECT_HOME, PREFECT_API_URL, ...) from
+# the environment into one global context at import; every call brings its own, so the child
+# rebuilds that context (prefect.context.refresh_global_settings_context) before anything reads it.
+PREFECT = ("prefect.context", "prefect.settings", "prefect.flows", "prefect.tasks", "prefect.states", "prefect.futures",
+           "prefect.task_runners", "prefect.cache_policies", "prefect.runtime", "prefect.artifacts",
+           "prefect.schedules", "prefect.client.orchestration", "prefect.client.schemas.objects",
+           "prefect.logging.handlers")
 
 
 def _preload() -> int:
@@ -46,6 +53,15 @@ def _preload() -> int:
     torch.set_num_threads(1)
     for name in PRELOAD:
         importlib.import_module(name)
+    import tempfile
+
+    home = tempfile.mkdtemp(prefix="ftpipe-launcher-prefect-")   # where the launcher's own settings point
+    os.environ.update({"PREFECT_HOME": home, "PREFECT_API_URL": "", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                       "DO_NOT_TRACK": "1"})
+    for name in PREFECT:
+        importlib.import_module(name)
+    if "prefect.main" in sys.modules:
+        raise SystemExit("launcher: prefect.main was imported: its logging set-up would hold the launcher's settings")
     # a fork copies only the calling thread: no Python thread may be running beside it (native
     # ones that handle fork themselves are left: OpenBLAS's pool, pyarrow's jemalloc thread)
     extra = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
@@ -67,6 +83,9 @@ def _command(req: dict, default_threads: int) -> None:
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
+    import prefect.context
+
+    prefect.context.refresh_global_settings_context()   # this call's PREFECT_* settings
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)

@@ -273,22 +273,39 @@ GQA_DECODE = "ftpipe_gqa_decode"
 
 
 def _gqa_decode(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA for a decode step of a grouped-query model without copying the cache: the query
-    heads that share a key/value head are folded into that head's query rows ([B, Hkv, G, D]
-    against [B, Hkv, L, D]) instead of repeating K and V to every query head (repeat_kv, which
-    copied the whole cache every step). Prefill (more than one query) is transformers' SDPA."""
+    """Attention for one decode step as two batched matrix products, without copying the cache:
+    the query heads that share a key/value head are folded into that head's query rows
+    ([B*Hkv, G, D] against [B*Hkv, L, D]) instead of repeating K and V to every query head
+    (repeat_kv copied the whole cache every step), and the scores are taken in fp32 (bf16
+    inputs, fp32 products on a GPU) as the fused kernels keep them. One query row per head is
+    a shape the fused kernels tile badly (PyTorch's memory-efficient kernel spent 64x64 tiles on
+    4 rows: ~0.5 ms a layer on an H200 where reading the cache takes microseconds). Prefill
+    (more than one query) is transformers' SDPA."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     b, h, q, d = query.shape
-    hkv = key.shape[1]
-    if q != 1 or h == hkv:
+    hkv, length = key.shape[1], key.shape[2]
+    if q != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(b, hkv, h // hkv, d), key, value, attn_mask=mask, scale=scaling)
-    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+    g = h // hkv
+    qf, kf, vf = query.reshape(b * hkv, g, d), key.reshape(b * hkv, length, d), value.reshape(b * hkv, length, d)
+    if query.dtype == torch.float32:
+        scores = torch.bmm(qf, kf.transpose(1, 2))
+    elif query.is_cuda and "dtype" in torch.ops.aten.bmm.overloads():   # fp32 products of bf16 (torch >= 2.8)
+        scores = torch.bmm(qf, kf.transpose(1, 2), out_dtype=torch.float32)
+    else:
+        scores = torch.bmm(qf.float(), kf.transpose(1, 2).float())
+    scores = scores.view(b, hkv, g, length).mul_(scaling if scaling is not None else d ** -0.5)
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, :length]
+        if mask.dtype == torch.bool:
+            scores.masked_fill_(~mask, float("-inf"))
+        else:
+            scores.add_(mask)
+    probs = scores.softmax(-1).to(value.dtype).view(b * hkv, g, length)
+    return torch.bmm(probs, vf).view(b, h, 1, d).transpose(1, 2).contiguous(), None
 
 
 class _decode_attention:

@@ -7,7 +7,8 @@ import torch
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
-def test_folded_gqa_decode_attention_equals_sdpa_with_repeated_kv(heads, kv_heads):
+@pytest.mark.parametrize("additive", [False, True], ids=["bool-mask", "additive-mask"])
+def test_folded_gqa_decode_attention_equals_sdpa_with_repeated_kv(heads, kv_heads, additive):
     from types import SimpleNamespace
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -21,6 +22,8 @@ def test_folded_gqa_decode_attention_equals_sdpa_with_repeated_kv(heads, kv_head
     mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
     mask[0, ..., :5] = False                          # left padding of two rows
     mask[2, ..., :11] = False
+    if additive:   # the static decode's mask: 0 where open, the dtype's minimum where not
+        mask = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
     module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
     want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=d ** -0.5)
     got, _ = _gqa_decode(module, q, k, v, mask, scaling=d ** -0.5)
@@ -68,3 +71,28 @@ def test_static_decode_on_a_grouped_query_model_with_early_stops(tmp_path):
     ids = generate_fast(model, tok, PROMPTS, 12, max_rows=7, static=True, return_ids=True)
     assert generate_fast(model, tok, PROMPTS, 12, max_rows=7, static=True) == want
     assert len({len(row) for row in ids}) > 2 and all(row[-1] == stop for row in ids if len(row) < 12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 decode attention's fp32 scores are a GPU product")
+def test_folded_decode_attention_in_bf16_on_a_gpu():
+    """On a GPU in bf16 the decode attention takes fp32 scores of bf16 inputs: within bf16
+    rounding of SDPA's fused kernel on the same inputs (and of the fp32 attention)."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from ftpipe.evaluation.generation import _gqa_decode
+
+    torch.manual_seed(0)
+    b, heads, kv_heads, length, d = 16, 32, 8, 300, 64
+    q = torch.randn(b, heads, 1, d, device="cuda")
+    k, v = torch.randn(b, kv_heads, length, d, device="cuda"), torch.randn(b, kv_heads, length, d, device="cuda")
+    mask = torch.zeros(b, 1, 1, length, device="cuda")
+    mask[::2, ..., :40] = torch.finfo(torch.float32).min
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
+    exact, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=d ** -0.5)
+    half = [t.bfloat16() for t in (q, k, v, mask)]
+    fused, _ = sdpa_attention_forward(module, *half, scaling=d ** -0.5)
+    got, _ = _gqa_decode(module, *half, scaling=d ** -0.5)
+    assert got.dtype == torch.bfloat16 and got.shape == (b, 1, heads, d)
+    assert (got.float() - exact).abs().max() <= 2 * (fused.float() - exact).abs().max() + 1e-3
