@@ -252,26 +252,11 @@ def static_compiled(base: Path, prompts: list[str], max_new: int, rows: int = 25
     return res | {"prompts": len(prompts), "rows": rows, "bucket": bucket}
 
 
-def _sdpa_decode(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The decode attention before 2026-12-01 (B): SDPA over the folded grouped-query rows."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    b, h, q, d = query.shape
-    hkv = key.shape[1]
-    if q != 1 or h == hkv:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
-    mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(b, hkv, h // hkv, d), key, value, attn_mask=mask, scale=scaling)
-    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
-
-
-def attention_ab(base: Path, prompts: list[str], max_new: int, reps: int) -> dict:
-    """generate_fast (bf16, static decode) with the decode attention as two batched products
-    (the library's) and as SDPA over folded rows (before), interleaved `reps` times on one model:
-    seconds and tokens/s of each pass, and whether the two give the same tokens."""
+def prefill_ab(base: Path, prompts: list[str], max_new: int, reps: int) -> dict:
+    """generate_fast (bf16, static decode) with the prompts padded on the right for the prefill
+    (the library's: unmasked causal attention, SDPA's flash kernel) and on the left (before:
+    a padding mask, SDPA's memory-efficient kernel), interleaved `reps` times on one model:
+    seconds and tokens/s of each pass, and how many prompts get the same tokens both ways."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -280,23 +265,24 @@ def attention_ab(base: Path, prompts: list[str], max_new: int, reps: int) -> dic
     tok = AutoTokenizer.from_pretrained(base)
     tok.pad_token = tok.pad_token or tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map={"": 0})
-    variants = {"bmm": generation._gqa_decode, "sdpa": _sdpa_decode}
+    library = generation._right_padded_prefill
+    variants = {"right": library, "left": lambda m: False}
     res, outs = {name: [] for name in variants}, {}
     generation.generate_fast(model, tok, prompts[:32], 4)
     try:
         for _ in range(reps):
             for name, fn in variants.items():
-                generation._gqa_decode = fn
+                generation._right_padded_prefill = fn
                 sync()
                 t0 = time.perf_counter()
                 outs[name] = generation.generate_fast(model, tok, prompts, max_new, return_ids=True)
                 sync()
                 sec = time.perf_counter() - t0
                 res[name].append({"seconds": round(sec, 3), "tokens_per_s": round(len(prompts) * max_new / sec)})
-                print("attention_ab", name, res[name][-1], flush=True)
+                print("prefill_ab", name, res[name][-1], flush=True)
     finally:
-        generation._gqa_decode = variants["bmm"]
-    return res | {"same_tokens": sum(a == b for a, b in zip(outs["bmm"], outs["sdpa"])), "prompts": len(prompts)}
+        generation._right_padded_prefill = library
+    return res | {"same_tokens": sum(a == b for a, b in zip(outs["right"], outs["left"])), "prompts": len(prompts)}
 
 
 def phases(base: Path, work: Path, steps: int) -> dict:
@@ -360,7 +346,7 @@ def main() -> None:
     ap.add_argument("--lean", action="store_true", help="only the reference and the fast path")
     ap.add_argument("--budget", action="store_true", help="only generate_fast, at three batch limits")
     ap.add_argument("--profile", type=int, default=0, help="profile generate_fast on this many prompts")
-    ap.add_argument("--ab", type=int, default=0, help="bf16 decode attention, two products vs SDPA, N times each")
+    ap.add_argument("--ab", type=int, default=0, help="bf16 prefill padded right vs left, N times each")
     ap.add_argument("--static", type=int, default=0, help="the static-cache compiled experiment on this many prompts")
     args = ap.parse_args()
     import torch
@@ -392,7 +378,7 @@ def main() -> None:
         print(json.dumps({d: doc["generation"][d]})[:6000], flush=True)
         save()
     if torch.cuda.is_available() and args.ab:
-        doc["attention_ab"] = attention_ab(base, prompts, args.new, args.ab)
+        doc["prefill_ab"] = prefill_ab(base, prompts, args.new, args.ab)
         save()
     if torch.cuda.is_available() and args.profile:
         doc["profile_fast"] = profile_fast(base, prompts[:args.profile], args.new)

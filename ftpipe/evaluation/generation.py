@@ -76,6 +76,24 @@ def generate_fast(model, tokenizer, prompts: list[str], max_new_tokens: int, max
                               static)
 
 
+def _right_padded_prefill(model) -> bool:
+    """Whether a batch's prompts may be padded on the right for the prefill: then causal
+    attention needs no mask (a real token never sees the pads after it), so SDPA runs its flash
+    kernel instead of the masked one (the prefill's attention took 0.64 of 4.4 s on an H200
+    with left padding), and each row's next-token logits come from its last real position
+    (the decoder's hidden state there through the output layer). The pads' cache entries stay
+    masked in every decode step. Only for models whose logits are exactly the output layer of
+    the decoder's last hidden state (no soft-capping or logit scale)."""
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    return (decoder is not None and decoder is not model and head is not None
+            and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager", GQA_DECODE)
+            and not any(getattr(c, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")))
+
+
 def token_budget(model, share: float = 0.5, cap: int = 256 * 1024) -> int:
     """How many (prompt + new) tokens a generate_fast batch may hold: `share` of the free GPU
     memory over a token's bytes (its KV cache, and the prefill's transient activations), at
@@ -117,26 +135,35 @@ def _generate_fast(model, tokenizer, prompts, max_new_tokens, max_rows, max_batc
         batches.append(cur)
     out: dict[int, list[int]] = {}
     cache_arg = _cache_arg(model)
+    right = _right_padded_prefill(model)
     with torch.inference_mode():
         for rows in batches:
             width = len(ids[rows[0]])
             x = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for r, i in enumerate(rows):
-                x[r, width - len(ids[i]):] = torch.tensor(ids[i])
-                mask[r, width - len(ids[i]):] = 1
+                span = slice(0, len(ids[i])) if right else slice(width - len(ids[i]), width)
+                x[r, span] = torch.tensor(ids[i])
+                mask[r, span] = 1
             x, mask = x.to(device), mask.to(device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = DynamicCache()
-            logits = model(input_ids=x, attention_mask=mask, position_ids=pos, **{cache_arg: cache},
-                           use_cache=True, logits_to_keep=1).logits[:, -1]
+            if right:
+                pos = torch.arange(width, device=device).expand(len(rows), width)
+                last = mask.sum(-1) - 1
+                hidden = model.get_decoder()(input_ids=x, position_ids=pos, **{cache_arg: cache},
+                                             use_cache=True).last_hidden_state
+                logits = model.get_output_embeddings()(hidden[torch.arange(len(rows), device=device), last])
+            else:
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                last = pos[:, -1]
+                logits = model(input_ids=x, attention_mask=mask, position_ids=pos, **{cache_arg: cache},
+                               use_cache=True, logits_to_keep=1).logits[:, -1]
             if static:
-                tokens = _decode_static(model, cache_arg, cache, logits, mask, pos[:, -1], max_new_tokens, eos_ids)
+                tokens = _decode_static(model, cache_arg, cache, logits, mask, last, max_new_tokens, eos_ids)
                 for r, i in enumerate(rows):
                     out[i] = tokens[r]
                 continue
             live = torch.arange(len(rows), device=device)
-            last = pos[:, -1]
             steps: list[tuple[torch.Tensor, torch.Tensor]] = []
             for step in range(max_new_tokens):
                 nxt = logits.argmax(-1)
@@ -273,39 +300,24 @@ GQA_DECODE = "ftpipe_gqa_decode"
 
 
 def _gqa_decode(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention for one decode step as two batched matrix products, without copying the cache:
-    the query heads that share a key/value head are folded into that head's query rows
-    ([B*Hkv, G, D] against [B*Hkv, L, D]) instead of repeating K and V to every query head
-    (repeat_kv copied the whole cache every step), and the scores are taken in fp32 (bf16
-    inputs, fp32 products on a GPU) as the fused kernels keep them. One query row per head is
-    a shape the fused kernels tile badly (PyTorch's memory-efficient kernel spent 64x64 tiles on
-    4 rows: ~0.5 ms a layer on an H200 where reading the cache takes microseconds). Prefill
-    (more than one query) is transformers' SDPA."""
+    """SDPA for a decode step of a grouped-query model without copying the cache: the query
+    heads that share a key/value head are folded into that head's query rows ([B, Hkv, G, D]
+    against [B, Hkv, L, D]) instead of repeating K and V to every query head (repeat_kv, which
+    copied the whole cache every step). Prefill (more than one query) is transformers' SDPA.
+    (Two batched products with fp32 scores instead of SDPA's kernel measured 7% slower on an
+    H200: RESULTS.md.)"""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     b, h, q, d = query.shape
-    hkv, length = key.shape[1], key.shape[2]
-    if q != 1:
+    hkv = key.shape[1]
+    if q != 1 or h == hkv:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    g = h // hkv
-    qf, kf, vf = query.reshape(b * hkv, g, d), key.reshape(b * hkv, length, d), value.reshape(b * hkv, length, d)
-    if query.dtype == torch.float32:
-        scores = torch.bmm(qf, kf.transpose(1, 2))
-    elif query.is_cuda and "dtype" in torch.ops.aten.bmm.overloads():   # fp32 products of bf16 (torch >= 2.8)
-        scores = torch.bmm(qf, kf.transpose(1, 2), out_dtype=torch.float32)
-    else:
-        scores = torch.bmm(qf.float(), kf.transpose(1, 2).float())
-    scores = scores.view(b, hkv, g, length).mul_(scaling if scaling is not None else d ** -0.5)
-    if attention_mask is not None:
-        mask = attention_mask[:, :, :, :length]
-        if mask.dtype == torch.bool:
-            scores.masked_fill_(~mask, float("-inf"))
-        else:
-            scores.add_(mask)
-    probs = scores.softmax(-1).to(value.dtype).view(b * hkv, g, length)
-    return torch.bmm(probs, vf).view(b, h, 1, d).transpose(1, 2).contiguous(), None
+    mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, hkv, h // hkv, d), key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
 
 
 class _decode_attention:
