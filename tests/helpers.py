@@ -210,6 +210,33 @@ class _Launcher:
             raise RuntimeError(f"tests/launcher.py did not start (exit {self.proc.wait()}): {line}")
         self.calls = 0
 
+    def _request(self, conn: socket.socket, argv: list[str], cwd: Path, env: dict, out: Path, err: Path) -> tuple:
+        """Send one command; (its pid, the file its answers arrive on) once it has started."""
+        import json
+
+        conn.connect(self.socket)
+        conn.sendall((json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "out": str(out),
+                                  "err": str(err)}) + "\n").encode())
+        answers = conn.makefile("r")
+        return json.loads(answers.readline())["pid"], answers
+
+    def start(self, argv: list[str], cwd: Path, env: dict) -> "Started":
+        """A command left running (stdout and stderr into one file): see Started."""
+        import json
+
+        self.calls += 1
+        out = self.dir / f"{self.calls}.log"
+        out.touch()   # the reader may open it before the command does
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid, answers = self._request(conn, argv, cwd, env, out, out)
+
+        def wait() -> int:
+            try:
+                return json.loads(answers.readline())["returncode"]
+            finally:
+                conn.close()
+        return Started(pid, out, wait)
+
     def run(self, argv: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
         import json
         import signal
@@ -217,11 +244,7 @@ class _Launcher:
         self.calls += 1
         out, err = self.dir / f"{self.calls}.out", self.dir / f"{self.calls}.err"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(self.socket)
-            conn.sendall((json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "out": str(out),
-                                      "err": str(err)}) + "\n").encode())
-            answers = conn.makefile("r")
-            pid = json.loads(answers.readline())["pid"]
+            pid, answers = self._request(conn, argv, cwd, env, out, err)
             conn.settimeout(timeout)
             try:
                 code = json.loads(answers.readline())["returncode"]
@@ -240,24 +263,117 @@ class _Launcher:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class Started:
+    """An `ftpipe` command running in the background (start_cli), with what the tests used of a
+    Popen: pid (also its process group: killpg takes what it started), poll(), wait(timeout),
+    communicate(timeout) -> (output, None), terminate(), kill(), send_signal(), returncode; and
+    its output (stdout and stderr in one file) as it is written: `lines` (the complete lines so
+    far, appended by a reader thread) and output() (all of it)."""
+
+    def __init__(self, pid: int, log: Path, wait):
+        import threading
+
+        self.pid, self.log, self.returncode = pid, log, None
+        self.lines: list[str] = []
+        self._done = threading.Event()
+
+        def waiter():
+            self.returncode = wait()
+            self._done.set()
+
+        def reader():
+            with open(log, errors="replace") as f:
+                part = ""
+                while True:
+                    finished = self._done.is_set()
+                    chunk = f.read()
+                    if chunk:
+                        part += chunk
+                        *complete, part = part.split("\n")
+                        self.lines.extend(line + "\n" for line in complete)
+                    elif finished:
+                        if part:
+                            self.lines.append(part)
+                        return
+                    else:
+                        time.sleep(0.05)
+        self._reader = threading.Thread(target=reader, daemon=True)
+        threading.Thread(target=waiter, daemon=True).start()
+        self._reader.start()
+
+    def poll(self) -> int | None:
+        return self.returncode if self._done.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._done.wait(timeout):
+            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        self._reader.join(10)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        self.wait(timeout)
+        return self.output(), None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else "".join(self.lines)
+
+    def send_signal(self, sig: int) -> None:
+        if not self._done.is_set():
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
+
 _launcher: _Launcher | None = None
+
+
+def _launcher_now() -> _Launcher:
+    global _launcher
+    if _launcher is None or _launcher.proc.poll() is not None:
+        _launcher = _Launcher()
+        import atexit
+
+        atexit.register(_launcher.close)
+    return _launcher
+
+
+def start_cli(args: list[str], project: Path, env_extra: dict | None = None, env: dict | None = None) -> Started:
+    """`ftpipe ARGS --project PROJECT` left running in its own process group (what a test kills,
+    signals or waits for): forked from the warm launcher as run_cli's calls are. env: the whole
+    environment instead of the session's plus env_extra."""
+    argv = [str(BIN / "ftpipe"), *args, "--project", str(project)]
+    env = env if env is not None else _cli_env() | {"COLUMNS": "200"} | (env_extra or {})
+    if os.environ.get("FTPIPE_TEST_COLD"):
+        import tempfile
+
+        log = Path(tempfile.mkstemp(prefix="ftpipe-test-", suffix=".log")[1])
+        with open(log, "w") as f:
+            proc = subprocess.Popen(argv, cwd=project, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        return Started(proc.pid, log, proc.wait)
+    return _launcher_now().start(argv, project, env)
 
 
 def run_cli(args: list[str], project: Path, env_extra: dict | None = None,
             timeout: int = 600) -> subprocess.CompletedProcess:
     """`ftpipe ARGS --project PROJECT` in a new process, in PROJECT, with the test session's
     environment plus env_extra; forked from this worker's warm launcher (tests/launcher.py)."""
-    global _launcher
     argv = [str(BIN / "ftpipe"), *args, "--project", str(project)]
     env = _cli_env() | {"COLUMNS": "200"} | (env_extra or {})
     if os.environ.get("FTPIPE_TEST_COLD"):
         return subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
-    if _launcher is None or _launcher.proc.poll() is not None:
-        _launcher = _Launcher()
-        import atexit
-
-        atexit.register(_launcher.close)
-    return _launcher.run(argv, project, env, timeout)
+    return _launcher_now().run(argv, project, env, timeout)
 
 
 def mlflow_client(project: Path):

@@ -11,7 +11,8 @@ command does is unchanged; only the imports are inherited.
 
     python tests/launcher.py SOCKET
 
-A request is one JSON line on a Unix socket: {"argv", "cwd", "env", "out", "err"}. The answer
+A request is one JSON line on a Unix socket: {"argv", "cwd", "env", "out", "err"} (out == err:
+both streams to one file). The answer
 is two JSON lines: {"pid"} of the process running the command once it started, then
 {"returncode"} (negative: killed by that signal, as subprocess reports it) once it ended.
 """
@@ -90,6 +91,9 @@ def _command(req: dict, default_threads: int) -> None:
     os.dup2(null, 0)
     os.close(null)
     for fd, path in ((1, req["out"]), (2, req["err"])):
+        if fd == 2 and path == req["out"]:   # one file for both, as stderr=STDOUT
+            os.dup2(1, 2)
+            continue
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(f, fd)
         os.close(f)

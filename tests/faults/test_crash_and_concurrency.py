@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 
-from tests.helpers import ok, BIN, REPO, make_project, mlflow_client, run_cli
+from tests.helpers import ok, REPO, make_project, mlflow_client, run_cli, start_cli
 
 MODEL = "ftpipe-dates"
 
@@ -20,10 +19,7 @@ MODEL = "ftpipe-dates"
 
 def _start(project, env, *args):
     """`ftpipe run` in its own process group (so a kill takes its children too)."""
-    e = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    return subprocess.Popen([str(BIN / "ftpipe"), "run", *args, "--project", str(project)], cwd=project,
-                            env=e | {"COLUMNS": "200"} | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return start_cli(["run", *args], project, env)
 
 
 def _kill(proc):
@@ -39,7 +35,7 @@ def _wait(cond, proc, what, timeout=300):
     deadline = time.time() + timeout
     while not cond():
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended before {what}:\n{proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"the run ended before {what}:\n{proc.output()[-3000:]}")
         assert time.time() < deadline, f"no {what} within {timeout} s"
         time.sleep(0.1)
 

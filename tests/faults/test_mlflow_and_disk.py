@@ -9,12 +9,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from tests.helpers import BIN, REPO, free_port, make_project, run_cli, wait_http
+from tests.helpers import REPO, free_port, make_project, run_cli, start_cli, wait_http
 
 MODEL = "ftpipe-dates"
 
@@ -57,13 +56,8 @@ def _project(tmp, uri):
 
 
 def _start(project, env, *overrides):
-    e = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    proc = subprocess.Popen([str(BIN / "ftpipe"), "run", *overrides, "--project", str(project)], cwd=project,
-                            env=e | {"COLUMNS": "200"} | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
-    return proc, lines
+    proc = start_cli(["run", *overrides], project, env)
+    return proc, proc.lines
 
 
 def _wait_for(lines, proc, text, timeout=300):
@@ -77,8 +71,7 @@ def _wait_for(lines, proc, text, timeout=300):
 
 def _finish(proc, lines, timeout=600):
     proc.wait(timeout)
-    time.sleep(0.5)   # the reader thread drains the pipe
-    return "".join(lines)
+    return proc.output()
 
 
 def _versions(c):

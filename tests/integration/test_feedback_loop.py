@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import urllib.error
 import urllib.request
 
 import pytest
 import yaml
 
-from tests.helpers import BIN, copy_project, free_port, mlflow_client, ok, ok_json, run_cli, stop, wait_http
+from tests.helpers import copy_project, free_port, mlflow_client, ok, ok_json, run_cli, start_cli, stop, wait_http
 from tests.integration.test_incremental import serving
 from tests.integration.test_serving import post
 
@@ -34,8 +33,7 @@ def project(tmp_path_factory, trained):
 def test_served_feedback_trains_the_next_scheduled_version_with_lineage_to_each_request(project, prefect_server):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    served = subprocess.Popen([str(BIN / "ftpipe"), "serve", "--port", str(port), "--project", str(project)],
-                              cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    served = start_cli(["serve", "--port", str(port)], project, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", 180, served)
@@ -110,9 +108,8 @@ def test_served_feedback_trains_the_next_scheduled_version_with_lineage_to_each_
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["serve"]["token"] = "${FTPIPE_SERVE_TOKEN}"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    served = subprocess.Popen([str(BIN / "ftpipe"), "serve", "--host", "0.0.0.0", "--port", str(port), "--model", "1",
-                               "--project", str(project)], cwd=project, env=env | {"FTPIPE_SERVE_TOKEN": "s3cret-loop"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    served = start_cli(["serve", "--host", "0.0.0.0", "--port", str(port), "--model", "1"], project,
+                       env=env | {"FTPIPE_SERVE_TOKEN": "s3cret-loop"})
     try:
         wait_http(f"{url}/health", 180, served)
         auth = {"Authorization": "Bearer s3cret-loop"}

@@ -15,7 +15,7 @@ import sys
 import pytest
 import yaml
 
-from tests.helpers import stop, needs_postgres, ok, BIN, REPO, TINY, free_port, make_project, mlflow_client, run_cli, wait_http
+from tests.helpers import stop, needs_postgres, ok, BIN, REPO, TINY, free_port, make_project, mlflow_client, run_cli, start_cli, wait_http
 
 MODEL = "ftpipe-dates"
 
@@ -83,8 +83,7 @@ def serving(project, prefect_env: dict):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
                                                              "PREFECT_API_URL", "PREFECT_HOME")}
     env |= prefect_env
-    served = subprocess.Popen([str(BIN / "ftpipe"), "schedule", "--project", str(project)], cwd=project, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    served = start_cli(["schedule"], project, env=env)
 
     def trigger(stop: bool = False, **parameters) -> tuple[dict, object]:
         before = len(_runs(project))

@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tests.helpers import BIN, PG, REPO, make_project, mlflow_client, needs_postgres, ok, ok_json, run_cli
+from tests.helpers import BIN, PG, REPO, make_project, mlflow_client, needs_postgres, ok, ok_json, run_cli, start_cli
 
 pytestmark = pytest.mark.integration
 NAME = "ftpipe-dates"
@@ -104,12 +104,11 @@ def test_a_killed_sweep_resumes_its_study_and_a_worse_best_is_refused(project, p
             "train.checkpoint_every=10"]
     before = set((project / "runs").glob("train-*"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | prefect_server | {"COLUMNS": "200"}
-    proc = subprocess.Popen([str(BIN / "ftpipe"), *args, "--project", str(project)], cwd=project, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_cli(args, project, env=env)
     deadline = time.time() + 300
     while not any((d / "checkpoints").is_dir() and any((d / "checkpoints").glob("step-*"))
                   for d in set((project / "runs").glob("train-*")) - before):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        assert proc.poll() is None and time.time() < deadline, proc.output()[-3000:]
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -148,11 +147,10 @@ def test_a_second_machine_joins_a_postgresql_study_from_the_champion_and_no_tria
     args = [f"sweep.storage={url}", "sweep.study=pg", "sweep.trials=4", "sweep.pruner.enabled=false", "sweep.seed=7",
             "incremental.start_from=champion", "incremental.max_steps=30"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | prefect_server | {"COLUMNS": "200"}
-    first = subprocess.Popen([str(BIN / "ftpipe"), "sweep", *args, "--project", str(project)], cwd=project, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = start_cli(["sweep", *args], project, env=env)
     deadline = time.time() + 300
     while "pg" not in optuna.study.get_all_study_names(url):   # the first worker prepared the data, made the study
-        assert first.poll() is None and time.time() < deadline, first.stdout.read()[-3000:]
+        assert first.poll() is None and time.time() < deadline, first.output()[-3000:]
         time.sleep(0.5)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(git + ["add", "-A"], cwd=project, check=True)            # the drop and dvc.lock, committed
