@@ -285,6 +285,30 @@ def prefill_ab(base: Path, prompts: list[str], max_new: int, reps: int) -> dict:
     return res | {"same_tokens": sum(a == b for a, b in zip(outs["right"], outs["left"])), "prompts": len(prompts)}
 
 
+def agreement(base: Path, work: Path, steps: int, n: int, max_new: int = 24) -> dict:
+    """bf16 agreement of generate_fast with model.generate where the model is sure of its answers:
+    the random model's top logits tie at most steps (any two kernels then part ways), so first it
+    is fully fine-tuned `steps` steps on the date task (rows before the last n), then both paths
+    answer the last n date prompts (600 of them never trained on) in bf16, compared token by token
+    as bench_generation does."""
+    from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
+    from ftpipe.data.formatting import prompt_of
+    from ftpipe.files import read_jsonl
+    from ftpipe.training.launch import train
+
+    rows = read_jsonl(REPO / "data/sources/dates.jsonl")
+    (work / "agree-train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-n]))
+    t0 = time.perf_counter()
+    res = train(ModelConfig(base=str(base)), LoraConfig(),
+                TrainConfig(method="full", max_steps=steps, batch_size=32, lr=3e-4, warmup_steps=20,
+                            log_every=max(1, steps // 5), checkpoint_every=0),
+                str(work / "agree-train.jsonl"), None, work / "agree-full", log=lambda m: print(m, flush=True))
+    trained = {"steps": steps, "train_s": round(time.perf_counter() - t0, 1), "train_loss": res.train_loss}
+    print("agreement: trained", trained, flush=True)
+    prompts = [prompt_of(r) for r in rows[-n:]]
+    return {"trained": trained, "bf16": bench_generation(Path(res.model_dir), prompts, max_new, "bf16", extra=False)}
+
+
 def phases(base: Path, work: Path, steps: int) -> dict:
     """train (fast path) -> save adapter -> load base + adapter -> evaluate -> merged export -> reload."""
     import torch
@@ -346,6 +370,7 @@ def main() -> None:
     ap.add_argument("--lean", action="store_true", help="only the reference and the fast path")
     ap.add_argument("--budget", action="store_true", help="only generate_fast, at three batch limits")
     ap.add_argument("--profile", type=int, default=0, help="profile generate_fast on this many prompts")
+    ap.add_argument("--agreement", type=int, default=0, help="full fine-tune N steps, then bf16 agreement")
     ap.add_argument("--ab", type=int, default=0, help="bf16 prefill padded right vs left, N times each")
     ap.add_argument("--static", type=int, default=0, help="the static-cache compiled experiment on this many prompts")
     args = ap.parse_args()
@@ -376,6 +401,10 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         print(json.dumps({d: doc["generation"][d]})[:6000], flush=True)
+        save()
+    if args.agreement:
+        doc["agreement"] = agreement(base, work, args.agreement, args.prompts)
+        print(json.dumps(doc["agreement"])[:4000], flush=True)
         save()
     if torch.cuda.is_available() and args.ab:
         doc["prefill_ab"] = prefill_ab(base, prompts, args.new, args.ab)
