@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import PG, needs_postgres, BIN, REPO, free_port, make_project, mlflow_client, run_cli, wait_http
+from tests.helpers import PG, needs_postgres, BIN, REPO, free_port, make_project, mlflow_client, run_cli, start_cli, wait_http
 
 PLANTED = {"FTPIPE_DB_PASSWORD": "pw-planted-7f3a9c51", "HF_TOKEN": "hf_planted_token_8d2e1b44",
            "AWS_SECRET_ACCESS_KEY": "aws-planted-secret-5c6d7e8f"}
@@ -145,11 +145,11 @@ def test_servers_the_project_launches_bind_to_localhost(tmp_path, server):
         cmd = [sys.executable, str(REPO / "mlflow/launch.py"), "--backend", f"sqlite:///{tmp_path / 'm.db'}",
                "--artifacts", str(tmp_path / "a"), "--port", str(port), "--workers", "1"]
         health = f"http://127.0.0.1:{port}/health"
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
     else:
-        project = make_project(tmp_path / "p")
-        cmd = [str(BIN / "ftpipe"), "prefect-server", "--port", str(port), "--project", str(project)]
         health = f"http://127.0.0.1:{port}/api/health"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = start_cli(["prefect-server", "--port", str(port)], make_project(tmp_path / "p"), env=env)
     try:
         wait_http(health, 180, proc)
         assert _listening(proc.pid) == {"127.0.0.1"}

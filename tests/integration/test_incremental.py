@@ -242,9 +242,7 @@ def test_the_same_on_a_prefect_server_backed_by_postgresql(project):
         con.execute(f"CREATE DATABASE {db}")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
-    server = subprocess.Popen([str(BIN / "ftpipe"), "prefect-server", "--db", f"{pg}/{db}", "--port", str(port),
-                               "--project", str(project)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    server = start_cli(["prefect-server", "--db", f"{pg}/{db}", "--port", str(port)], project, env=env)
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", 180, server)
         fr = _skips(project, {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.helpers import ok, ok_json, BIN, REPO, free_port, make_project, run_cli, wait_http
+from tests.helpers import ok, ok_json, BIN, REPO, free_port, make_project, run_cli, start_cli, wait_http
 
 MODEL = "ftpipe-dates"
 
@@ -38,8 +38,7 @@ def test_runs_without_a_prefect_api_share_the_projects_store(tmp_path):
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | no_api
-    server = subprocess.Popen([str(BIN / "ftpipe"), "prefect-server", "--project", str(project), "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = start_cli(["prefect-server", "--port", str(port)], project, env=env)
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", 180, server)
         api = no_api | {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
