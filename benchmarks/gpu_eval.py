@@ -266,7 +266,7 @@ def prefill_ab(base: Path, prompts: list[str], max_new: int, reps: int) -> dict:
     tok.pad_token = tok.pad_token or tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map={"": 0})
     library = generation._right_padded_prefill
-    variants = {"right": library, "left": lambda m: False}
+    variants = {"right": library, "left": lambda m: None}
     res, outs = {name: [] for name in variants}, {}
     generation.generate_fast(model, tok, prompts[:32], 4)
     try:
@@ -288,9 +288,9 @@ def prefill_ab(base: Path, prompts: list[str], max_new: int, reps: int) -> dict:
 def agreement(base: Path, work: Path, steps: int, n: int, max_new: int = 24) -> dict:
     """bf16 agreement of generate_fast with model.generate where the model is sure of its answers:
     the random model's top logits tie at most steps (any two kernels then part ways), so first it
-    is fully fine-tuned `steps` steps on the date task (rows before the last n), then both paths
-    answer the last n date prompts (600 of them never trained on) in bf16, compared token by token
-    as bench_generation does."""
+    is fully fine-tuned `steps` steps on the date task (the rows before the last n), then both
+    paths answer the last n date prompts (none of them trained on) in bf16, compared token by
+    token as bench_generation does."""
     from ftpipe.config import LoraConfig, ModelConfig, TrainConfig
     from ftpipe.data.formatting import prompt_of
     from ftpipe.files import read_jsonl
