@@ -315,7 +315,7 @@ class Started:
         return self.output(), None
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else "".join(self.lines)
+        return self.log.read_text(errors="replace")
 
     def send_signal(self, sig: int) -> None:
         if not self._done.is_set():
@@ -357,8 +357,9 @@ def start_cli(args: list[str], project: Path, env_extra: dict | None = None, env
     if os.environ.get("FTPIPE_TEST_COLD"):
         import tempfile
 
-        log = Path(tempfile.mkstemp(prefix="ftpipe-test-", suffix=".log")[1])
-        with open(log, "w") as f:
+        fd, name = tempfile.mkstemp(prefix="ftpipe-test-", suffix=".log")
+        log = Path(name)
+        with os.fdopen(fd, "w") as f:
             proc = subprocess.Popen(argv, cwd=project, env=env, stdout=f, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         return Started(proc.pid, log, proc.wait)
