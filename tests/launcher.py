@@ -122,7 +122,15 @@ def _serve_one(conn: socket.socket, default_threads: int) -> None:
         conn.close()
         _command(req, default_threads)   # never returns: SystemExit ends the interpreter normally
     conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
-    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])   # -N: killed by signal N, as subprocess says
+    import time
+
+    began = time.monotonic()
+    _, status, usage = os.wait4(pid, 0)
+    code = os.waitstatus_to_exitcode(status)   # -N: killed by signal N, as subprocess says
+    if os.environ.get("FTPIPE_TEST_ACCOUNT"):   # where the suite's time goes: one line per command
+        with open(os.environ["FTPIPE_TEST_ACCOUNT"], "a") as f:
+            f.write(json.dumps({"argv": req["argv"][1:], "cwd": req["cwd"], "wall": round(time.monotonic() - began, 2),
+                                "cpu": round(usage.ru_utime + usage.ru_stime, 2), "code": code}) + "\n")
     try:
         conn.sendall((json.dumps({"returncode": code}) + "\n").encode())
     finally:
