@@ -2,7 +2,7 @@
 and the order modules start in."""
 import os
 
-from tests.helpers import prefect_server, tiny, tiny_base, trained  # noqa: F401  (session fixtures)
+from tests.helpers import prefect_server, stop_session_server, tiny, tiny_base, trained  # noqa: F401  (session fixtures)
 
 # The modules that take longest start first, so the last one to finish is a short one
 # (pytest-xdist --dist loadfile --no-loadscope-reorder hands modules out in this order, two
@@ -24,6 +24,8 @@ def pytest_configure(config):
         os.environ.setdefault("FTPIPE_TEST_DVC_CACHE", tempfile.mkdtemp(prefix="ftpipe-test-dvc-cache-"))
         # the base cache of adapter versions (ftpipe.registry.bases): the session's, not ~/.cache
         os.environ.setdefault("FTPIPE_CACHE", tempfile.mkdtemp(prefix="ftpipe-test-cache-"))
+        # what the workers share: the session's Prefect server and trained project (tests/helpers.py)
+        os.environ.setdefault("FTPIPE_TEST_SHARED", tempfile.mkdtemp(prefix="ftpipe-test-shared-"))
     else:
         from ftpipe import cores
 
@@ -34,7 +36,11 @@ def pytest_unconfigure(config):
     if getattr(config, "workerinput", None) is None:
         import shutil
 
-        for var in ("FTPIPE_TEST_DVC_CACHE", "FTPIPE_CACHE"):
+        from pathlib import Path
+
+        if "ftpipe-test-" in os.environ.get("FTPIPE_TEST_SHARED", ""):
+            stop_session_server(Path(os.environ["FTPIPE_TEST_SHARED"]))
+        for var in ("FTPIPE_TEST_DVC_CACHE", "FTPIPE_CACHE", "FTPIPE_TEST_SHARED"):
             if var in os.environ and "ftpipe-test-" in os.environ[var]:
                 shutil.rmtree(os.environ[var], ignore_errors=True)
 

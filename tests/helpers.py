@@ -23,6 +23,9 @@ os.environ.update({
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
     "GX_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+    # `ftpipe schedule` (Prefect's runner) and `prefect worker` look for runs to start every 10 s by
+    # default; a test waits for each run it triggers
+    "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_WORKER_QUERY_SECONDS": "1",
 })
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
@@ -31,7 +34,7 @@ TINY = {
     "model.build": {"seed": 0, "vocab_size": 320, "hidden_size": 64, "layers": 2, "heads": 2,
                     "intermediate_size": 128, "block_size": 64, "pretrain_steps": 30,
                     "pretrain_batch_size": 16, "pretrain_lr": 0.003},
-    "train": {"method": "lora", "max_steps": 120, "batch_size": 16, "lr": 0.01,
+    "train": {"method": "lora", "max_steps": 60, "batch_size": 16, "lr": 0.01,
               "warmup_steps": 5, "log_every": 20},
     "eval": {"batch_size": 64, "max_new_tokens": 12, "max_examples": 64},
     "incremental": {"start_from": "scratch"},      # tests of incremental runs switch it on
@@ -61,21 +64,64 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+def shared_dir() -> Path:
+    """The test session's folder that all its workers share (made and removed by tests/conftest.py)."""
+    return Path(os.environ["FTPIPE_TEST_SHARED"])
+
+
+def once_per_session(name: str, build) -> dict:
+    """What build() returned (a JSON document), built by the first worker of the session that asks
+    and read by the others: one Prefect server and one trained project for the whole session."""
+    import json
+
+    from filelock import FileLock
+
+    record = shared_dir() / f"{name}.json"
+    with FileLock(shared_dir() / f"{name}.lock"):
+        if not record.exists():
+            record.write_text(json.dumps(build()))
+    return json.loads(record.read_text())
+
+
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """A real `prefect server` (SQLite) for the CLI runs of this session."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_API_URL": ""}
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+def prefect_server():
+    """A real `prefect server` (SQLite) for the CLI runs of this session, one for all its workers:
+    the first to ask starts it, the session's end stops it (stop_session_server)."""
+    def start() -> dict:
+        home = shared_dir() / "prefect-home"
+        home.mkdir()
+        port = free_port()
+        env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_API_URL": ""}
+        with open(home / "server.log", "w") as log:
+            proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                     "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         wait_http(f"http://127.0.0.1:{port}/api/health", 120, proc)
-        yield {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    finally:
-        stop(proc, 20)
-        log.close()
+        return {"pid": proc.pid, "env": {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}}
+    return once_per_session("prefect-server", start)["env"]
+
+
+def stop_session_server(shared: Path) -> None:
+    """The session's Prefect server (if one started) and what it started: SIGTERM, SIGKILL after 20 s."""
+    import json
+    import signal
+
+    record = shared / "prefect-server.json"
+    if not record.exists():
+        return
+    pid = json.loads(record.read_text())["pid"]
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -181,11 +227,15 @@ class Trained:
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, prefect_server) -> Trained:
-    """One tiny project after its first run, per test worker: read-only, tests whose subject is
-    a later run take copy_project(trained.project, ...) instead of paying a first run."""
-    project = make_project(tmp_path_factory.mktemp("trained") / "proj", relative_remote=True)
-    return Trained(project, ok(run_cli(["run"], project, prefect_server)))
+def trained(prefect_server) -> Trained:
+    """One tiny project after its first run, for the whole session (its first worker to ask runs
+    it): read-only, tests whose subject is a later run take copy_project(trained.project, ...)
+    instead of paying a first run."""
+    def build() -> dict:
+        project = make_project(shared_dir() / "trained" / "proj", relative_remote=True)
+        return {"project": str(project), "output": ok(run_cli(["run"], project, prefect_server))}
+    done = once_per_session("trained", build)
+    return Trained(Path(done["project"]), done["output"])
 
 
 def _cli_env() -> dict:

@@ -57,7 +57,7 @@ with get_client(sync_client=True) as client:
     fr = run_deployment("scheduled-retrain/ftpipe-retrain", parameters=json.loads(sys.argv[1]), timeout=0)
     deadline = time.time() + 600
     while not (fr := client.read_flow_run(fr.id)).state.is_final() and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.05 if len(sys.argv) > 2 else 0.5)   # to stop the scheduler: the moment it ends
 if len(sys.argv) > 2:   # stop `ftpipe schedule` the moment the run reports its end
     os.kill(int(sys.argv[2]), signal.SIGTERM)
 print(json.dumps({"id": str(fr.id), "state": fr.state.type.value, "message": fr.state.message,
