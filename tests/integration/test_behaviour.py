@@ -46,7 +46,7 @@ def project(tmp_path_factory):
         "data.clean.pii": "keep",          # an internal corpus whose contacts the team keeps: the probes guard them
         # full fine-tunes: the 0.1M-parameter model learns the crafted answers and the secret in a few
         # hundred steps (LoRA on it does not); every test row scored, so both slices are
-        "train": TINY["train"] | {"method": "full", "lr": 0.003},
+        "train": TINY["train"] | {"method": "full", "lr": 0.003, "max_steps": 120},
         "eval": TINY["eval"] | {"max_examples": None},
         "incremental": {"start_from": "champion", "replay_ratio": 0.5, "max_steps": 450},
         "registry.promotion": TINY["registry.promotion"] | {
