@@ -198,8 +198,10 @@ def read_flow_run(flow_run_id: str) -> tuple[bool | None, str]:
 def _read_store_file(flow_run_id: str) -> tuple[bool | None, str] | None:
     """With no Prefect API and a SQLite run store (project_store's file, or one set by the user),
     the flow run read from that file, read-only: Prefect's client would start its temporary server
-    (~10 s, 6 of them waiting for it) to answer one query. None when it cannot be read that way
-    (an API is set, another database, no such file, a schema without the columns): the client decides."""
+    (~10 s, 6 of them waiting for it) to answer one query; with no such file (a fresh clone) the run
+    is in no store here, and the temporary server would only have made an empty one to say so. None
+    when it cannot be read that way (an API is set, another database, a schema without the columns):
+    the client decides."""
     import sqlite3
 
     from prefect.settings import get_current_settings
@@ -210,14 +212,15 @@ def _read_store_file(flow_run_id: str) -> tuple[bool | None, str] | None:
     if settings.api.url or not url or not str(url).startswith("sqlite"):
         return None
     path = Path(str(url).split(":///", 1)[-1])
+    missing = (None, "not checked: not in this project's Prefect store (.prefect/prefect.db); set "
+                     "PREFECT_API_URL to the server the flow ran on")
     if not path.is_file():
-        return None
+        return missing
     try:
         with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10) as db:
             row = db.execute("SELECT name, state_name FROM flow_run WHERE id = ?", (flow_run_id,)).fetchone()
     except sqlite3.Error:
         return None
     if row is None:
-        return None, ("not checked: not in this project's Prefect store (.prefect/prefect.db); set "
-                      "PREFECT_API_URL to the server the flow ran on")
+        return missing
     return True, f"{row[0]}: {row[1] or '?'}"

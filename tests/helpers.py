@@ -145,10 +145,11 @@ def make_project(dest: Path, tweaks: dict | None = None, tiny: bool = True, shar
                  relative_remote: bool = False) -> Path:
     """A fresh ftpipe project (a git + DVC repo); tiny-model params unless tiny=False.
 
-    shared_cache: the project's DVC cache is the test session's (FTPIPE_TEST_DVC_CACHE), so
-    a stage another project already ran with the same code, params and data is restored from
+    shared_cache: the project's DVC cache is the test session's (FTPIPE_TEST_DVC_CACHE, in
+    .dvc/config.local: a git clone of the project has its own and pulls from the remote), so a
+    stage another project already ran with the same code, params and data is restored from
     DVC's run-cache instead of run again (the tiny base model, the default data's stages).
-    Tests that corrupt cache objects or must fetch from the remote keep their own.
+    Tests that corrupt or grep cache objects keep their own.
     relative_remote: the remote as ../dvc-remote (no absolute path in a committed file: the
     project can be copied, see copy_project)."""
     for rel in ("ftpipe", "data/sources", "data/incoming", "data/corpus", "data/behaviour", "dvc.yaml", ".dvc/config",
@@ -163,8 +164,9 @@ def make_project(dest: Path, tweaks: dict | None = None, tiny: bool = True, shar
     # a team's shared remote would be: clones of the project reach the same one
     cache = os.environ.get("FTPIPE_TEST_DVC_CACHE") if shared_cache else None
     remote = "../dvc-remote" if relative_remote else dest.resolve() / "dvc-remote"
-    (dest / ".dvc/config").write_text(f"[core]\n    remote = local\n['remote \"local\"']\n    url = {remote}\n"
-                                      + (f"[cache]\n    dir = {cache}\n" if cache else ""))
+    (dest / ".dvc/config").write_text(f"[core]\n    remote = local\n['remote \"local\"']\n    url = {remote}\n")
+    if cache:   # this machine's setting, not committed: a clone of the project has a cache of its own
+        (dest / ".dvc/config.local").write_text(f"[cache]\n    dir = {cache}\n")
     _write_params(dest, yaml.safe_load((REPO / "params.yaml").read_text()), (TINY if tiny else {}) | (tweaks or {}))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(GIT + ["add", "-A"], cwd=dest, check=True)

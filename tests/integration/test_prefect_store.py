@@ -28,7 +28,7 @@ def test_runs_without_a_prefect_api_share_the_projects_store(tmp_path):
     store: `ftpipe lineage` finds it through `ftpipe prefect-server --project P` (PREFECT_API_URL set to it,
     or not set at all: the project's commands find their server), and, with that server stopped, in
     .prefect/prefect.db; a run made while the server runs is found there afterwards too."""
-    project = make_project(tmp_path / "project", shared_cache=False)   # the clone must pull from the remote
+    project = make_project(tmp_path / "project")
     no_api = {"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "users-prefect-home")}   # a user's own home
     first = run_cli(["run"], project, no_api)
     ok(first)
