@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,21 +61,22 @@ def open_sweep(cfg: PipelineConfig, plan: TrainingPlan, run_id: str, root: str) 
 
 @task(name="trial", cache_policy=NO_CACHE, task_run_name="trial-{seq}")
 def run_trial(ref: SweepRef, seq: int, env: dict[str, str]) -> dict:
-    """One trial in its own process (python -m ftpipe.sweeps.trial); its outcome, logged as a
+    """One trial in its own process (forked warm: ftpipe.sweeps.starter); its outcome, logged as a
     child run of the sweep's run. A trial that fails is a failed trial, not a failed task."""
     logger = get_run_logger()
     import uuid
+
+    from ftpipe.sweeps import starter
 
     spec = json.loads(Path(ref.spec).read_text())
     spec_path = Path(ref.spec).with_name(f"worker-{seq}-{uuid.uuid4().hex[:8]}.json")
     spec["result"] = str(spec_path.with_suffix(".result.json"))
     spec_path.write_text(json.dumps(spec, indent=2))
-    proc = subprocess.Popen([sys.executable, "-m", "ftpipe.sweeps.trial", str(spec_path)], cwd=ref.root,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | env)
-    for line in proc.stdout:
+
+    def on_line(line: str) -> None:
         if line.strip() and not line.startswith("@@trial "):
             logger.info(line.rstrip())
-    code = proc.wait()
+    code = starter.run(spec_path, ref.root, dict(os.environ) | env, on_line)
     result = Path(spec["result"])
     if not result.is_file():
         logger.warning(f"the trial process exited with {code} before it recorded an outcome")
