@@ -30,8 +30,28 @@ def _context():
     return ctx
 
 
-def _trial(spec: str, log: str, cwd: str, env: dict[str, str]) -> None:
-    """In the forked trial process: the trial's own directory, environment and output file."""
+def _die_with(pid: int) -> None:
+    """SIGKILL this process when process `pid` (the sweep that started the trial) ends. The kernel's
+    parent-death signal does not serve: a trial's parent is the server, which outlives a killed sweep
+    while the sweep's trials run (each holds the server's keep-alive pipe)."""
+    import select
+    import signal
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def watch() -> None:
+        select.select([fd], [], [])        # readable once that process has exited
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=watch, daemon=True, name="die-with-sweep").start()
+
+
+def _trial(spec: str, log: str, cwd: str, env: dict[str, str], sweep: int) -> None:
+    """In the forked trial process: the trial's own directory, environment and output file; it
+    ends with the sweep process that started it."""
+    _die_with(sweep)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -55,7 +75,7 @@ def run(spec: Path, cwd: str, env: dict[str, str], on_line) -> int:
     passed to on_line as it comes. Returns its exit code (negative: killed by that signal)."""
     log = spec.with_suffix(".log")
     log.touch()
-    proc = _context().Process(target=_trial, args=(str(spec), str(log), cwd, env), name=f"trial-{spec.stem}")
+    proc = _context().Process(target=_trial, args=(str(spec), str(log), cwd, env, os.getpid()), name=f"trial-{spec.stem}")
     proc.start()
     with open(log, errors="replace") as f:
         part = ""
