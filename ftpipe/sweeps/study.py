@@ -128,13 +128,18 @@ def worker_id() -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs here. A zombie does not: it has ended and only waits for its
+    parent (or, orphaned, the machine's init, which may take seconds) to read its exit status."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):   # it ended just now, or there is no /proc (not Linux): kill() said it runs
+        return not Path("/proc").is_dir()
 
 
 def fail_dead_trials(study: optuna.Study) -> list[int]:
