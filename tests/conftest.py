@@ -2,7 +2,8 @@
 and the order modules start in."""
 import os
 
-from tests.helpers import prefect_server, stop_session_server, tiny, tiny_base, trained  # noqa: F401  (session fixtures)
+from tests.helpers import once_per_session, start_session_server, stop_session_server
+from tests.helpers import prefect_server, tiny, tiny_base, trained  # noqa: F401  (session fixtures)
 
 # The modules that take longest start first, so the last one to finish is a short one
 # (pytest-xdist --dist loadfile --no-loadscope-reorder hands modules out in this order, two
@@ -26,6 +27,10 @@ def pytest_configure(config):
         os.environ.setdefault("FTPIPE_CACHE", tempfile.mkdtemp(prefix="ftpipe-test-cache-"))
         # what the workers share: the session's Prefect server and trained project (tests/helpers.py)
         os.environ.setdefault("FTPIPE_TEST_SHARED", tempfile.mkdtemp(prefix="ftpipe-test-shared-"))
+        from pathlib import Path
+
+        shared = Path(os.environ["FTPIPE_TEST_SHARED"])
+        once_per_session("prefect-server", lambda: start_session_server(shared))   # it starts beside the workers
     else:
         from ftpipe import cores
 

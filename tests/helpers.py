@@ -83,22 +83,28 @@ def once_per_session(name: str, build) -> dict:
     return json.loads(record.read_text())
 
 
+def start_session_server(shared: Path) -> dict:
+    """Start the session's `prefect server` (SQLite, in shared/prefect-home) without waiting for it
+    to answer: {"pid", "env"} (the PREFECT_* settings of the commands that use it)."""
+    home = shared / "prefect-home"
+    home.mkdir()
+    port = free_port()
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_API_URL": ""}
+    with open(home / "server.log", "w") as log:
+        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return {"pid": proc.pid, "env": {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}}
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
-    """A real `prefect server` (SQLite) for the CLI runs of this session, one for all its workers:
-    the first to ask starts it, the session's end stops it (stop_session_server)."""
-    def start() -> dict:
-        home = shared_dir() / "prefect-home"
-        home.mkdir()
-        port = free_port()
-        env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_API_URL": ""}
-        with open(home / "server.log", "w") as log:
-            proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                     "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        wait_http(f"http://127.0.0.1:{port}/api/health", 120, proc)
-        return {"pid": proc.pid, "env": {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}}
-    return once_per_session("prefect-server", start)["env"]
+    """A real `prefect server` for the CLI runs of this session, one for all its workers: started as
+    the session starts (tests/conftest.py), while the workers start; each waits until it answers.
+    The session's end stops it (stop_session_server)."""
+    env = once_per_session("prefect-server", lambda: start_session_server(shared_dir()))["env"]
+    wait_http(env["PREFECT_API_URL"] + "/health", 120)
+    return env
 
 
 def stop_session_server(shared: Path) -> None:
