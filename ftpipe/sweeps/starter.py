@@ -16,17 +16,13 @@ import threading
 import time
 from pathlib import Path
 
-_started = threading.Lock()
-
-
 def _context():
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    with _started:
-        # the first trial of this process starts the server; '__main__' imported there once, not
-        # again in every trial (multiprocessing prepares each child from the parent's main module)
-        ctx.set_forkserver_preload(["__main__", "ftpipe.sweeps.warm"])
+    # read when the first trial of this process starts the server; '__main__' imported there once,
+    # not again in every trial (multiprocessing prepares each child from the parent's main module)
+    ctx.set_forkserver_preload(["__main__", "ftpipe.sweeps.warm"])
     return ctx
 
 
